@@ -1,0 +1,265 @@
+//! One streaming pass per site over every file that holds it, on all cores.
+//!
+//! Rows are read from the memory map in chunks of a few MiB, decoded to f32, filtered
+//! (position < skip, non-finite) and handed to a per-thread [`Accumulator`]; the per-thread
+//! statistics are merged at the end. Memory is `threads × (chunk + folds × dim²)`, whatever the
+//! number of tokens.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use crate::dtype::{decode_f32, DType};
+use crate::error::{Error, Result};
+use crate::source::{self, SiteSource};
+use crate::stats::{Accumulator, SiteStats};
+
+/// Rows of a bare 2-D tensor without document ids form folds in blocks of this many rows.
+pub const FOLD_BLOCK_ROWS: usize = 256;
+/// Target size of one decoded chunk.
+const CHUNK_FLOATS: usize = 1 << 19;
+
+#[derive(Clone, Debug)]
+pub struct AnalyzeOptions {
+    /// Analyse only these sites (all when `None`).
+    pub sites: Option<Vec<String>>,
+    /// Drop tokens at position < this, wherever positions are known.
+    pub skip_positions: i64,
+    pub folds: usize,
+    pub second_moments: bool,
+    /// Worker threads; 0 means one per core.
+    pub threads: usize,
+}
+
+impl Default for AnalyzeOptions {
+    fn default() -> Self {
+        AnalyzeOptions {
+            sites: None,
+            skip_positions: 1,
+            folds: 5,
+            second_moments: true,
+            threads: 0,
+        }
+    }
+}
+
+/// Shared between the analysis and whoever watches it: bytes done / total, and a cancel flag.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub done: AtomicU64,
+    pub total: AtomicU64,
+    pub cancel: AtomicBool,
+}
+
+/// The result for one site.
+#[derive(Clone, Debug)]
+pub struct SiteResult {
+    pub name: String,
+    pub dtype: DType,
+    pub stats: SiteStats,
+}
+
+/// Analyse every (or the selected) site under `path`.
+pub fn analyze(path: &Path, opts: &AnalyzeOptions, progress: &Progress) -> Result<Vec<SiteResult>> {
+    if opts.folds == 0 {
+        return Err(Error::Invalid("folds must be at least 1".into()));
+    }
+    let sources = source::open(path)?;
+    let selected: Vec<&(String, Vec<SiteSource>)> = match &opts.sites {
+        None => sources.sites.iter().collect(),
+        Some(want) => want
+            .iter()
+            .map(|w| {
+                sources.sites.iter().find(|(n, _)| n == w).ok_or_else(|| {
+                    let have: Vec<&str> = sources.sites.iter().map(|(n, _)| n.as_str()).collect();
+                    Error::Invalid(format!(
+                        "site {w:?} is not in {}; it has: {}",
+                        path.display(),
+                        have.join(", ")
+                    ))
+                })
+            })
+            .collect::<Result<_>>()?,
+    };
+    let total: u64 = selected
+        .iter()
+        .flat_map(|(_, srcs)| srcs.iter())
+        .map(|s| s.tensor.nbytes as u64)
+        .sum();
+    progress.total.store(total, Ordering::Relaxed);
+    let threads = if opts.threads > 0 {
+        opts.threads
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    };
+    selected
+        .into_iter()
+        .map(|(name, srcs)| {
+            let stats = analyze_site(srcs, opts, threads, progress)?;
+            Ok(SiteResult {
+                name: name.clone(),
+                dtype: srcs[0].dtype,
+                stats,
+            })
+        })
+        .collect()
+}
+
+fn analyze_site(
+    srcs: &[SiteSource],
+    opts: &AnalyzeOptions,
+    threads: usize,
+    progress: &Progress,
+) -> Result<SiteStats> {
+    let dim = srcs[0].dim;
+    let floor = if opts.second_moments { 256 } else { 64 };
+    let chunk_rows = (CHUNK_FLOATS / dim).clamp(floor, 8192);
+    let chunks: Vec<(usize, usize, usize)> = srcs
+        .iter()
+        .enumerate()
+        .flat_map(|(s, src)| {
+            (0..src.rows)
+                .step_by(chunk_rows)
+                .map(move |r0| (s, r0, (r0 + chunk_rows).min(src.rows)))
+        })
+        .collect();
+    let shift = rough_mean(srcs, chunk_rows);
+    let next = AtomicUsize::new(0);
+    let failure: Mutex<Option<Error>> = Mutex::new(None);
+    let workers = threads.min(chunks.len()).max(1);
+    let parts: Vec<SiteStats> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut acc =
+                        Accumulator::new(dim, opts.folds, opts.second_moments, shift.clone());
+                    let mut buf = vec![0f32; chunk_rows * dim];
+                    let mut folds = Vec::with_capacity(chunk_rows);
+                    loop {
+                        if progress.cancel.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&(s, r0, r1)) = chunks.get(i) else { break };
+                        let src = &srcs[s];
+                        process_chunk(src, r0, r1, opts, &mut buf, &mut folds, &mut acc);
+                        progress
+                            .done
+                            .fetch_add(((r1 - r0) * src.row_bytes()) as u64, Ordering::Relaxed);
+                    }
+                    acc.finish()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| match h.join() {
+                Ok(part) => part,
+                Err(_) => {
+                    *failure.lock().expect("lock") =
+                        Some(Error::Invalid("internal error: a worker thread panicked".into()));
+                    SiteStats::new(dim, opts.folds, opts.second_moments)
+                }
+            })
+            .collect()
+    });
+    if let Some(e) = failure.into_inner().expect("lock") {
+        return Err(e);
+    }
+    if progress.cancel.load(Ordering::Relaxed) {
+        return Err(Error::Cancelled);
+    }
+    let mut parts = parts.into_iter();
+    let mut total = parts.next().expect("at least one worker");
+    for p in parts {
+        total.merge(&p)?;
+    }
+    Ok(total)
+}
+
+/// The mean of the first finite rows of a site, used as the shift of its second moments.
+fn rough_mean(srcs: &[SiteSource], rows: usize) -> Vec<f32> {
+    let d = srcs[0].dim;
+    let mut sum = vec![0f64; d];
+    let mut n = 0usize;
+    let mut buf = vec![0f32; d];
+    'outer: for src in srcs {
+        let rb = src.row_bytes();
+        for r in 0..src.rows {
+            decode_f32(src.dtype, &src.tensor.bytes()[r * rb..(r + 1) * rb], &mut buf);
+            if buf.iter().all(|v| v.is_finite()) {
+                sum.iter_mut().zip(&buf).for_each(|(s, &x)| *s += x as f64);
+                n += 1;
+                if n == rows {
+                    break 'outer;
+                }
+            }
+        }
+    }
+    sum.iter().map(|s| if n > 0 { (s / n as f64) as f32 } else { 0.0 }).collect()
+}
+
+/// Decode rows `r0..r1` of `src`, drop skipped and non-finite rows, accumulate the rest.
+fn process_chunk(
+    src: &SiteSource,
+    r0: usize,
+    r1: usize,
+    opts: &AnalyzeOptions,
+    buf: &mut [f32],
+    folds: &mut Vec<u32>,
+    acc: &mut Accumulator,
+) {
+    let d = src.dim;
+    let rb = src.row_bytes();
+    let bytes = &src.tensor.bytes()[r0 * rb..r1 * rb];
+    let m = r1 - r0;
+    decode_f32(src.dtype, bytes, &mut buf[..m * d]);
+    folds.clear();
+    let k = opts.folds as i64;
+    let mut kept = 0;
+    for i in 0..m {
+        let row = r0 + i;
+        if let Some(p) = src.position(row) {
+            if p < opts.skip_positions {
+                acc.stats.skipped += 1;
+                continue;
+            }
+        }
+        let x = &buf[i * d..(i + 1) * d];
+        if !x.iter().all(|v| v.is_finite()) {
+            acc.stats.nonfinite += 1;
+            continue;
+        }
+        if kept != i {
+            buf.copy_within(i * d..(i + 1) * d, kept * d);
+        }
+        let fold = match src.document(row) {
+            Some(doc) => doc.rem_euclid(k),
+            None => ((row / FOLD_BLOCK_ROWS) as i64).rem_euclid(k),
+        };
+        folds.push(fold as u32);
+        kept += 1;
+    }
+    acc.add_rows(&buf[..kept * d], folds);
+    release_pages(src, r0 * rb, r1 * rb);
+}
+
+/// Tell the kernel we are done with the whole pages of this chunk, so the resident set stays
+/// flat however large the dump (the pages stay in the page cache).
+fn release_pages(src: &SiteSource, begin: usize, end: usize) {
+    const PAGE: usize = 4096;
+    let base = src.tensor.offset;
+    let start = (base + begin).div_ceil(PAGE) * PAGE;
+    let stop = (base + end) / PAGE * PAGE;
+    if stop > start {
+        // SAFETY: the map is private and read-only; dropping clean file-backed pages only
+        // means they are read again (from the page cache) if touched later.
+        let _ = unsafe {
+            src.tensor.file.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                start,
+                stop - start,
+            )
+        };
+    }
+}

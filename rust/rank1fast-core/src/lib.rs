@@ -1,0 +1,15 @@
+//! rank1fast-core: streaming statistics of activation dumps, the least-squares constant
+//! direction per site, and the tensors of rank-1 LoRA adapters. Pure Rust, no Python.
+
+pub mod analyze;
+pub mod dtype;
+pub mod error;
+pub mod solve;
+pub mod source;
+pub mod stats;
+
+pub use analyze::{analyze, AnalyzeOptions, Progress};
+pub use dtype::DType;
+pub use error::{Error, Result};
+pub use solve::{best_onehot, constant_direction, default_ridges, DirectionFit, OneHotFit};
+pub use stats::SiteStats;

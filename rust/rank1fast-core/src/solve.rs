@@ -1,0 +1,301 @@
+//! The constant direction: `b = (G + λ·tr(G)/d·I)⁻¹ μ` with `G = E[x xᵀ]`, `μ = E[x]`, the ridge
+//! λ chosen by K-fold cross-validation in closed form from the per-fold sums, and the one-hot
+//! baseline `b = e_j / mean(x_j)`.
+//!
+//! The held-out mean squared error of any `b` on fold k is `bᵀ G_k b − 2 bᵀ μ_k + 1`, so no
+//! second pass over the data is needed.
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, Par, Side};
+
+use crate::error::{Error, Result};
+use crate::stats::SiteStats;
+
+/// Ridge used when there are not two non-empty folds to cross-validate with.
+pub const FALLBACK_RIDGE: f64 = 1e-6;
+
+/// The least-squares constant direction of one site.
+#[derive(Clone, Debug)]
+pub struct DirectionFit {
+    pub vector: Vec<f64>,
+    /// The chosen λ (relative to tr(G)/d).
+    pub ridge: f64,
+    /// Held-out rms(b·x − 1) at the chosen ridge (in-sample when `cross_validated` is false).
+    pub error: f64,
+    /// The ridge grid and the held-out rms error at each ridge.
+    pub ridges: Vec<f64>,
+    pub cv_errors: Vec<f64>,
+    pub cross_validated: bool,
+}
+
+/// The best single dimension, `b = e_j / mean(x_j)`.
+#[derive(Clone, Debug)]
+pub struct OneHotFit {
+    pub vector: Vec<f64>,
+    pub dim: usize,
+    /// Held-out rms(b·x − 1) (in-sample when `cross_validated` is false).
+    pub error: f64,
+    pub cross_validated: bool,
+}
+
+/// 10^-10 .. 10^0 in quarter decades (41 values).
+pub fn default_ridges() -> Vec<f64> {
+    (0..=40).map(|i| 10f64.powf(-10.0 + i as f64 * 0.25)).collect()
+}
+
+fn nonempty(st: &SiteStats) -> Result<()> {
+    if st.count == 0 {
+        return Err(Error::Invalid(
+            "the site has no finite rows left after the position filter".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Folds usable for cross-validation: both the fold and its complement hold tokens.
+fn cv_folds(st: &SiteStats) -> Vec<usize> {
+    let valid: Vec<usize> = (0..st.folds)
+        .filter(|&k| st.fold_count[k] > 0 && st.fold_count[k] < st.count)
+        .collect();
+    if valid.len() >= 2 {
+        valid
+    } else {
+        Vec::new()
+    }
+}
+
+struct Eigen {
+    vectors: Mat<f64>,
+    values: Vec<f64>,
+}
+
+fn eigen(g: &[f64], d: usize, scale: f64) -> Result<Eigen> {
+    let m = Mat::from_fn(d, d, |i, j| g[i * d + j] * scale);
+    let evd = m
+        .self_adjoint_eigen(Side::Lower)
+        .map_err(|e| Error::Invalid(format!("eigendecomposition failed: {e:?}")))?;
+    let values = (0..d)
+        .map(|i| evd.S().column_vector()[i].max(0.0))
+        .collect();
+    Ok(Eigen {
+        vectors: evd.U().to_owned(),
+        values,
+    })
+}
+
+/// Ridge solutions for every λ at once: column l of the result is `(A + λ_l t I)⁻¹ m`.
+fn ridge_solutions(e: &Eigen, m: &[f64], ridges: &[f64], t: f64) -> Mat<f64> {
+    let d = m.len();
+    let mcol = Mat::from_fn(d, 1, |i, _| m[i]);
+    let mut c = Mat::<f64>::zeros(d, 1);
+    matmul(c.as_mut(), Accum::Replace, e.vectors.transpose(), mcol.as_ref(), 1.0, Par::rayon(0));
+    let y = Mat::from_fn(d, ridges.len(), |i, l| {
+        let den = e.values[i] + ridges[l] * t;
+        if den > 0.0 {
+            c[(i, 0)] / den
+        } else {
+            0.0
+        }
+    });
+    let mut b = Mat::<f64>::zeros(d, ridges.len());
+    matmul(b.as_mut(), Accum::Replace, e.vectors.as_ref(), y.as_ref(), 1.0, Par::rayon(0));
+    b
+}
+
+/// `bᵀ G b − 2 bᵀ μ + 1` for every column b of `b`, with `G = g·scale`.
+fn mse(g: &[f64], scale: f64, mu: &[f64], b: &Mat<f64>) -> Vec<f64> {
+    let d = mu.len();
+    let gm = faer::MatRef::from_row_major_slice(g, d, d);
+    let mut gb = Mat::<f64>::zeros(d, b.ncols());
+    matmul(gb.as_mut(), Accum::Replace, gm, b.as_ref(), scale, Par::rayon(0));
+    (0..b.ncols())
+        .map(|l| {
+            let (mut quad, mut lin) = (0.0, 0.0);
+            for i in 0..d {
+                quad += b[(i, l)] * gb[(i, l)];
+                lin += b[(i, l)] * mu[i];
+            }
+            (quad - 2.0 * lin + 1.0).max(0.0)
+        })
+        .collect()
+}
+
+/// Trace of a row-major d×d matrix.
+fn trace(g: &[f64], d: usize) -> f64 {
+    (0..d).map(|i| g[i * d + i]).sum()
+}
+
+/// Least-squares constant direction with a cross-validated ridge.
+pub fn constant_direction(st: &SiteStats, ridges: &[f64]) -> Result<DirectionFit> {
+    nonempty(st)?;
+    let moments = st.fold_moment.as_ref().ok_or_else(|| {
+        Error::Invalid("the report has no second moments (analyze with second_moments=True)".into())
+    })?;
+    if ridges.is_empty() || ridges.iter().any(|r| !(r.is_finite() && *r >= 0.0)) {
+        return Err(Error::Invalid("ridges must be finite and non-negative".into()));
+    }
+    let d = st.dim;
+    let dd = d * d;
+    let n = st.count as f64;
+    let total = st.total_moment().expect("moments present");
+    let sum: Vec<f64> = (0..d)
+        .map(|j| (0..st.folds).map(|k| st.fold_sum[k * d + j]).sum())
+        .collect();
+
+    let folds = cv_folds(st);
+    let cross_validated = !folds.is_empty();
+    let mut cv_mse = vec![0.0; ridges.len()];
+    for &k in &folds {
+        let nk = st.fold_count[k] as f64;
+        let ntrain = n - nk;
+        let gk = &moments[k * dd..(k + 1) * dd];
+        let train: Vec<f64> = total.iter().zip(gk).map(|(a, b)| a - b).collect();
+        let mtrain: Vec<f64> = (0..d)
+            .map(|j| (sum[j] - st.fold_sum[k * d + j]) / ntrain)
+            .collect();
+        let e = eigen(&train, d, 1.0 / ntrain)?;
+        let t = trace(&train, d) / ntrain / d as f64;
+        let b = ridge_solutions(&e, &mtrain, ridges, t);
+        let mu_k: Vec<f64> = (0..d).map(|j| st.fold_sum[k * d + j] / nk).collect();
+        for (acc, err) in cv_mse.iter_mut().zip(mse(gk, 1.0 / nk, &mu_k, &b)) {
+            *acc += err * nk;
+        }
+    }
+    let held_out: f64 = folds.iter().map(|&k| st.fold_count[k] as f64).sum();
+
+    let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
+    let e = eigen(&total, d, 1.0 / n)?;
+    let t = trace(&total, d) / n / d as f64;
+    let (best, cv_errors) = if cross_validated {
+        let rms: Vec<f64> = cv_mse.iter().map(|m| (m / held_out).sqrt()).collect();
+        let best = (0..rms.len())
+            .min_by(|&a, &b| rms[a].total_cmp(&rms[b]))
+            .expect("non-empty grid");
+        (best, rms)
+    } else {
+        (0, vec![f64::NAN; ridges.len()])
+    };
+    let ridge = if cross_validated { ridges[best] } else { FALLBACK_RIDGE };
+    let b = ridge_solutions(&e, &mean, &[ridge], t);
+    let vector: Vec<f64> = (0..d).map(|i| b[(i, 0)]).collect();
+    let error = if cross_validated {
+        cv_errors[best]
+    } else {
+        mse(&total, 1.0 / n, &mean, &b)[0].sqrt()
+    };
+    Ok(DirectionFit {
+        vector,
+        ridge,
+        error,
+        ridges: ridges.to_vec(),
+        cv_errors,
+        cross_validated,
+    })
+}
+
+/// The single dimension whose scaled value is closest to constant, by held-out error.
+pub fn best_onehot(st: &SiteStats) -> Result<OneHotFit> {
+    nonempty(st)?;
+    let d = st.dim;
+    let n = st.count as f64;
+    let folds = cv_folds(st);
+    let cross_validated = !folds.is_empty();
+    let sum = |j: usize| -> f64 { (0..st.folds).map(|k| st.fold_sum[k * d + j]).sum() };
+    let err_of = |j: usize| -> f64 {
+        let s = sum(j);
+        if !cross_validated {
+            let mean = st.mean[j];
+            return if mean != 0.0 {
+                (st.m2[j] / n).sqrt() / mean.abs()
+            } else {
+                f64::INFINITY
+            };
+        }
+        let (mut acc, mut held) = (0.0, 0.0);
+        for &k in &folds {
+            let nk = st.fold_count[k] as f64;
+            let m = (s - st.fold_sum[k * d + j]) / (n - nk);
+            if m == 0.0 {
+                return f64::INFINITY;
+            }
+            let q = st.fold_sumsq[k * d + j] / nk;
+            let mu = st.fold_sum[k * d + j] / nk;
+            acc += nk * ((q - 2.0 * m * mu + m * m) / (m * m)).max(0.0);
+            held += nk;
+        }
+        (acc / held).sqrt()
+    };
+    let errors: Vec<f64> = (0..d).map(err_of).collect();
+    let dim = (0..d)
+        .min_by(|&a, &b| errors[a].total_cmp(&errors[b]))
+        .expect("dim > 0");
+    if !errors[dim].is_finite() || st.mean[dim] == 0.0 {
+        return Err(Error::Invalid(
+            "no dimension has a non-zero mean: there is no one-hot direction".into(),
+        ));
+    }
+    let mut vector = vec![0.0; d];
+    vector[dim] = 1.0 / st.mean[dim];
+    Ok(OneHotFit {
+        vector,
+        dim,
+        error: errors[dim],
+        cross_validated,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::Accumulator;
+
+    /// Rows whose first coordinate is nearly constant: b ≈ e_0 / 5.
+    fn planted(n: usize, d: usize) -> SiteStats {
+        let mut s = 7u64;
+        let mut rnd = || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let mut rows = Vec::new();
+        let mut folds = Vec::new();
+        for i in 0..n {
+            let z = rnd();
+            for j in 0..d {
+                let noise = rnd();
+                rows.push(match j {
+                    0 => 5.0 + 0.05 * noise + 0.5 * z,
+                    1 => z,
+                    _ => noise,
+                });
+            }
+            folds.push((i % 5) as u32);
+        }
+        let mut acc = Accumulator::new(d, 5, true, vec![0.0; d]);
+        acc.add_rows(&rows, &folds);
+        acc.finish()
+    }
+
+    #[test]
+    fn least_squares_beats_onehot_on_planted_data() {
+        let st = planted(4000, 6);
+        let dir = constant_direction(&st, &default_ridges()).unwrap();
+        let one = best_onehot(&st).unwrap();
+        assert!(dir.cross_validated && one.cross_validated);
+        assert_eq!(one.dim, 0);
+        // x0 - 0.5*x1 is constant up to the 0.05 noise: least squares removes the z term.
+        assert!(dir.error < 0.01, "{}", dir.error);
+        assert!(one.error > 0.025, "{}", one.error);
+        assert!((dir.vector[0] - 0.2).abs() < 0.01);
+        assert!((dir.vector[1] + 0.1).abs() < 0.01);
+    }
+
+    #[test]
+    fn needs_rows_and_moments() {
+        let st = SiteStats::new(3, 5, true);
+        assert!(constant_direction(&st, &default_ridges()).is_err());
+        let mut st = planted(100, 3);
+        st.fold_moment = None;
+        assert!(constant_direction(&st, &default_ridges()).is_err());
+        assert!(best_onehot(&st).is_ok());
+    }
+}

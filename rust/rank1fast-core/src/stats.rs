@@ -1,0 +1,402 @@
+//! Sufficient statistics of one site, accumulated chunk by chunk and merged exactly.
+//!
+//! Everything here is a sum over tokens (means and centred second moments are merged with
+//! Chan's formula), so parts computed on different threads, files or machines merge into the
+//! same numbers in any order, up to float rounding.
+
+use faer::linalg::matmul::triangular::{matmul, BlockStructure};
+use faer::{Accum, MatMut, MatRef, Par};
+
+use crate::error::{Error, Result};
+
+/// Per-site sufficient statistics. Arrays are `[dim]`, `[folds]`, `[folds * dim]` or
+/// `[folds * dim * dim]` (each fold's `Σ x xᵀ`, symmetric, row-major) as named.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SiteStats {
+    pub dim: usize,
+    pub folds: usize,
+    /// Finite rows that passed the position filter.
+    pub count: u64,
+    /// Rows dropped because they hold a NaN or an infinity.
+    pub nonfinite: u64,
+    /// Rows dropped by the position filter.
+    pub skipped: u64,
+    pub mean: Vec<f64>,
+    /// Σ (x - mean)², per dimension.
+    pub m2: Vec<f64>,
+    pub min: Vec<f64>,
+    pub max: Vec<f64>,
+    pub fold_count: Vec<u64>,
+    pub fold_sum: Vec<f64>,
+    pub fold_sumsq: Vec<f64>,
+    pub fold_moment: Option<Vec<f64>>,
+}
+
+impl SiteStats {
+    pub fn new(dim: usize, folds: usize, second_moments: bool) -> Self {
+        SiteStats {
+            dim,
+            folds,
+            count: 0,
+            nonfinite: 0,
+            skipped: 0,
+            mean: vec![0.0; dim],
+            m2: vec![0.0; dim],
+            min: vec![f64::INFINITY; dim],
+            max: vec![f64::NEG_INFINITY; dim],
+            fold_count: vec![0; folds],
+            fold_sum: vec![0.0; folds * dim],
+            fold_sumsq: vec![0.0; folds * dim],
+            fold_moment: second_moments.then(|| vec![0.0; folds * dim * dim]),
+        }
+    }
+
+    /// Check that the arrays have the sizes `dim` and `folds` imply (for data from outside).
+    pub fn validate(&self) -> Result<()> {
+        let (d, k) = (self.dim, self.folds);
+        let checks = [
+            ("mean", self.mean.len(), d),
+            ("m2", self.m2.len(), d),
+            ("min", self.min.len(), d),
+            ("max", self.max.len(), d),
+            ("fold_count", self.fold_count.len(), k),
+            ("fold_sum", self.fold_sum.len(), k * d),
+            ("fold_sumsq", self.fold_sumsq.len(), k * d),
+        ];
+        for (name, got, want) in checks {
+            if got != want {
+                return Err(Error::Invalid(format!(
+                    "{name} has {got} values, expected {want} (dim {d}, folds {k})"
+                )));
+            }
+        }
+        if let Some(m) = &self.fold_moment {
+            if m.len() != k * d * d {
+                return Err(Error::Invalid(format!(
+                    "fold_moment has {} values, expected {} (folds x dim x dim)",
+                    m.len(),
+                    k * d * d
+                )));
+            }
+        }
+        if self.fold_count.iter().sum::<u64>() != self.count {
+            return Err(Error::Invalid("fold counts do not add up to count".into()));
+        }
+        Ok(())
+    }
+
+    pub fn var(&self) -> Vec<f64> {
+        let n = self.count as f64;
+        self.m2.iter().map(|m| if n > 0.0 { m / n } else { f64::NAN }).collect()
+    }
+
+    /// Merge `other` into `self` (Chan et al. for mean and m2; sums elsewhere).
+    pub fn merge(&mut self, other: &SiteStats) -> Result<()> {
+        if self.dim != other.dim || self.folds != other.folds {
+            return Err(Error::Invalid(format!(
+                "cannot merge statistics of dim {} / {} folds with dim {} / {} folds",
+                self.dim, self.folds, other.dim, other.folds
+            )));
+        }
+        if self.fold_moment.is_some() != other.fold_moment.is_some() {
+            return Err(Error::Invalid(
+                "cannot merge statistics with and without second moments".into(),
+            ));
+        }
+        let (na, nb) = (self.count as f64, other.count as f64);
+        let n = na + nb;
+        if nb > 0.0 {
+            for j in 0..self.dim {
+                let delta = other.mean[j] - self.mean[j];
+                self.mean[j] += delta * nb / n;
+                self.m2[j] += other.m2[j] + delta * delta * na * nb / n;
+                self.min[j] = self.min[j].min(other.min[j]);
+                self.max[j] = self.max[j].max(other.max[j]);
+            }
+        }
+        self.count += other.count;
+        self.nonfinite += other.nonfinite;
+        self.skipped += other.skipped;
+        add(&mut self.fold_count, &other.fold_count);
+        add(&mut self.fold_sum, &other.fold_sum);
+        add(&mut self.fold_sumsq, &other.fold_sumsq);
+        if let (Some(a), Some(b)) = (&mut self.fold_moment, &other.fold_moment) {
+            add(a, b);
+        }
+        Ok(())
+    }
+
+    /// The sum of every fold's `Σ x xᵀ` (row-major `[dim, dim]`), if second moments were kept.
+    pub fn total_moment(&self) -> Option<Vec<f64>> {
+        let m = self.fold_moment.as_ref()?;
+        let dd = self.dim * self.dim;
+        let mut total = vec![0.0; dd];
+        for k in 0..self.folds {
+            add(&mut total, &m[k * dd..(k + 1) * dd]);
+        }
+        Some(total)
+    }
+}
+
+fn add<T: Copy + std::ops::AddAssign>(a: &mut [T], b: &[T]) {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x += *y;
+    }
+}
+
+/// A thread's accumulator: statistics plus the scratch buffers of the chunk kernel.
+///
+/// Second moments are accumulated about a fixed `shift` (a rough mean shared by every
+/// accumulator of a site): activations reach 1e4 while the variation that matters is 1e-2, and
+/// an f32 Gram matrix of uncentred rows would lose it. `finish` turns them back into raw
+/// `Σ x xᵀ` in f64.
+pub struct Accumulator {
+    pub stats: SiteStats,
+    shift: Vec<f32>,
+    sorted: Vec<f32>,
+    chunk_sum: Vec<f64>,
+    min32: Vec<f32>,
+    max32: Vec<f32>,
+    gram: Vec<f32>,
+}
+
+impl Accumulator {
+    pub fn new(dim: usize, folds: usize, second_moments: bool, shift: Vec<f32>) -> Self {
+        assert_eq!(shift.len(), dim, "shift must have one value per dimension");
+        Accumulator {
+            stats: SiteStats::new(dim, folds, second_moments),
+            shift,
+            sorted: Vec::new(),
+            chunk_sum: vec![0.0; dim],
+            min32: vec![f32::INFINITY; dim],
+            max32: vec![f32::NEG_INFINITY; dim],
+            gram: if second_moments { vec![0.0; dim * dim] } else { Vec::new() },
+        }
+    }
+
+    /// Add `m` finite rows (`rows.len() == m * dim`, row-major) whose folds are `fold[i]`.
+    pub fn add_rows(&mut self, rows: &[f32], fold: &[u32]) {
+        let d = self.stats.dim;
+        let m = fold.len();
+        debug_assert_eq!(rows.len(), m * d);
+        if m == 0 {
+            return;
+        }
+        let mut counts = vec![0usize; self.stats.folds];
+        for &f in fold {
+            counts[f as usize] += 1;
+        }
+        if self.stats.fold_moment.is_some() {
+            // Shifted copy, grouped by fold so each fold's Gram matrix is one product.
+            let mut start = vec![0usize; self.stats.folds];
+            let mut acc = 0;
+            for (k, c) in counts.iter().enumerate() {
+                start[k] = acc;
+                acc += c;
+            }
+            self.sorted.resize(rows.len(), 0.0);
+            for (i, &f) in fold.iter().enumerate() {
+                let dst = start[f as usize];
+                start[f as usize] += 1;
+                let out = &mut self.sorted[dst * d..(dst + 1) * d];
+                for ((o, x), c) in out.iter_mut().zip(&rows[i * d..(i + 1) * d]).zip(&self.shift) {
+                    *o = x - c;
+                }
+            }
+        }
+
+        self.chunk_sum.iter_mut().for_each(|s| *s = 0.0);
+        // Per-fold sums and min/max straight from the rows, in any order.
+        let st = &mut self.stats;
+        for (row, &k) in rows.chunks_exact(d).zip(fold) {
+            let k = k as usize;
+            let fsum = &mut st.fold_sum[k * d..(k + 1) * d];
+            let fsq = &mut st.fold_sumsq[k * d..(k + 1) * d];
+            for j in 0..d {
+                let x = row[j];
+                let xd = x as f64;
+                fsum[j] += xd;
+                fsq[j] += xd * xd;
+                self.chunk_sum[j] += xd;
+                if x < self.min32[j] {
+                    self.min32[j] = x;
+                }
+                if x > self.max32[j] {
+                    self.max32[j] = x;
+                }
+            }
+        }
+        for k in 0..st.folds {
+            st.fold_count[k] += counts[k] as u64;
+        }
+        if let Some(acc) = &mut st.fold_moment {
+            let mut row0 = 0;
+            for (k, &c) in counts.iter().enumerate() {
+                if c == 0 {
+                    continue;
+                }
+                let seg = &self.sorted[row0 * d..(row0 + c) * d];
+                row0 += c;
+                let x = MatRef::from_row_major_slice(seg, c, d);
+                let g = MatMut::from_column_major_slice_mut(&mut self.gram, d, d);
+                matmul(
+                    g,
+                    BlockStructure::TriangularLower,
+                    Accum::Replace,
+                    x.transpose(),
+                    BlockStructure::Rectangular,
+                    x,
+                    BlockStructure::Rectangular,
+                    1.0f32,
+                    Par::Seq,
+                );
+                // Column-major lower triangle == row-major upper triangle; `finish` mirrors it.
+                let acc = &mut acc[k * d * d..(k + 1) * d * d];
+                for j in 0..d {
+                    let src = &self.gram[j * d + j..(j + 1) * d];
+                    let dst = &mut acc[j * d + j..(j + 1) * d];
+                    for (a, g) in dst.iter_mut().zip(src) {
+                        *a += *g as f64;
+                    }
+                }
+            }
+        }
+
+        // Centred sum of squares of this chunk, then Chan's merge into the running totals.
+        let mf = m as f64;
+        let cmean: Vec<f64> = self.chunk_sum.iter().map(|s| s / mf).collect();
+        let mut cm2 = vec![0.0f64; d];
+        for row in rows.chunks_exact(d) {
+            for j in 0..d {
+                let e = row[j] as f64 - cmean[j];
+                cm2[j] += e * e;
+            }
+        }
+        let st = &mut self.stats;
+        let na = st.count as f64;
+        let n = na + mf;
+        for j in 0..d {
+            let delta = cmean[j] - st.mean[j];
+            st.mean[j] += delta * mf / n;
+            st.m2[j] += cm2[j] + delta * delta * na * mf / n;
+        }
+        st.count += m as u64;
+    }
+
+    /// Finish accumulation: copy min/max out and mirror the moments to full symmetric form.
+    pub fn finish(mut self) -> SiteStats {
+        let d = self.stats.dim;
+        for j in 0..d {
+            if self.min32[j] <= self.max32[j] {
+                self.stats.min[j] = self.min32[j] as f64;
+                self.stats.max[j] = self.max32[j] as f64;
+            }
+        }
+        let st = &mut self.stats;
+        if let Some(acc) = &mut st.fold_moment {
+            // Σ x xᵀ = Σ (x−c)(x−c)ᵀ + c sᵀ + s cᵀ − n c cᵀ, with s = Σ x; then mirror.
+            let c: Vec<f64> = self.shift.iter().map(|&v| v as f64).collect();
+            for k in 0..st.folds {
+                let n = st.fold_count[k] as f64;
+                let s = &st.fold_sum[k * d..(k + 1) * d];
+                let g = &mut acc[k * d * d..(k + 1) * d * d];
+                for i in 0..d {
+                    for j in i..d {
+                        g[i * d + j] += c[i] * s[j] + s[i] * c[j] - n * c[i] * c[j];
+                    }
+                    for j in 0..i {
+                        g[i * d + j] = g[j * d + i];
+                    }
+                }
+            }
+        }
+        self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(rows: &[f32], d: usize) -> (Vec<f64>, Vec<f64>) {
+        let n = rows.len() / d;
+        let mut mean = vec![0.0; d];
+        for r in rows.chunks(d) {
+            for j in 0..d {
+                mean[j] += r[j] as f64 / n as f64;
+            }
+        }
+        let mut var = vec![0.0; d];
+        for r in rows.chunks(d) {
+            for j in 0..d {
+                var[j] += (r[j] as f64 - mean[j]).powi(2) / n as f64;
+            }
+        }
+        (mean, var)
+    }
+
+    fn rows(n: usize, d: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n * d)
+            .map(|i| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let u = (s >> 40) as f32 / (1u64 << 24) as f32;
+                if i % d == 0 {
+                    1e4 + 1e-2 * u
+                } else {
+                    u - 0.5 + (i % d) as f32
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn chunks_and_merge_match_naive() {
+        let d = 7;
+        let data = rows(1000, d, 1);
+        let folds: Vec<u32> = (0..1000).map(|i| ((i / 13) % 3) as u32).collect();
+        let rough: Vec<f32> = (0..d).map(|j| if j == 0 { 1e4 } else { j as f32 }).collect();
+        let mut whole = Accumulator::new(d, 3, true, rough.clone());
+        whole.add_rows(&data, &folds);
+        let whole = whole.finish();
+
+        let mut a = Accumulator::new(d, 3, true, rough.clone());
+        a.add_rows(&data[..300 * d], &folds[..300]);
+        a.add_rows(&data[300 * d..611 * d], &folds[300..611]);
+        let mut a = a.finish();
+        let mut b = Accumulator::new(d, 3, true, data[611 * d..612 * d].to_vec());
+        b.add_rows(&data[611 * d..], &folds[611..]);
+        a.merge(&b.finish()).unwrap();
+
+        let (mean, var) = naive(&data, d);
+        for s in [&whole, &a] {
+            assert_eq!(s.count, 1000);
+            s.validate().unwrap();
+            for j in 0..d {
+                assert!((s.mean[j] - mean[j]).abs() <= 1e-12 * mean[j].abs().max(1.0));
+                let v = s.var()[j];
+                assert!((v - var[j]).abs() <= 1e-9 * var[j], "{j}: {v} vs {}", var[j]);
+            }
+            // Moments are symmetric and sum to Σ x xᵀ.
+            let g = s.total_moment().unwrap();
+            for i in 0..d {
+                for j in 0..d {
+                    let want: f64 = data
+                        .chunks(d)
+                        .map(|r| r[i] as f64 * r[j] as f64)
+                        .sum();
+                    let rel = (g[i * d + j] - want).abs() / want.abs().max(1.0);
+                    assert!(rel <= 1e-6, "moment ({i},{j}) off by {rel:e}");
+                }
+            }
+        }
+        assert_eq!(whole.fold_count, a.fold_count);
+    }
+
+    #[test]
+    fn merge_refuses_mismatched_shapes() {
+        let mut a = SiteStats::new(3, 2, true);
+        assert!(a.merge(&SiteStats::new(4, 2, true)).is_err());
+        assert!(a.merge(&SiteStats::new(3, 2, false)).is_err());
+    }
+}

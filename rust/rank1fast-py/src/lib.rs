@@ -1,0 +1,326 @@
+//! `rank1fast._core`: thin PyO3 bindings over rank1fast-core. Converts types and errors,
+//! releases the GIL for long work and turns Ctrl-C into KeyboardInterrupt. The public API and
+//! its documentation live in the Python package.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArrayDyn};
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use rank1fast_core as core;
+use rank1fast_core::{AnalyzeOptions, Progress, SiteStats};
+
+/// Map a core error to the exception classes of `rank1fast.errors`.
+fn to_py(e: core::Error) -> PyErr {
+    let class = match &e {
+        core::Error::NotFound { .. } => "PathNotFoundError",
+        core::Error::Io { .. } => "Rank1IOError",
+        core::Error::Dump { .. } => "DumpError",
+        core::Error::Invalid(_) => "InvalidArgumentError",
+        core::Error::Cancelled => return pyo3::exceptions::PyKeyboardInterrupt::new_err(()),
+    };
+    let msg = e.to_string();
+    Python::attach(|py| -> PyResult<PyErr> {
+        let cls = py.import("rank1fast.errors")?.getattr(class)?;
+        Ok(PyErr::from_value(cls.call1((msg.clone(),))?))
+    })
+    .unwrap_or_else(|_| PyRuntimeError::new_err(msg))
+}
+
+/// Run `work` on a worker thread with the GIL released. Every 100 ms the calling thread takes
+/// the GIL back to report progress and check for Ctrl-C, which cancels the work.
+fn run_long<T: Send>(
+    py: Python<'_>,
+    progress: &Progress,
+    callback: Option<&Bound<'_, PyAny>>,
+    work: impl FnOnce() -> core::Result<T> + Send,
+) -> PyResult<T> {
+    std::thread::scope(|scope| {
+        let handle = scope.spawn(work);
+        let report = || -> PyResult<()> {
+            if let Some(cb) = callback {
+                cb.call1((
+                    progress.done.load(Ordering::Relaxed),
+                    progress.total.load(Ordering::Relaxed),
+                ))?;
+            }
+            Ok(())
+        };
+        while !handle.is_finished() {
+            py.detach(|| {
+                for _ in 0..20 {
+                    if handle.is_finished() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            });
+            if let Err(e) = py.check_signals().and_then(|_| report()) {
+                progress.cancel.store(true, Ordering::Relaxed);
+                let _ = py.detach(|| handle.join());
+                return Err(e);
+            }
+        }
+        let result = handle
+            .join()
+            .map_err(|_| PyRuntimeError::new_err("internal error: rank1fast worker panicked"))?;
+        let value = result.map_err(to_py)?;
+        report()?;
+        Ok(value)
+    })
+}
+
+/// Sufficient statistics of one site (see rank1fast-core's `SiteStats`).
+#[pyclass(module = "rank1fast._core", name = "SiteStats", frozen)]
+struct PySiteStats {
+    name: String,
+    dtype: String,
+    inner: SiteStats,
+}
+
+fn vec1<'py, T: numpy::Element>(py: Python<'py>, v: &[T]) -> Bound<'py, PyArray1<T>> {
+    PyArray1::from_slice(py, v)
+}
+
+fn to_vec(a: Option<PyReadonlyArrayDyn<'_, f64>>, what: &str) -> PyResult<Option<Vec<f64>>> {
+    a.map(|a| {
+        a.as_array()
+            .as_standard_layout()
+            .as_slice()
+            .map(<[f64]>::to_vec)
+            .ok_or_else(|| PyRuntimeError::new_err(format!("{what}: not contiguous")))
+    })
+    .transpose()
+}
+
+#[pymethods]
+impl PySiteStats {
+    /// Rebuild statistics from their arrays (as `Report.load` does).
+    #[new]
+    #[pyo3(signature = (name, dtype, dim, folds, count, nonfinite, skipped, mean, m2, min, max,
+                        fold_count, fold_sum, fold_sumsq, fold_moment=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        name: String,
+        dtype: String,
+        dim: usize,
+        folds: usize,
+        count: u64,
+        nonfinite: u64,
+        skipped: u64,
+        mean: PyReadonlyArray1<'_, f64>,
+        m2: PyReadonlyArray1<'_, f64>,
+        min: PyReadonlyArray1<'_, f64>,
+        max: PyReadonlyArray1<'_, f64>,
+        fold_count: PyReadonlyArray1<'_, u64>,
+        fold_sum: PyReadonlyArrayDyn<'_, f64>,
+        fold_sumsq: PyReadonlyArrayDyn<'_, f64>,
+        fold_moment: Option<PyReadonlyArrayDyn<'_, f64>>,
+    ) -> PyResult<Self> {
+        let v = |a: PyReadonlyArray1<'_, f64>| a.as_array().to_vec();
+        let inner = SiteStats {
+            dim,
+            folds,
+            count,
+            nonfinite,
+            skipped,
+            mean: v(mean),
+            m2: v(m2),
+            min: v(min),
+            max: v(max),
+            fold_count: fold_count.as_array().to_vec(),
+            fold_sum: to_vec(Some(fold_sum), "fold_sum")?.unwrap_or_default(),
+            fold_sumsq: to_vec(Some(fold_sumsq), "fold_sumsq")?.unwrap_or_default(),
+            fold_moment: to_vec(fold_moment, "fold_moment")?,
+        };
+        inner
+            .validate()
+            .map_err(|e| to_py(core::Error::Invalid(format!("site {name}: {e}"))))?;
+        Ok(PySiteStats { name, dtype, inner })
+    }
+
+    #[getter]
+    fn name(&self) -> &str {
+        &self.name
+    }
+    #[getter]
+    fn dtype(&self) -> &str {
+        &self.dtype
+    }
+    #[getter]
+    fn dim(&self) -> usize {
+        self.inner.dim
+    }
+    #[getter]
+    fn folds(&self) -> usize {
+        self.inner.folds
+    }
+    #[getter]
+    fn count(&self) -> u64 {
+        self.inner.count
+    }
+    #[getter]
+    fn nonfinite(&self) -> u64 {
+        self.inner.nonfinite
+    }
+    #[getter]
+    fn skipped(&self) -> u64 {
+        self.inner.skipped
+    }
+    #[getter]
+    fn has_moments(&self) -> bool {
+        self.inner.fold_moment.is_some()
+    }
+    fn mean<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f64>> {
+        vec1(py, &self.inner.mean)
+    }
+    fn m2<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f64>> {
+        vec1(py, &self.inner.m2)
+    }
+    fn min<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f64>> {
+        vec1(py, &self.inner.min)
+    }
+    fn max<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f64>> {
+        vec1(py, &self.inner.max)
+    }
+    fn fold_count<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u64>> {
+        vec1(py, &self.inner.fold_count)
+    }
+    fn fold_sum<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let (k, d) = (self.inner.folds, self.inner.dim);
+        Ok(vec1(py, &self.inner.fold_sum).reshape([k, d])?.into_any())
+    }
+    fn fold_sumsq<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let (k, d) = (self.inner.folds, self.inner.dim);
+        Ok(vec1(py, &self.inner.fold_sumsq).reshape([k, d])?.into_any())
+    }
+    fn fold_moment<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let (k, d) = (self.inner.folds, self.inner.dim);
+        self.inner
+            .fold_moment
+            .as_ref()
+            .map(|m| Ok(vec1(py, m).reshape([k, d, d])?.into_any()))
+            .transpose()
+    }
+
+    /// Merge with statistics of the same site from other data.
+    fn merge(&self, py: Python<'_>, other: PyRef<'_, PySiteStats>) -> PyResult<Self> {
+        let mut inner = self.inner.clone();
+        let o = &other.inner;
+        py.detach(|| inner.merge(o))
+            .map_err(|e| to_py(core::Error::Invalid(format!("site {}: {e}", self.name))))?;
+        Ok(PySiteStats {
+            name: self.name.clone(),
+            dtype: self.dtype.clone(),
+            inner,
+        })
+    }
+
+    /// Least-squares constant direction with a cross-validated ridge, as a dict.
+    #[pyo3(signature = (ridges=None))]
+    fn constant_direction<'py>(
+        &self,
+        py: Python<'py>,
+        ridges: Option<Vec<f64>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let ridges = ridges.unwrap_or_else(core::default_ridges);
+        let st = &self.inner;
+        let fit = py
+            .detach(|| core::constant_direction(st, &ridges))
+            .map_err(|e| self.site_error(e))?;
+        let out = PyDict::new(py);
+        out.set_item("vector", vec1(py, &fit.vector))?;
+        out.set_item("ridge", fit.ridge)?;
+        out.set_item("error", fit.error)?;
+        out.set_item("ridges", vec1(py, &fit.ridges))?;
+        out.set_item("cv_errors", vec1(py, &fit.cv_errors))?;
+        out.set_item("cross_validated", fit.cross_validated)?;
+        Ok(out)
+    }
+
+    /// The best single dimension (the naive construction), as a dict.
+    fn onehot<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let fit = core::best_onehot(&self.inner).map_err(|e| self.site_error(e))?;
+        let out = PyDict::new(py);
+        out.set_item("vector", vec1(py, &fit.vector))?;
+        out.set_item("dim", fit.dim)?;
+        out.set_item("error", fit.error)?;
+        out.set_item("cross_validated", fit.cross_validated)?;
+        Ok(out)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "SiteStats(name={:?}, dim={}, count={}, folds={}, moments={})",
+            self.name,
+            self.inner.dim,
+            self.inner.count,
+            self.inner.folds,
+            self.inner.fold_moment.is_some()
+        )
+    }
+}
+
+impl PySiteStats {
+    fn site_error(&self, e: core::Error) -> PyErr {
+        match e {
+            core::Error::Invalid(m) => to_py(core::Error::Invalid(format!("site {}: {m}", self.name))),
+            e => to_py(e),
+        }
+    }
+}
+
+/// Stream every (or the selected) site under `path`; returns one SiteStats per site.
+#[pyfunction]
+#[pyo3(signature = (path, sites=None, skip_positions=1, folds=5, second_moments=true, threads=0,
+                    progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn analyze(
+    py: Python<'_>,
+    path: PathBuf,
+    sites: Option<Vec<String>>,
+    skip_positions: i64,
+    folds: usize,
+    second_moments: bool,
+    threads: usize,
+    progress: Option<Bound<'_, PyAny>>,
+) -> PyResult<Vec<PySiteStats>> {
+    let opts = AnalyzeOptions {
+        sites,
+        skip_positions,
+        folds,
+        second_moments,
+        threads,
+    };
+    let state = Progress::default();
+    let results = run_long(py, &state, progress.as_ref(), || {
+        core::analyze(&path, &opts, &state)
+    })?;
+    Ok(results
+        .into_iter()
+        .map(|r| PySiteStats {
+            name: r.name,
+            dtype: r.dtype.name().to_owned(),
+            inner: r.stats,
+        })
+        .collect())
+}
+
+/// The default ridge grid (λ relative to tr(G)/d).
+#[pyfunction]
+fn default_ridges() -> Vec<f64> {
+    core::default_ridges()
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PySiteStats>()?;
+    m.add_function(wrap_pyfunction!(analyze, m)?)?;
+    m.add_function(wrap_pyfunction!(default_ridges, m)?)?;
+    m.add("FOLD_BLOCK_ROWS", core::analyze::FOLD_BLOCK_ROWS)?;
+    Ok(())
+}
