@@ -1,0 +1,95 @@
+"""``rank1fast.analyze``: one streaming pass of the Rust core over a dump."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import _core
+from ._progress import ProgressArg, bytes_callback
+from .report import Report, SiteReport
+
+__all__ = ["analyze"]
+
+
+def analyze(
+    path: str | os.PathLike[str],
+    *,
+    sites: Sequence[str] | str | None = None,
+    skip_positions: int = 1,
+    folds: int = 5,
+    second_moments: bool = True,
+    threads: int | None = None,
+    progress: ProgressArg = None,
+) -> Report:
+    """Per-dimension statistics, outliers and the constant direction of every site.
+
+    Streams the data once with memory-mapped I/O on all cores; memory stays
+    ``threads x folds x dim² x 8`` bytes whatever the number of tokens.
+
+    Args:
+        path: a dump directory (manifest.json + shards), a ``.safetensors`` or ``.npy`` file,
+            or a directory of such files. Every 2-D ``[tokens, dim]`` or 3-D
+            ``[batch, seq, dim]`` float32/float16/bfloat16 tensor is a site (named by the
+            tensor, or the file stem for .npy); one name in several files is one site.
+        sites: analyse only these sites.
+        skip_positions: drop tokens at position < k (BOS and attention sinks carry massive
+            activations that are not steering-relevant). Positions come from the dump's
+            ``position`` tensor or the seq index of 3-D tensors; rows of bare 2-D tensors
+            have no position and are all kept.
+        folds: cross-validation folds for the ridge (by document where documents are known,
+            else by blocks of 256 rows).
+        second_moments: accumulate ``E[x xᵀ]`` per fold (needed for the least-squares
+            direction; off gives statistics and the one-hot baseline only, much faster).
+        threads: worker threads (default: one per core).
+        progress: None shows a bar on a terminal, True always, False never; a callable gets
+            ``(bytes_done, bytes_total)``.
+
+    Returns:
+        A :class:`~rank1fast.Report`.
+
+    Raises:
+        PathNotFoundError: ``path`` does not exist.
+        DumpError: a file is malformed, truncated or of an unsupported dtype.
+        InvalidArgumentError: an unknown site, or folds < 1.
+
+    Example:
+        >>> report = rank1fast.analyze("dump/", sites=["resid_mid.15"])   # doctest: +SKIP
+        >>> print(report)                                                # doctest: +SKIP
+    """
+    if isinstance(sites, str):
+        sites = [sites]
+    callback, bar = bytes_callback(progress, "analyze")
+    try:
+        stats = _core.analyze(
+            os.fspath(path),
+            sites=None if sites is None else list(sites),
+            skip_positions=int(skip_positions),
+            folds=int(folds),
+            second_moments=bool(second_moments),
+            threads=int(threads or 0),
+            progress=callback,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    return Report(
+        (SiteReport(s) for s in stats),
+        skip_positions=int(skip_positions),
+        source=os.fspath(path),
+        modules=_manifest_modules(Path(path)),
+    )
+
+
+def _manifest_modules(path: Path) -> dict[str, str]:
+    """site -> module path from a dump's manifest (empty for bare files)."""
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        return {}
+    try:
+        sites = json.loads(manifest.read_text()).get("sites", {})
+        return {name: s["module"] for name, s in sites.items() if "module" in s}
+    except (ValueError, AttributeError, TypeError):
+        return {}

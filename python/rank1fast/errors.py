@@ -1,0 +1,44 @@
+"""The exceptions rank1fast raises. Every one derives from :class:`Rank1Error`."""
+
+from __future__ import annotations
+
+__all__ = [
+    "Rank1Error",
+    "DumpError",
+    "PathNotFoundError",
+    "Rank1IOError",
+    "InvalidArgumentError",
+    "SiteError",
+    "AdapterError",
+]
+
+
+class Rank1Error(Exception):
+    """Base class of every rank1fast error."""
+
+
+class DumpError(Rank1Error, ValueError):
+    """A dump, .safetensors or .npy file is malformed, truncated or unsupported.
+
+    The message names the file and, where there is one, the tensor.
+    """
+
+
+class PathNotFoundError(Rank1Error, FileNotFoundError):
+    """A path given to rank1fast does not exist."""
+
+
+class Rank1IOError(Rank1Error, OSError):
+    """The operating system refused a read or a write (permissions, full disk)."""
+
+
+class InvalidArgumentError(Rank1Error, ValueError):
+    """An argument that cannot work: an unknown site, folds=0, a vector of the wrong size."""
+
+
+class SiteError(InvalidArgumentError):
+    """A site name that does not resolve to a module of the model."""
+
+
+class AdapterError(Rank1Error, ValueError):
+    """An adapter cannot be written or read as asked."""

@@ -1,0 +1,431 @@
+"""Typed results of :func:`rank1fast.analyze`: a :class:`Report` of :class:`SiteReport` s."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import _core
+from .errors import DumpError, InvalidArgumentError, PathNotFoundError
+
+__all__ = ["Report", "SiteReport", "Direction", "OneHot", "Outlier", "OUTLIER_RATIO"]
+
+#: A dimension is an outlier when its |mean| is at least this many times the median |mean|.
+OUTLIER_RATIO = 6.0
+#: At most this many outliers are listed per site.
+MAX_OUTLIERS = 16
+
+_FORMAT = "rank1fast.report"
+_VERSION = 1
+
+
+class Outlier(NamedTuple):
+    """One outlier dimension: index, mean, standard deviation, coefficient of variation."""
+
+    dim: int
+    mean: float
+    std: float
+    cv: float
+
+
+@dataclass(frozen=True)
+class Direction:
+    """The least-squares constant direction ``b`` of a site: ``b·x ≈ 1`` for every token.
+
+    Attributes:
+        vector: ``b``, float64 ``[dim]``; ``lora_A = bᵀ``.
+        ridge: the chosen ridge λ (relative to ``tr(G)/dim``).
+        error: held-out rms(b·x − 1) at that ridge (in-sample if not cross-validated).
+        ridges: the ridge grid that was searched.
+        cv_errors: held-out rms error at each ridge of the grid.
+        cross_validated: False when fewer than two folds held tokens.
+    """
+
+    vector: np.ndarray
+    ridge: float
+    error: float
+    ridges: np.ndarray = field(repr=False)
+    cv_errors: np.ndarray = field(repr=False)
+    cross_validated: bool = True
+
+
+@dataclass(frozen=True)
+class OneHot:
+    """The naive construction: one outlier dimension, ``b = e_j / mean(x_j)``.
+
+    Attributes:
+        vector: ``b``, float64 ``[dim]``.
+        dims: ``[j]``, the dimension used.
+        error: held-out rms(b·x − 1) (in-sample if not cross-validated).
+        cross_validated: False when fewer than two folds held tokens.
+    """
+
+    vector: np.ndarray
+    dims: list[int]
+    error: float
+    cross_validated: bool = True
+
+
+class SiteReport:
+    """Statistics of one site. Arrays are float64 numpy arrays of shape ``[dim]``.
+
+    The constant direction and the one-hot baseline are solved on first access.
+    """
+
+    def __init__(self, stats: _core.SiteStats) -> None:
+        self._stats = stats
+
+    # -- raw facts ---------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self._stats.name
+
+    @property
+    def stats(self) -> _core.SiteStats:
+        """The underlying sufficient statistics (what merges and saves)."""
+        return self._stats
+
+    @property
+    def count(self) -> int:
+        """Tokens used: finite rows at position >= skip_positions."""
+        return self._stats.count
+
+    @property
+    def dim(self) -> int:
+        return self._stats.dim
+
+    @property
+    def dtype(self) -> str:
+        return self._stats.dtype
+
+    @property
+    def nonfinite(self) -> int:
+        """Rows dropped because they held a NaN or an infinity."""
+        return self._stats.nonfinite
+
+    @property
+    def skipped(self) -> int:
+        """Rows dropped by the position filter."""
+        return self._stats.skipped
+
+    @property
+    def folds(self) -> int:
+        return self._stats.folds
+
+    @cached_property
+    def mean(self) -> np.ndarray:
+        return self._stats.mean()
+
+    @cached_property
+    def var(self) -> np.ndarray:
+        """Population variance (ddof=0)."""
+        n = self.count
+        return self._stats.m2() / n if n else np.full(self.dim, np.nan)
+
+    @cached_property
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.var)
+
+    @cached_property
+    def min(self) -> np.ndarray:
+        return self._stats.min()
+
+    @cached_property
+    def max(self) -> np.ndarray:
+        return self._stats.max()
+
+    @cached_property
+    def absmax(self) -> np.ndarray:
+        return np.maximum(np.abs(self.min), np.abs(self.max))
+
+    @cached_property
+    def second_moment(self) -> np.ndarray | None:
+        """``E[x xᵀ]`` as float64 ``[dim, dim]``, or None without second moments."""
+        m = self._stats.fold_moment()
+        if m is None or self.count == 0:
+            return None
+        return m.sum(axis=0) / self.count
+
+    # -- derived -----------------------------------------------------------------------------
+    @cached_property
+    def outliers(self) -> list[Outlier]:
+        """Dimensions whose |mean| is at least OUTLIER_RATIO x the median |mean|, largest first."""
+        if self.count == 0:
+            return []
+        absmean = np.abs(self.mean)
+        floor = OUTLIER_RATIO * float(np.median(absmean))
+        order = np.argsort(-absmean, kind="stable")
+        out = []
+        for j in order[:MAX_OUTLIERS]:
+            if absmean[j] <= floor or absmean[j] == 0:
+                break
+            mean, std = float(self.mean[j]), float(self.std[j])
+            out.append(Outlier(int(j), mean, std, std / abs(mean)))
+        return out
+
+    @cached_property
+    def direction(self) -> Direction | None:
+        """The cross-validated least-squares constant direction (None without second moments)."""
+        if not self._stats.has_moments:
+            return None
+        return self.solve_direction()
+
+    def solve_direction(self, ridges: Iterable[float] | None = None) -> Direction:
+        """Solve the constant direction over a ridge grid of your choice.
+
+        Args:
+            ridges: candidate λ values (relative to tr(G)/dim); the default grid spans
+                1e-10 .. 1 in quarter decades.
+
+        Returns:
+            The :class:`Direction` with the lowest held-out error.
+        """
+        fit = self._stats.constant_direction(None if ridges is None else list(ridges))
+        return Direction(
+            vector=fit["vector"],
+            ridge=float(fit["ridge"]),
+            error=float(fit["error"]),
+            ridges=fit["ridges"],
+            cv_errors=fit["cv_errors"],
+            cross_validated=bool(fit["cross_validated"]),
+        )
+
+    @cached_property
+    def onehot(self) -> OneHot:
+        """The best single dimension by held-out error (the naive construction)."""
+        fit = self._stats.onehot()
+        return OneHot(
+            vector=fit["vector"],
+            dims=[int(fit["dim"])],
+            error=float(fit["error"]),
+            cross_validated=bool(fit["cross_validated"]),
+        )
+
+    def merge(self, other: SiteReport) -> SiteReport:
+        """Statistics of both parts together, exactly as if analysed at once."""
+        return SiteReport(self._stats.merge(other._stats))
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready summary (no [dim, dim] arrays)."""
+        d: dict[str, Any] = {
+            "site": self.name,
+            "count": self.count,
+            "dim": self.dim,
+            "dtype": self.dtype,
+            "nonfinite": self.nonfinite,
+            "skipped": self.skipped,
+            "outliers": [o._asdict() for o in self.outliers],
+        }
+        if self.count:
+            oh = self.onehot
+            d["onehot"] = {"dims": oh.dims, "error": oh.error}
+            if self.direction is not None:
+                dr = self.direction
+                d["direction"] = {
+                    "ridge": dr.ridge,
+                    "error": dr.error,
+                    "cross_validated": dr.cross_validated,
+                    "vector": dr.vector.tolist(),
+                }
+        return d
+
+    def __repr__(self) -> str:
+        return f"SiteReport({self.name!r}, count={self.count}, dim={self.dim}, dtype={self.dtype})"
+
+
+class Report:
+    """Per-site statistics of a dump, as returned by :func:`rank1fast.analyze`.
+
+    Example:
+        >>> report = rank1fast.analyze("dump/")          # doctest: +SKIP
+        >>> s = report["resid_mid.15"]                   # doctest: +SKIP
+        >>> s.direction.error, s.onehot.error            # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        sites: Iterable[SiteReport],
+        *,
+        skip_positions: int,
+        source: str | None = None,
+        modules: dict[str, str] | None = None,
+    ) -> None:
+        self._sites = {s.name: s for s in sites}
+        self.skip_positions = skip_positions
+        self.source = source
+        #: site name -> module path, when the dump's manifest says so.
+        self.modules = dict(modules or {})
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self._sites)
+
+    @property
+    def folds(self) -> int:
+        return next(iter(self._sites.values())).folds if self._sites else 0
+
+    def __getitem__(self, site: str) -> SiteReport:
+        try:
+            return self._sites[site]
+        except KeyError:
+            raise InvalidArgumentError(
+                f"site {site!r} is not in this report; it has: {', '.join(self._sites)}"
+            ) from None
+
+    def __contains__(self, site: object) -> bool:
+        return site in self._sites
+
+    def __iter__(self) -> Iterator[SiteReport]:
+        return iter(self._sites.values())
+
+    def __len__(self) -> int:
+        return len(self._sites)
+
+    def merge(self, other: Report) -> Report:
+        """Merge two reports of disjoint data (sites present in both are combined)."""
+        return merge([self, other])
+
+    # -- persistence -------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the report's sufficient statistics to an ``.npz`` file (lossless).
+
+        The file is written under a temporary name and renamed, so a crash leaves no partial
+        report.
+        """
+        path = Path(path)
+        arrays: dict[str, np.ndarray] = {}
+        meta: dict[str, Any] = {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "skip_positions": self.skip_positions,
+            "source": self.source,
+            "modules": self.modules,
+            "sites": [],
+        }
+        for i, s in enumerate(self):
+            st = s.stats
+            meta["sites"].append(
+                {
+                    "name": st.name,
+                    "dtype": st.dtype,
+                    "dim": st.dim,
+                    "folds": st.folds,
+                    "count": st.count,
+                    "nonfinite": st.nonfinite,
+                    "skipped": st.skipped,
+                }
+            )
+            for key in ("mean", "m2", "min", "max", "fold_count", "fold_sum", "fold_sumsq"):
+                arrays[f"{i}.{key}"] = getattr(st, key)()
+            moment = st.fold_moment()
+            if moment is not None:
+                arrays[f"{i}.fold_moment"] = moment
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Report:
+        """Read a report written by :meth:`save`."""
+        path = Path(path)
+        if not path.exists():
+            raise PathNotFoundError(f"{path}: no such file")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(bytes(z["meta"]).decode())
+                if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
+                    raise DumpError(f"{path}: not a rank1fast report (version {_VERSION})")
+                sites = []
+                for i, m in enumerate(meta["sites"]):
+                    moment = z[f"{i}.fold_moment"] if f"{i}.fold_moment" in z.files else None
+                    st = _core.SiteStats(
+                        m["name"], m["dtype"], m["dim"], m["folds"], m["count"], m["nonfinite"],
+                        m["skipped"], z[f"{i}.mean"], z[f"{i}.m2"], z[f"{i}.min"], z[f"{i}.max"],
+                        z[f"{i}.fold_count"].astype(np.uint64), z[f"{i}.fold_sum"],
+                        z[f"{i}.fold_sumsq"], moment,
+                    )
+                    sites.append(SiteReport(st))
+        except (KeyError, ValueError, OSError) as e:
+            if isinstance(e, DumpError):
+                raise
+            raise DumpError(f"{path}: not a readable rank1fast report ({e})") from e
+        return cls(
+            sites,
+            skip_positions=meta["skip_positions"],
+            source=meta.get("source"),
+            modules=meta.get("modules"),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready summary of every site (what ``rank1fast analyze --json`` writes)."""
+        return {
+            "source": self.source,
+            "skip_positions": self.skip_positions,
+            "folds": self.folds,
+            "sites": [s.summary() for s in self],
+        }
+
+    def __str__(self) -> str:
+        head = ["site", "tokens", "dim", "dtype", "top outliers (dim: mean, cv)",
+                "one-hot err", "least-sq err", "ridge"]
+        rows = [head]
+        for s in self:
+            outl = ", ".join(f"{o.dim}: {o.mean:.3g}, {o.cv:.2f}" for o in s.outliers[:3]) or "-"
+            if s.count:
+                oh = f"{s.onehot.error:.4f} (dim {s.onehot.dims[0]})"
+                dr = s.direction
+                ls = f"{dr.error:.4f}" if dr else "-"
+                ridge = f"{dr.ridge:.1e}" if dr else "-"
+            else:
+                oh = ls = ridge = "-"
+            rows.append([s.name, f"{s.count:,}", str(s.dim), s.dtype, outl, oh, ls, ridge])
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"Report(sites={self.sites!r}, skip_positions={self.skip_positions})"
+
+
+def merge(reports: Iterable[Report]) -> Report:
+    """Merge reports of disjoint parts of the data into one, exactly.
+
+    Every statistic is a sum over tokens, so analysing shards on many machines and merging the
+    reports gives the same numbers as analysing everything at once.
+
+    Args:
+        reports: reports made with the same ``skip_positions`` and ``folds``.
+
+    Returns:
+        A :class:`Report` with the union of the sites; shared sites are combined.
+
+    Example:
+        >>> total = rank1fast.merge([rank1fast.analyze(p) for p in shard_paths])  # doctest: +SKIP
+    """
+    reports = list(reports)
+    if not reports:
+        raise InvalidArgumentError("merge needs at least one report")
+    first = reports[0]
+    sites: dict[str, SiteReport] = {}
+    modules: dict[str, str] = {}
+    for r in reports:
+        if r.skip_positions != first.skip_positions:
+            raise InvalidArgumentError(
+                f"cannot merge reports made with skip_positions {first.skip_positions} "
+                f"and {r.skip_positions}"
+            )
+        modules.update(r.modules)
+        for s in r:
+            sites[s.name] = sites[s.name].merge(s) if s.name in sites else s
+    return Report(sites.values(), skip_positions=first.skip_positions, source=None, modules=modules)
