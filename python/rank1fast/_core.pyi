@@ -67,3 +67,13 @@ def analyze(
 def default_ridges() -> list[float]: ...
 
 # --- adapter writer (rust/rank1fast-core/src/adapter.rs) ---
+def write_lora(
+    path: str,
+    modules: list[str],
+    directions: list[npt.NDArray[np.float64]],
+    vectors: list[npt.NDArray[np.float64]],
+    scale: float = 1.0,
+    rank: int = 1,
+    dtype: str = "float32",
+    metadata: dict[str, str] | None = None,
+) -> int: ...

@@ -123,7 +123,7 @@ fn analyze_site(
                 .map(move |r0| (s, r0, (r0 + chunk_rows).min(src.rows)))
         })
         .collect();
-    let shift = rough_mean(srcs, chunk_rows);
+    let shift = rough_mean(srcs, chunk_rows, opts.skip_positions);
     let next = AtomicUsize::new(0);
     let failure: Mutex<Option<Error>> = Mutex::new(None);
     let workers = threads.min(chunks.len()).max(1);
@@ -177,8 +177,9 @@ fn analyze_site(
     Ok(total)
 }
 
-/// The mean of the first finite rows of a site, used as the shift of its second moments.
-fn rough_mean(srcs: &[SiteSource], rows: usize) -> Vec<f32> {
+/// The mean of the first rows of a site that pass the filters, used as the shift of its
+/// second moments (it only needs to be near the mean of the rows that are accumulated).
+fn rough_mean(srcs: &[SiteSource], rows: usize, skip_positions: i64) -> Vec<f32> {
     let d = srcs[0].dim;
     let mut sum = vec![0f64; d];
     let mut n = 0usize;
@@ -186,6 +187,9 @@ fn rough_mean(srcs: &[SiteSource], rows: usize) -> Vec<f32> {
     'outer: for src in srcs {
         let rb = src.row_bytes();
         for r in 0..src.rows {
+            if src.position(r).is_some_and(|p| p < skip_positions) {
+                continue;
+            }
             decode_f32(src.dtype, &src.tensor.bytes()[r * rb..(r + 1) * rb], &mut buf);
             if buf.iter().all(|v| v.is_finite()) {
                 sum.iter_mut().zip(&buf).for_each(|(s, &x)| *s += x as f64);

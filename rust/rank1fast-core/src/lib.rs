@@ -1,6 +1,7 @@
 //! rank1fast-core: streaming statistics of activation dumps, the least-squares constant
 //! direction per site, and the tensors of rank-1 LoRA adapters. Pure Rust, no Python.
 
+pub mod adapter;
 pub mod analyze;
 pub mod dtype;
 pub mod error;

@@ -321,6 +321,55 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PySiteStats>()?;
     m.add_function(wrap_pyfunction!(analyze, m)?)?;
     m.add_function(wrap_pyfunction!(default_ridges, m)?)?;
+    m.add_function(wrap_pyfunction!(write_lora, m)?)?;
     m.add("FOLD_BLOCK_ROWS", core::analyze::FOLD_BLOCK_ROWS)?;
     Ok(())
+}
+
+// --- adapter writer ---
+
+/// Write the `adapter_model.safetensors` of a PEFT LoRA adapter: one rank-`rank` LoRA per
+/// module, `lora_A` row 0 = bᵀ and `lora_B` column 0 = scale·v (norms balanced), atomically.
+/// Returns the number of bytes written.
+#[pyfunction]
+#[pyo3(signature = (path, modules, directions, vectors, scale=1.0, rank=1, dtype="float32",
+                    metadata=None))]
+#[allow(clippy::too_many_arguments)]
+fn write_lora(
+    py: Python<'_>,
+    path: PathBuf,
+    modules: Vec<String>,
+    directions: Vec<PyReadonlyArray1<'_, f64>>,
+    vectors: Vec<PyReadonlyArray1<'_, f64>>,
+    scale: f64,
+    rank: usize,
+    dtype: &str,
+    metadata: Option<std::collections::BTreeMap<String, String>>,
+) -> PyResult<u64> {
+    if modules.len() != directions.len() || modules.len() != vectors.len() {
+        return Err(to_py(core::Error::Invalid(format!(
+            "write_lora: {} modules, {} directions and {} vectors; they must pair up",
+            modules.len(),
+            directions.len(),
+            vectors.len()
+        ))));
+    }
+    let dtype = core::DType::from_name(dtype).ok_or_else(|| {
+        to_py(core::Error::Invalid(format!(
+            "dtype must be float32, float16 or bfloat16, got {dtype:?}"
+        )))
+    })?;
+    let sites: Vec<core::adapter::LoraSite> = modules
+        .into_iter()
+        .zip(directions.iter().zip(&vectors))
+        .map(|(module, (d, v))| core::adapter::LoraSite {
+            module,
+            direction: d.as_array().to_vec(),
+            vector: v.as_array().to_vec(),
+        })
+        .collect();
+    let metadata = metadata.unwrap_or_default();
+    py.detach(|| core::adapter::write_lora(&path, &sites, scale, rank, dtype, &metadata))
+        .map(|s| s.bytes)
+        .map_err(to_py)
 }

