@@ -59,13 +59,27 @@ pub fn decode_f32(dtype: DType, bytes: &[u8], dst: &mut [f32]) {
     debug_assert_eq!(bytes.len(), dst.len() * dtype.size());
     match dtype {
         DType::F32 => {
-            for (d, c) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
-                *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            // SAFETY: every bit pattern is a valid f32; `align_to` only yields aligned items.
+            let (pre, mid, post) = unsafe { bytes.align_to::<f32>() };
+            if cfg!(target_endian = "little") && pre.is_empty() && post.is_empty() {
+                dst.copy_from_slice(mid);
+            } else {
+                for (d, c) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
             }
         }
         DType::BF16 => {
-            for (d, c) in dst.iter_mut().zip(bytes.chunks_exact(2)) {
-                *d = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+            // SAFETY: as above, for u16.
+            let (pre, mid, post) = unsafe { bytes.align_to::<u16>() };
+            if cfg!(target_endian = "little") && pre.is_empty() && post.is_empty() {
+                for (d, &b) in dst.iter_mut().zip(mid) {
+                    *d = f32::from_bits((b as u32) << 16);
+                }
+            } else {
+                for (d, c) in dst.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *d = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+                }
             }
         }
         DType::F16 => {
