@@ -1,13 +1,14 @@
 """Type stubs of the native module (rust/rank1fast-py). Kept true by `make lint` (stubtest)."""
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, final
 
 import numpy as np
 import numpy.typing as npt
 
 FOLD_BLOCK_ROWS: int
 
+@final
 class SiteStats:
     def __new__(
         cls,

@@ -140,7 +140,9 @@ fn analyze_site(
                             break;
                         }
                         let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(&(s, r0, r1)) = chunks.get(i) else { break };
+                        let Some(&(s, r0, r1)) = chunks.get(i) else {
+                            break;
+                        };
                         let src = &srcs[s];
                         process_chunk(src, r0, r1, opts, &mut buf, &mut folds, &mut acc);
                         progress
@@ -156,8 +158,9 @@ fn analyze_site(
             .map(|h| match h.join() {
                 Ok(part) => part,
                 Err(_) => {
-                    *failure.lock().expect("lock") =
-                        Some(Error::Invalid("internal error: a worker thread panicked".into()));
+                    *failure.lock().expect("lock") = Some(Error::Invalid(
+                        "internal error: a worker thread panicked".into(),
+                    ));
                     SiteStats::new(dim, opts.folds, opts.second_moments)
                 }
             })
@@ -190,7 +193,11 @@ fn rough_mean(srcs: &[SiteSource], rows: usize, skip_positions: i64) -> Vec<f32>
             if src.position(r).is_some_and(|p| p < skip_positions) {
                 continue;
             }
-            decode_f32(src.dtype, &src.tensor.bytes()[r * rb..(r + 1) * rb], &mut buf);
+            decode_f32(
+                src.dtype,
+                &src.tensor.bytes()[r * rb..(r + 1) * rb],
+                &mut buf,
+            );
             if buf.iter().all(|v| v.is_finite()) {
                 sum.iter_mut().zip(&buf).for_each(|(s, &x)| *s += x as f64);
                 n += 1;
@@ -200,7 +207,9 @@ fn rough_mean(srcs: &[SiteSource], rows: usize, skip_positions: i64) -> Vec<f32>
             }
         }
     }
-    sum.iter().map(|s| if n > 0 { (s / n as f64) as f32 } else { 0.0 }).collect()
+    sum.iter()
+        .map(|s| if n > 0 { (s / n as f64) as f32 } else { 0.0 })
+        .collect()
 }
 
 /// Decode rows `r0..r1` of `src`, drop skipped and non-finite rows, accumulate the rest.
@@ -231,9 +240,9 @@ fn process_chunk(
         }
         let x = &buf[i * d..(i + 1) * d];
         // Branch-free (vectorisable) test: exponent bits all ones means NaN or ±inf.
-        let nonfinite = x
-            .iter()
-            .fold(false, |acc, v| acc | (v.to_bits() & 0x7f80_0000 == 0x7f80_0000));
+        let nonfinite = x.iter().fold(false, |acc, v| {
+            acc | (v.to_bits() & 0x7f80_0000 == 0x7f80_0000)
+        });
         if nonfinite {
             acc.stats.nonfinite += 1;
             continue;

@@ -101,7 +101,9 @@ pub fn decode_f32(dtype: DType, bytes: &[u8], dst: &mut [f32]) {
 pub fn encode_f32(dtype: DType, src: &[f32], out: &mut Vec<u8>) {
     out.reserve(src.len() * dtype.size());
     match dtype {
-        DType::F32 => src.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::F32 => src
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
         DType::F16 => src
             .iter()
             .for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),

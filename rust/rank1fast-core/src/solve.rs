@@ -40,7 +40,9 @@ pub struct OneHotFit {
 
 /// 10^-10 .. 10^0 in quarter decades (41 values).
 pub fn default_ridges() -> Vec<f64> {
-    (0..=40).map(|i| 10f64.powf(-10.0 + i as f64 * 0.25)).collect()
+    (0..=40)
+        .map(|i| 10f64.powf(-10.0 + i as f64 * 0.25))
+        .collect()
 }
 
 fn nonempty(st: &SiteStats) -> Result<()> {
@@ -88,7 +90,14 @@ fn ridge_solutions(e: &Eigen, m: &[f64], ridges: &[f64], t: f64) -> Mat<f64> {
     let d = m.len();
     let mcol = Mat::from_fn(d, 1, |i, _| m[i]);
     let mut c = Mat::<f64>::zeros(d, 1);
-    matmul(c.as_mut(), Accum::Replace, e.vectors.transpose(), mcol.as_ref(), 1.0, Par::rayon(0));
+    matmul(
+        c.as_mut(),
+        Accum::Replace,
+        e.vectors.transpose(),
+        mcol.as_ref(),
+        1.0,
+        Par::rayon(0),
+    );
     let y = Mat::from_fn(d, ridges.len(), |i, l| {
         let den = e.values[i] + ridges[l] * t;
         if den > 0.0 {
@@ -98,7 +107,14 @@ fn ridge_solutions(e: &Eigen, m: &[f64], ridges: &[f64], t: f64) -> Mat<f64> {
         }
     });
     let mut b = Mat::<f64>::zeros(d, ridges.len());
-    matmul(b.as_mut(), Accum::Replace, e.vectors.as_ref(), y.as_ref(), 1.0, Par::rayon(0));
+    matmul(
+        b.as_mut(),
+        Accum::Replace,
+        e.vectors.as_ref(),
+        y.as_ref(),
+        1.0,
+        Par::rayon(0),
+    );
     b
 }
 
@@ -107,7 +123,14 @@ fn mse(g: &[f64], scale: f64, mu: &[f64], b: &Mat<f64>) -> Vec<f64> {
     let d = mu.len();
     let gm = faer::MatRef::from_row_major_slice(g, d, d);
     let mut gb = Mat::<f64>::zeros(d, b.ncols());
-    matmul(gb.as_mut(), Accum::Replace, gm, b.as_ref(), scale, Par::rayon(0));
+    matmul(
+        gb.as_mut(),
+        Accum::Replace,
+        gm,
+        b.as_ref(),
+        scale,
+        Par::rayon(0),
+    );
     (0..b.ncols())
         .map(|l| {
             let (mut quad, mut lin) = (0.0, 0.0);
@@ -132,7 +155,9 @@ pub fn constant_direction(st: &SiteStats, ridges: &[f64]) -> Result<DirectionFit
         Error::Invalid("the report has no second moments (analyze with second_moments=True)".into())
     })?;
     if ridges.is_empty() || ridges.iter().any(|r| !(r.is_finite() && *r >= 0.0)) {
-        return Err(Error::Invalid("ridges must be finite and non-negative".into()));
+        return Err(Error::Invalid(
+            "ridges must be finite and non-negative".into(),
+        ));
     }
     let d = st.dim;
     let dd = d * d;
@@ -175,7 +200,11 @@ pub fn constant_direction(st: &SiteStats, ridges: &[f64]) -> Result<DirectionFit
     } else {
         (0, vec![f64::NAN; ridges.len()])
     };
-    let ridge = if cross_validated { ridges[best] } else { FALLBACK_RIDGE };
+    let ridge = if cross_validated {
+        ridges[best]
+    } else {
+        FALLBACK_RIDGE
+    };
     let b = ridge_solutions(&e, &mean, &[ridge], t);
     let vector: Vec<f64> = (0..d).map(|i| b[(i, 0)]).collect();
     let error = if cross_validated {
@@ -253,7 +282,9 @@ mod tests {
     fn planted(n: usize, d: usize) -> SiteStats {
         let mut s = 7u64;
         let mut rnd = || {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
         };
         let mut rows = Vec::new();

@@ -222,7 +222,8 @@ pub fn open(path: &Path) -> Result<Sources> {
 }
 
 fn extension(p: &Path) -> Option<String> {
-    p.extension().map(|e| e.to_string_lossy().to_ascii_lowercase())
+    p.extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
 }
 
 fn open_file(path: &Path, sources: &mut Sources) -> Result<()> {
@@ -281,7 +282,13 @@ fn add_safetensors_sites(
             None if !(t.shape.len() == 2 || t.shape.len() == 3) => continue,
             _ => {}
         }
-        let src = site_source(path, &t.name, t.clone(), positions.clone(), documents.clone())?;
+        let src = site_source(
+            path,
+            &t.name,
+            t.clone(),
+            positions.clone(),
+            documents.clone(),
+        )?;
         if let Some(&dim) = only.and_then(|s| s.get(&t.name)) {
             if dim != src.dim {
                 return Err(Error::dump(
@@ -319,16 +326,14 @@ fn site_source(
     let (rows, dim, seq) = match t.shape[..] {
         [n, d] => (n, d, None),
         [b, s, d] => (b * s, d, Some(s)),
-        _ => {
-            return Err(Error::dump(
-                path,
-                Some(name),
-                format!(
-                    "expected a 2-D [tokens, dim] or 3-D [batch, seq, dim] tensor, found shape {:?}",
-                    t.shape
-                ),
-            ))
-        }
+        _ => return Err(Error::dump(
+            path,
+            Some(name),
+            format!(
+                "expected a 2-D [tokens, dim] or 3-D [batch, seq, dim] tensor, found shape {:?}",
+                t.shape
+            ),
+        )),
     };
     if dim == 0 {
         return Err(Error::dump(path, Some(name), "dim is 0"));
@@ -514,7 +519,8 @@ pub fn read_npy(path: &Path) -> Result<RawTensor> {
             )))
         }
     };
-    let fortran = field("fortran_order").ok_or_else(|| bad("header has no 'fortran_order'".into()))?;
+    let fortran =
+        field("fortran_order").ok_or_else(|| bad("header has no 'fortran_order'".into()))?;
     if fortran.starts_with("True") {
         return Err(bad(
             "Fortran-ordered arrays are not supported: save with np.ascontiguousarray".into(),
@@ -559,10 +565,7 @@ pub fn read_npy(path: &Path) -> Result<RawTensor> {
 /// A shard path from a manifest must stay inside the dump directory.
 fn shard_path(dir: &Path, manifest: &Path, file: &str) -> Result<PathBuf> {
     let rel = Path::new(file);
-    let ok = !file.is_empty()
-        && rel
-            .components()
-            .all(|c| matches!(c, Component::Normal(_)));
+    let ok = !file.is_empty() && rel.components().all(|c| matches!(c, Component::Normal(_)));
     if !ok {
         return Err(Error::dump(
             manifest,
@@ -583,7 +586,11 @@ fn open_dump(dir: &Path, manifest_path: &Path) -> Result<Sources> {
     }
     match manifest.get("version").and_then(Value::as_u64) {
         Some(1) => {}
-        v => return Err(bad(format!("unsupported dump version {v:?} (this reader knows 1)"))),
+        v => {
+            return Err(bad(format!(
+                "unsupported dump version {v:?} (this reader knows 1)"
+            )))
+        }
     }
     let sites = manifest
         .get("sites")
@@ -611,7 +618,11 @@ fn open_dump(dir: &Path, manifest_path: &Path) -> Result<Sources> {
         let tensors = read_safetensors(&path)?;
         for name in dims.keys() {
             if !tensors.iter().any(|t| &t.name == name) {
-                return Err(Error::dump(&path, Some(name), "site listed in the manifest is missing"));
+                return Err(Error::dump(
+                    &path,
+                    Some(name),
+                    "site listed in the manifest is missing",
+                ));
             }
         }
         if let Some(tokens) = shard.get("tokens").and_then(Value::as_u64) {
@@ -620,7 +631,10 @@ fn open_dump(dir: &Path, manifest_path: &Path) -> Result<Sources> {
                     return Err(Error::dump(
                         &path,
                         Some(&t.name),
-                        format!("manifest says {tokens} tokens, tensor shape is {:?}", t.shape),
+                        format!(
+                            "manifest says {tokens} tokens, tensor shape is {:?}",
+                            t.shape
+                        ),
                     ));
                 }
             }

@@ -87,7 +87,10 @@ impl SiteStats {
 
     pub fn var(&self) -> Vec<f64> {
         let n = self.count as f64;
-        self.m2.iter().map(|m| if n > 0.0 { m / n } else { f64::NAN }).collect()
+        self.m2
+            .iter()
+            .map(|m| if n > 0.0 { m / n } else { f64::NAN })
+            .collect()
     }
 
     /// Merge `other` into `self` (Chan et al. for mean and m2; sums elsewhere).
@@ -178,7 +181,11 @@ impl Accumulator {
             seg_m2: vec![0.0; dim],
             min32: vec![f32::INFINITY; dim],
             max32: vec![f32::NEG_INFINITY; dim],
-            gram: if second_moments { vec![0.0; dim * dim] } else { Vec::new() },
+            gram: if second_moments {
+                vec![0.0; dim * dim]
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -356,7 +363,9 @@ mod tests {
         let mut s = seed;
         (0..n * d)
             .map(|i| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let u = (s >> 40) as f32 / (1u64 << 24) as f32;
                 if i % d == 0 {
                     1e4 + 1e-2 * u
@@ -372,7 +381,9 @@ mod tests {
         let d = 7;
         let data = rows(1000, d, 1);
         let folds: Vec<u32> = (0..1000).map(|i| ((i / 13) % 3) as u32).collect();
-        let rough: Vec<f32> = (0..d).map(|j| if j == 0 { 1e4 } else { j as f32 }).collect();
+        let rough: Vec<f32> = (0..d)
+            .map(|j| if j == 0 { 1e4 } else { j as f32 })
+            .collect();
         let mut whole = Accumulator::new(d, 3, true, rough.clone());
         whole.add_rows(&data, &folds);
         let whole = whole.finish();
@@ -392,16 +403,17 @@ mod tests {
             for j in 0..d {
                 assert!((s.mean[j] - mean[j]).abs() <= 1e-12 * mean[j].abs().max(1.0));
                 let v = s.var()[j];
-                assert!((v - var[j]).abs() <= 1e-9 * var[j], "{j}: {v} vs {}", var[j]);
+                assert!(
+                    (v - var[j]).abs() <= 1e-9 * var[j],
+                    "{j}: {v} vs {}",
+                    var[j]
+                );
             }
             // Moments are symmetric and sum to Σ x xᵀ.
             let g = s.total_moment().unwrap();
             for i in 0..d {
                 for j in 0..d {
-                    let want: f64 = data
-                        .chunks(d)
-                        .map(|r| r[i] as f64 * r[j] as f64)
-                        .sum();
+                    let want: f64 = data.chunks(d).map(|r| r[i] as f64 * r[j] as f64).sum();
                     let rel = (g[i * d + j] - want).abs() / want.abs().max(1.0);
                     assert!(rel <= 1e-6, "moment ({i},{j}) off by {rel:e}");
                 }
