@@ -362,3 +362,27 @@ def test_cli_analyze_writes_json_and_report(tmp_path: Path) -> None:
         capture_output=True, text=True,
     )
     assert bad.returncode == 1 and "no such file" in bad.stderr
+
+
+def test_site_without_finite_rows_is_an_error(tmp_path: Path) -> None:
+    np.save(tmp_path / "nan.npy", np.full((50, 4), np.nan, np.float32))
+    with pytest.raises(rank1fast.DumpError, match=r"nan.npy \[nan\].*all 50 rows"):
+        rank1fast.analyze(tmp_path / "nan.npy", progress=False)
+
+
+def test_ctrl_c_interrupts_within_a_second(tmp_path: Path) -> None:
+    import _thread
+    import threading
+    import time
+
+    x = np.random.default_rng(0).normal(size=(400_000, 512)).astype(np.float32)  # 800 MB
+    np.save(tmp_path / "big.npy", x)
+    del x
+    timer = threading.Timer(0.5, _thread.interrupt_main)
+    start = time.perf_counter()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        rank1fast.analyze(tmp_path / "big.npy", threads=1, progress=False)
+    elapsed = time.perf_counter() - start
+    timer.cancel()
+    assert elapsed < 1.5, elapsed  # 0.5 s until the interrupt + at most a second to stop

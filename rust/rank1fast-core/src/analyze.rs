@@ -96,6 +96,16 @@ pub fn analyze(path: &Path, opts: &AnalyzeOptions, progress: &Progress) -> Resul
         .into_iter()
         .map(|(name, srcs)| {
             let stats = analyze_site(srcs, opts, threads, progress)?;
+            if stats.count == 0 && stats.nonfinite > 0 {
+                return Err(Error::dump(
+                    srcs[0].path(),
+                    Some(name),
+                    format!(
+                        "all {} rows of the site hold NaN or infinity",
+                        stats.nonfinite
+                    ),
+                ));
+            }
             Ok(SiteResult {
                 name: name.clone(),
                 dtype: srcs[0].dtype,

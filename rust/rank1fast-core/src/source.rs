@@ -326,14 +326,16 @@ fn site_source(
     let (rows, dim, seq) = match t.shape[..] {
         [n, d] => (n, d, None),
         [b, s, d] => (b * s, d, Some(s)),
-        _ => return Err(Error::dump(
-            path,
-            Some(name),
-            format!(
+        _ => {
+            return Err(Error::dump(
+                path,
+                Some(name),
+                format!(
                 "expected a 2-D [tokens, dim] or 3-D [batch, seq, dim] tensor, found shape {:?}",
                 t.shape
             ),
-        )),
+            ))
+        }
     };
     if dim == 0 {
         return Err(Error::dump(path, Some(name), "dim is 0"));
@@ -364,10 +366,40 @@ fn site_source(
     })
 }
 
-/// Parse a safetensors header and return every tensor, validated against the file size.
+/// A tensor described by a header, before it is tied to its mapped file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    pub stored: StoredType,
+    pub shape: Vec<usize>,
+    /// Absolute byte offset of the first element in the file.
+    pub offset: usize,
+    pub nbytes: usize,
+}
+
+impl TensorInfo {
+    fn into_raw(self, file: &Arc<MappedFile>) -> RawTensor {
+        RawTensor {
+            file: file.clone(),
+            name: self.name,
+            stored: self.stored,
+            shape: self.shape,
+            offset: self.offset,
+            nbytes: self.nbytes,
+        }
+    }
+}
+
+/// Read a safetensors file's header and return every tensor, validated against the file size.
 pub fn read_safetensors(path: &Path) -> Result<Vec<RawTensor>> {
     let file = MappedFile::open(path)?;
-    let buf = &file.map[..];
+    let infos = parse_safetensors(&file.map, path)?;
+    Ok(infos.into_iter().map(|t| t.into_raw(&file)).collect())
+}
+
+/// Parse the header of safetensors bytes `buf` (the whole file); `path` names it in errors.
+/// Untrusted input: every length and offset is checked against `buf` before use.
+pub fn parse_safetensors(buf: &[u8], path: &Path) -> Result<Vec<TensorInfo>> {
     let bad = |msg: String| Error::dump(path, None, msg);
     if buf.len() < 8 {
         return Err(bad(format!(
@@ -447,8 +479,7 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<RawTensor>> {
                 )));
             }
         }
-        tensors.push(RawTensor {
-            file: file.clone(),
+        tensors.push(TensorInfo {
             name: name.clone(),
             stored,
             shape,
@@ -477,10 +508,14 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<RawTensor>> {
     Ok(tensors)
 }
 
-/// Parse a `.npy` header (format versions 1-3, little-endian float32/float16, C order).
+/// Read a `.npy` file's header (format versions 1-3, little-endian float32/float16, C order).
 pub fn read_npy(path: &Path) -> Result<RawTensor> {
     let file = MappedFile::open(path)?;
-    let buf = &file.map[..];
+    Ok(parse_npy(&file.map, path)?.into_raw(&file))
+}
+
+/// Parse the header of `.npy` bytes `buf` (the whole file); `path` names it in errors.
+pub fn parse_npy(buf: &[u8], path: &Path) -> Result<TensorInfo> {
     let bad = |msg: String| Error::dump(path, None, msg);
     if buf.len() < 10 || &buf[..6] != b"\x93NUMPY" {
         return Err(bad("not a .npy file (bad magic)".into()));
@@ -552,8 +587,7 @@ pub fn read_npy(path: &Path) -> Result<RawTensor> {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    Ok(RawTensor {
-        file,
+    Ok(TensorInfo {
         name,
         stored: StoredType::Float(dtype),
         shape,
@@ -562,29 +596,25 @@ pub fn read_npy(path: &Path) -> Result<RawTensor> {
     })
 }
 
-/// A shard path from a manifest must stay inside the dump directory.
-fn shard_path(dir: &Path, manifest: &Path, file: &str) -> Result<PathBuf> {
-    let rel = Path::new(file);
-    let ok = !file.is_empty() && rel.components().all(|c| matches!(c, Component::Normal(_)));
-    if !ok {
-        return Err(Error::dump(
-            manifest,
-            None,
-            format!("shard path {file:?} leaves the dump directory"),
-        ));
-    }
-    Ok(dir.join(rel))
+/// A parsed dump manifest: its sites with their dims, and its shards, in file order.
+#[derive(Clone, Debug)]
+pub struct Manifest {
+    pub sites: Vec<(String, usize)>,
+    /// (file relative to the dump directory, tokens if stated)
+    pub shards: Vec<(String, Option<u64>)>,
+    pub value: Value,
 }
 
-fn open_dump(dir: &Path, manifest_path: &Path) -> Result<Sources> {
-    let bytes = std::fs::read(manifest_path).map_err(|e| Error::io(manifest_path, e))?;
-    let bad = |msg: String| Error::dump(manifest_path, None, msg);
-    let manifest: Value =
-        serde_json::from_slice(&bytes).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-    if manifest.get("format").and_then(Value::as_str) != Some("rank1fast.dump") {
+/// Parse and validate `manifest.json` bytes; `path` names the file in errors. Shard paths must
+/// stay inside the dump directory (no `..`, no absolute paths).
+pub fn parse_manifest(bytes: &[u8], path: &Path) -> Result<Manifest> {
+    let bad = |msg: String| Error::dump(path, None, msg);
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    if value.get("format").and_then(Value::as_str) != Some("rank1fast.dump") {
         return Err(bad("\"format\" is not \"rank1fast.dump\"".into()));
     }
-    match manifest.get("version").and_then(Value::as_u64) {
+    match value.get("version").and_then(Value::as_u64) {
         Some(1) => {}
         v => {
             return Err(bad(format!(
@@ -592,29 +622,54 @@ fn open_dump(dir: &Path, manifest_path: &Path) -> Result<Sources> {
             )))
         }
     }
-    let sites = manifest
+    let mut sites = Vec::new();
+    for (name, s) in value
         .get("sites")
         .and_then(Value::as_object)
-        .ok_or_else(|| bad("missing \"sites\" object".into()))?;
-    let mut dims = BTreeMap::new();
-    for (name, s) in sites {
+        .ok_or_else(|| bad("missing \"sites\" object".into()))?
+    {
         let dim = s
             .get("dim")
             .and_then(Value::as_u64)
-            .ok_or_else(|| bad(format!("site {name:?} has no integer \"dim\"")))?;
-        dims.insert(name.clone(), dim as usize);
+            .and_then(|d| usize::try_from(d).ok())
+            .filter(|&d| d > 0)
+            .ok_or_else(|| bad(format!("site {name:?} has no positive integer \"dim\"")))?;
+        sites.push((name.clone(), dim));
     }
-    let shards = manifest
+    let mut shards = Vec::new();
+    for shard in value
         .get("shards")
         .and_then(Value::as_array)
-        .ok_or_else(|| bad("missing \"shards\" array".into()))?;
-    let mut sources = Sources::default();
-    for shard in shards {
+        .ok_or_else(|| bad("missing \"shards\" array".into()))?
+    {
         let file = shard
             .get("file")
             .and_then(Value::as_str)
             .ok_or_else(|| bad("a shard has no \"file\"".into()))?;
-        let path = shard_path(dir, manifest_path, file)?;
+        let rel = Path::new(file);
+        let inside =
+            !file.is_empty() && rel.components().all(|c| matches!(c, Component::Normal(_)));
+        if !inside {
+            return Err(bad(format!(
+                "shard path {file:?} leaves the dump directory"
+            )));
+        }
+        shards.push((file.to_owned(), shard.get("tokens").and_then(Value::as_u64)));
+    }
+    Ok(Manifest {
+        sites,
+        shards,
+        value,
+    })
+}
+
+fn open_dump(dir: &Path, manifest_path: &Path) -> Result<Sources> {
+    let bytes = std::fs::read(manifest_path).map_err(|e| Error::io(manifest_path, e))?;
+    let manifest = parse_manifest(&bytes, manifest_path)?;
+    let dims: BTreeMap<String, usize> = manifest.sites.iter().cloned().collect();
+    let mut sources = Sources::default();
+    for (file, tokens) in &manifest.shards {
+        let path = dir.join(file);
         let tensors = read_safetensors(&path)?;
         for name in dims.keys() {
             if !tensors.iter().any(|t| &t.name == name) {
@@ -625,7 +680,7 @@ fn open_dump(dir: &Path, manifest_path: &Path) -> Result<Sources> {
                 ));
             }
         }
-        if let Some(tokens) = shard.get("tokens").and_then(Value::as_u64) {
+        if let Some(tokens) = *tokens {
             for t in tensors.iter().filter(|t| dims.contains_key(&t.name)) {
                 if t.shape.first().copied() != Some(tokens as usize) {
                     return Err(Error::dump(
@@ -641,18 +696,21 @@ fn open_dump(dir: &Path, manifest_path: &Path) -> Result<Sources> {
         }
         add_safetensors_sites(&path, tensors, &mut sources, Some(&dims))?;
     }
-    // Keep the manifest's site order even for a dump with no shard yet.
-    let order: Vec<String> = sites.keys().cloned().collect();
+    // Keep the manifest's site order.
     let mut ordered = Vec::new();
-    for name in order {
-        if let Some(i) = sources.sites.iter().position(|(n, _)| *n == name) {
+    for (name, _) in &manifest.sites {
+        if let Some(i) = sources.sites.iter().position(|(n, _)| n == name) {
             ordered.push(sources.sites.swap_remove(i));
         }
     }
     sources.sites = ordered;
     if sources.sites.is_empty() {
-        return Err(bad("the dump holds no shard yet".into()));
+        return Err(Error::dump(
+            manifest_path,
+            None,
+            "the dump holds no shard yet",
+        ));
     }
-    sources.manifest = Some(manifest);
+    sources.manifest = Some(manifest.value);
     Ok(sources)
 }
