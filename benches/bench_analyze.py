@@ -71,8 +71,13 @@ def raw_read(path: Path) -> None:
 def numpy_stats(path: Path, n: int, dim: int, dtype: str) -> np.ndarray:
     """The loop a user would write: chunked memmap, float32 decode, float64 accumulation."""
     off = data_offset(path)
-    raw = np.memmap(path, dtype=np.uint16 if dtype == "bfloat16" else dtype, mode="r",
-                    offset=off, shape=(n, dim))
+    raw = np.memmap(
+        path,
+        dtype=np.uint16 if dtype == "bfloat16" else dtype,
+        mode="r",
+        offset=off,
+        shape=(n, dim),
+    )
     s = np.zeros(dim)
     sq = np.zeros(dim)
     mn = np.full(dim, np.inf, np.float32)
@@ -108,8 +113,9 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--moment-rows", type=int, default=65536,
-                    help="rows used for the second-moment timing")
+    ap.add_argument(
+        "--moment-rows", type=int, default=65536, help="rows used for the second-moment timing"
+    )
     ap.add_argument("--dir", default=None, help="where to write the file (default: a temp dir)")
     args = ap.parse_args()
 
@@ -117,16 +123,19 @@ def main() -> None:
     path = Path(tmp.name) / "acts.safetensors"
     n = make_file(path, args.gib, args.dim, args.dtype)
     size = os.path.getsize(path)
-    print(f"file: {n:,} x {args.dim} {args.dtype}, {size / 2**30:.2f} GiB; "
-          f"{os.cpu_count()} cores; best of {args.repeat}")
+    print(
+        f"file: {n:,} x {args.dim} {args.dtype}, {size / 2**30:.2f} GiB; "
+        f"{os.cpu_count()} cores; best of {args.repeat}"
+    )
     raw_read(path)  # warm the page cache
 
     t = {"raw read": [], "numpy": [], "rank1fast": []}
     for _ in range(args.repeat):  # interleaved, so drift hits every method alike
         t["raw read"].append(best(lambda: raw_read(path), 1))
         t["numpy"].append(best(lambda: numpy_stats(path, n, args.dim, args.dtype), 1))
-        t["rank1fast"].append(best(lambda: rank1fast.analyze(
-            path, second_moments=False, progress=False), 1))
+        t["rank1fast"].append(
+            best(lambda: rank1fast.analyze(path, second_moments=False, progress=False), 1)
+        )
     mean_np = numpy_stats(path, n, args.dim, args.dtype)
     mean_r = rank1fast.analyze(path, second_moments=False, progress=False)["h"].mean
     assert np.allclose(mean_np, mean_r, rtol=1e-9, atol=1e-9), "results differ"
@@ -145,8 +154,9 @@ def main() -> None:
     data, _ = encode(x, args.dtype)
     write_safetensors(sub, {"h": (args.dtype, x.shape, data)})
     tg = best(lambda: rank1fast.analyze(sub, progress=False), args.repeat)
-    tnp = best(lambda: [c.T @ c for c in np.array_split(x, max(1, rows // CHUNK_ROWS))],
-               args.repeat)
+    tnp = best(
+        lambda: [c.T @ c for c in np.array_split(x, max(1, rows // CHUNK_ROWS))], args.repeat
+    )
     flop = 2.0 * rows * args.dim * args.dim
     print(f"second moments on {rows:,} rows (folds=5, statistics included):")
     print(f"  rank1fast   {tg:8.3f} s  {flop / 2 / tg / 1e9:7.1f} GFLOP/s (symmetric half)")

@@ -14,8 +14,14 @@ from pathlib import Path
 import numpy as np
 
 DTYPES = ("float32", "float16", "bfloat16")
-_TAGS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int32": "I32",
-         "int64": "I64", "float64": "F64"}
+_TAGS = {
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int32": "I32",
+    "int64": "I64",
+    "float64": "F64",
+}
 
 
 def to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -43,8 +49,11 @@ def write_safetensors(path: Path, tensors: dict[str, tuple[str, tuple[int, ...],
     header: dict[str, object] = {}
     offset = 0
     for name, (dtype, shape, data) in tensors.items():
-        header[name] = {"dtype": _TAGS[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + len(data)]}
+        header[name] = {
+            "dtype": _TAGS[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
         offset += len(data)
     h = json.dumps(header).encode()
     h += b" " * (-len(h) % 8)
@@ -117,8 +126,10 @@ def write_dump(
         "format": "rank1fast.dump",
         "version": 1,
         "model": {"name": "synthetic"},
-        "sites": {s: {"module": f"layers.{i}.proj", "dim": d, "dtype": dtype}
-                  for i, (s, d) in enumerate(sites.items())},
+        "sites": {
+            s: {"module": f"layers.{i}.proj", "dim": d, "dtype": dtype}
+            for i, (s, d) in enumerate(sites.items())
+        },
         "shards": shards,
         "tokens": total,
     }

@@ -259,7 +259,9 @@ def test_progress_callback_and_threads(tmp_path: Path) -> None:
     x = activations(20_000, 64, seed=10)
     np.save(tmp_path / "a.npy", x)
     calls: list[tuple[int, int]] = []
-    one = rank1fast.analyze(tmp_path / "a.npy", threads=1, progress=lambda d, t: calls.append((d, t)))
+    one = rank1fast.analyze(
+        tmp_path / "a.npy", threads=1, progress=lambda d, t: calls.append((d, t))
+    )
     assert calls and calls[-1] == (x.nbytes, x.nbytes)
     two = rank1fast.analyze(tmp_path / "a.npy", threads=2, progress=False)
     np.testing.assert_allclose(one["a"].mean, two["a"].mean, rtol=1e-13)
@@ -348,9 +350,20 @@ def test_manifest_cannot_leave_the_dump(tmp_path: Path) -> None:
 def test_cli_analyze_writes_json_and_report(tmp_path: Path) -> None:
     write_dump(tmp_path / "dump", {"resid_mid.1": 16}, [50, 60, 70, 80, 90, 40], "bfloat16")
     out = subprocess.run(
-        [sys.executable, "-m", "rank1fast", "analyze", str(tmp_path / "dump"),
-         "--json", str(tmp_path / "r.json"), "--save", str(tmp_path / "r.npz")],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "rank1fast",
+            "analyze",
+            str(tmp_path / "dump"),
+            "--json",
+            str(tmp_path / "r.json"),
+            "--save",
+            str(tmp_path / "r.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "resid_mid.1" in out.stdout and "least-sq err" in out.stdout
     summary = json.loads((tmp_path / "r.json").read_text())
@@ -359,7 +372,8 @@ def test_cli_analyze_writes_json_and_report(tmp_path: Path) -> None:
     assert rank1fast.Report.load(tmp_path / "r.npz").sites == ["resid_mid.1"]
     bad = subprocess.run(
         [sys.executable, "-m", "rank1fast", "analyze", str(tmp_path / "missing")],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert bad.returncode == 1 and "no such file" in bad.stderr
 
@@ -386,3 +400,32 @@ def test_ctrl_c_interrupts_within_a_second(tmp_path: Path) -> None:
     elapsed = time.perf_counter() - start
     timer.cancel()
     assert elapsed < 1.5, elapsed  # 0.5 s until the interrupt + at most a second to stop
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda x: np.concatenate([x, x[:, :1]], axis=1), "duplicated"),
+        (lambda x: np.concatenate([x, np.full((len(x), 1), 3.0, np.float32)], axis=1), "constant"),
+        (lambda x: x[:10], "fewer tokens"),
+    ],
+)
+def test_singular_second_moments_warn_and_still_solve(tmp_path: Path, make, reason) -> None:
+    from rank1fast.errors import RankDeficientWarning
+
+    x = make(activations(2000, 16, seed=11, massive_cv=0.1))
+    np.save(tmp_path / "a.npy", x)
+    s = rank1fast.analyze(tmp_path / "a.npy", progress=False)["a"]
+    with pytest.warns(RankDeficientWarning, match=reason):
+        d = s.direction
+    assert np.isfinite(d.vector).all() and np.isfinite(d.error)
+
+
+def test_well_conditioned_site_does_not_warn(tmp_path: Path) -> None:
+    import warnings
+
+    np.save(tmp_path / "a.npy", activations(2000, 16, seed=12, massive_cv=0.1))
+    s = rank1fast.analyze(tmp_path / "a.npy", progress=False)["a"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert s.direction is not None

@@ -9,7 +9,9 @@ from typing import Any, Union
 ProgressArg = Union[bool, None, Callable[[int, int], Any]]
 
 
-def bytes_callback(progress: ProgressArg, desc: str) -> tuple[Callable[[int, int], Any] | None, Any]:
+def bytes_callback(
+    progress: ProgressArg, desc: str
+) -> tuple[Callable[[int, int], Any] | None, Any]:
     """Turn a ``progress`` argument into a ``(done, total)`` callback and a closer.
 
     ``None`` shows a bar when stderr is a terminal, ``True`` always, ``False`` never; a callable

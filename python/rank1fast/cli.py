@@ -17,7 +17,7 @@ from . import __version__
 from .errors import Rank1Error
 
 # Modules that contribute subcommands (imported lazily so `rank1fast analyze` never imports torch).
-_COMMAND_MODULES: list[str] = []
+_COMMAND_MODULES: list[str] = ["collect"]
 
 
 def _analyze_cli(sub: argparse._SubParsersAction) -> None:
@@ -32,17 +32,33 @@ def _analyze_cli(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("path", help="dump directory, .safetensors/.npy file, or directory of them")
-    p.add_argument("--site", action="append", dest="sites", metavar="S",
-                   help="analyse only this site (repeatable; default: all)")
-    p.add_argument("--skip-positions", type=int, default=1, metavar="K",
-                   help="drop tokens at position < K (default 1: drop BOS)")
+    p.add_argument(
+        "--site",
+        action="append",
+        dest="sites",
+        metavar="S",
+        help="analyse only this site (repeatable; default: all)",
+    )
+    p.add_argument(
+        "--skip-positions",
+        type=int,
+        default=1,
+        metavar="K",
+        help="drop tokens at position < K (default 1: drop BOS)",
+    )
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
-    p.add_argument("--no-second-moments", action="store_true",
-                   help="statistics and one-hot only (no least-squares direction); much faster")
+    p.add_argument(
+        "--no-second-moments",
+        action="store_true",
+        help="statistics and one-hot only (no least-squares direction); much faster",
+    )
     p.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
     p.add_argument("--json", metavar="OUT", help="write a JSON summary to OUT")
-    p.add_argument("--save", metavar="REPORT.npz",
-                   help="save the full report (loadable with rank1fast.Report.load)")
+    p.add_argument(
+        "--save",
+        metavar="REPORT.npz",
+        help="save the full report (loadable with rank1fast.Report.load)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no table")
     p.set_defaults(func=_run_analyze)
 

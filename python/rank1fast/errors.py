@@ -10,6 +10,7 @@ __all__ = [
     "InvalidArgumentError",
     "SiteError",
     "AdapterError",
+    "RankDeficientWarning",
 ]
 
 
@@ -42,3 +43,8 @@ class SiteError(InvalidArgumentError):
 
 class AdapterError(Rank1Error, ValueError):
     """An adapter cannot be written or read as asked."""
+
+
+class RankDeficientWarning(UserWarning):
+    """A site's second moments are singular (constant or duplicated dimensions, or fewer tokens
+    than dimensions). The ridge still defines a direction; check its held-out error."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -13,9 +14,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _core
-from .errors import DumpError, InvalidArgumentError, PathNotFoundError
+from .errors import DumpError, InvalidArgumentError, PathNotFoundError, RankDeficientWarning
 
-__all__ = ["Report", "SiteReport", "Direction", "OneHot", "Outlier", "OUTLIER_RATIO"]
+__all__ = ["Report", "SiteReport", "Direction", "OneHot", "Outlier", "OUTLIER_RATIO", "merge"]
 
 #: A dimension is an outlier when its |mean| is at least this many times the median |mean|.
 OUTLIER_RATIO = 6.0
@@ -175,7 +176,40 @@ class SiteReport:
         """The cross-validated least-squares constant direction (None without second moments)."""
         if not self._stats.has_moments:
             return None
+        for problem in self.conditioning():
+            warnings.warn(
+                f"site {self.name}: {problem}; the ridge keeps the direction defined",
+                RankDeficientWarning,
+                stacklevel=2,
+            )
         return self.solve_direction()
+
+    def conditioning(self) -> list[str]:
+        """Why this site's second moments are singular, if they are (empty when they are not).
+
+        Checks for fewer tokens than dimensions, constant dimensions and duplicated (perfectly
+        correlated) dimensions.
+        """
+        problems = []
+        if self.count < self.dim:
+            problems.append(f"fewer tokens ({self.count}) than dimensions ({self.dim})")
+        var = self.var
+        constant = np.flatnonzero(var <= 1e-12 * max(float(var.max()), 1e-300))
+        if len(constant):
+            problems.append(f"{len(constant)} constant dimension(s), e.g. {constant[:5].tolist()}")
+        g = self.second_moment
+        if g is not None and self.count >= 2:
+            cov = g - np.outer(self.mean, self.mean)
+            sd = np.sqrt(np.clip(np.diag(cov), 0, None))
+            ok = sd > 0
+            corr = cov[np.ix_(ok, ok)] / np.outer(sd[ok], sd[ok])
+            np.fill_diagonal(corr, 0.0)
+            i, j = np.nonzero(np.triu(np.abs(corr) > 1 - 1e-6))
+            if len(i):
+                idx = np.flatnonzero(ok)
+                pairs = [(int(idx[a]), int(idx[b])) for a, b in zip(i[:3], j[:3])]
+                problems.append(f"{len(i)} duplicated dimension pair(s), e.g. {pairs}")
+        return problems
 
     def solve_direction(self, ridges: Iterable[float] | None = None) -> Direction:
         """Solve the constant direction over a ridge grid of your choice.
@@ -349,10 +383,21 @@ class Report:
                 for i, m in enumerate(meta["sites"]):
                     moment = z[f"{i}.fold_moment"] if f"{i}.fold_moment" in z.files else None
                     st = _core.SiteStats(
-                        m["name"], m["dtype"], m["dim"], m["folds"], m["count"], m["nonfinite"],
-                        m["skipped"], z[f"{i}.mean"], z[f"{i}.m2"], z[f"{i}.min"], z[f"{i}.max"],
-                        z[f"{i}.fold_count"].astype(np.uint64), z[f"{i}.fold_sum"],
-                        z[f"{i}.fold_sumsq"], moment,
+                        m["name"],
+                        m["dtype"],
+                        m["dim"],
+                        m["folds"],
+                        m["count"],
+                        m["nonfinite"],
+                        m["skipped"],
+                        z[f"{i}.mean"],
+                        z[f"{i}.m2"],
+                        z[f"{i}.min"],
+                        z[f"{i}.max"],
+                        z[f"{i}.fold_count"].astype(np.uint64),
+                        z[f"{i}.fold_sum"],
+                        z[f"{i}.fold_sumsq"],
+                        moment,
                     )
                     sites.append(SiteReport(st))
         except (KeyError, ValueError, OSError) as e:
@@ -376,8 +421,16 @@ class Report:
         }
 
     def __str__(self) -> str:
-        head = ["site", "tokens", "dim", "dtype", "top outliers (dim: mean, cv)",
-                "one-hot err", "least-sq err", "ridge"]
+        head = [
+            "site",
+            "tokens",
+            "dim",
+            "dtype",
+            "top outliers (dim: mean, cv)",
+            "one-hot err",
+            "least-sq err",
+            "ridge",
+        ]
         rows = [head]
         for s in self:
             outl = ", ".join(f"{o.dim}: {o.mean:.3g}, {o.cv:.2f}" for o in s.outliers[:3]) or "-"
