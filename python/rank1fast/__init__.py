@@ -7,6 +7,7 @@ write adapters from steering vectors, and verify them against hook-based steerin
 from __future__ import annotations
 
 from .analysis import analyze
+from .collect import Dump, collect  # light: torch is imported only when collect() runs
 from .errors import (
     AdapterError,
     DumpError,
@@ -20,7 +21,20 @@ from .report import Direction, OneHot, Outlier, Report, SiteReport, merge
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # load_model lives in models.py, which imports torch: loaded on first use.
+    if name == "load_model":
+        from .models import load_model
+
+        return load_model
+    raise AttributeError(f"module 'rank1fast' has no attribute {name!r}")
+
+
 __all__ = [
+    "collect",
+    "load_model",
+    "Dump",
     "analyze",
     "merge",
     "Report",

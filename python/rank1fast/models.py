@@ -272,7 +272,9 @@ def load_model(
 def _load_pretrained(source: Any, dtype: torch.dtype | None) -> tuple[nn.Module, Any]:
     import transformers
 
-    kwargs: dict[str, Any] = {"dtype": dtype if dtype is not None else "auto"}
+    # transformers renamed torch_dtype to dtype in 4.56.
+    dtype_key = "dtype" if _transformers_version() >= (4, 56) else "torch_dtype"
+    kwargs: dict[str, Any] = {dtype_key: dtype if dtype is not None else "auto"}
     if source is None or (isinstance(source, str) and source == "default"):
         directory, gguf = default_model_path(), DEFAULT_GGUF
     elif isinstance(source, (str, os.PathLike)):
@@ -295,7 +297,7 @@ def _load_pretrained(source: Any, dtype: torch.dtype | None) -> tuple[nn.Module,
     if gguf is not None:
         kwargs["gguf_file"] = gguf
         if dtype is None:
-            kwargs["dtype"] = torch.float32  # GGUF weights dequantize to float32
+            kwargs[dtype_key] = torch.float32  # GGUF weights dequantize to float32
     where = f"{directory}/{gguf}" if gguf else str(directory)
     try:
         try:
@@ -306,9 +308,16 @@ def _load_pretrained(source: Any, dtype: torch.dtype | None) -> tuple[nn.Module,
             model = transformers.AutoModel.from_pretrained(directory, **kwargs)
         tok_kwargs = {"gguf_file": gguf} if gguf else {}
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory, **tok_kwargs)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise InvalidArgumentError(f"cannot load model {where}: {e}") from e
     return model, tokenizer
+
+
+def _transformers_version() -> tuple[int, int]:
+    import transformers
+
+    major, minor = (re.findall(r"\d+", transformers.__version__) + ["0", "0"])[:2]
+    return int(major), int(minor)
 
 
 def _tokenizer_for(model: nn.Module) -> Any:
