@@ -17,7 +17,7 @@ demo: install
 test: install test-rust test-py
 
 test-rust:
-	cargo test -q
+	cargo test --release -q
 
 test-py:
 	$(PY) -m pytest -q
