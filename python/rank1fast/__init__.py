@@ -6,6 +6,8 @@ write adapters from steering vectors, and verify them against hook-based steerin
 
 from __future__ import annotations
 
+from . import vectors  # light: torch is imported inside contrastive() and .pt loading
+from .adapter import write_adapter
 from .analysis import analyze
 from .collect import Dump, collect  # light: torch is imported only when collect() runs
 from .errors import (
@@ -15,9 +17,11 @@ from .errors import (
     PathNotFoundError,
     Rank1Error,
     Rank1IOError,
+    RankDeficientWarning,
     SiteError,
 )
 from .report import Direction, OneHot, Outlier, Report, SiteReport, merge
+from .verify import Fidelity, verify  # light: torch/peft are imported when verify() runs
 
 __version__ = "0.1.0"
 
@@ -49,5 +53,10 @@ __all__ = [
     "InvalidArgumentError",
     "SiteError",
     "AdapterError",
+    "RankDeficientWarning",
+    "write_adapter",
+    "verify",
+    "vectors",
+    "Fidelity",
     "__version__",
 ]

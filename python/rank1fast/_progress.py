@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
-ProgressArg = Union[bool, None, Callable[[int, int], Any]]
+ProgressArg = bool | None | Callable[[int, int], Any]
 
 
 def bytes_callback(

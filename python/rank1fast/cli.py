@@ -17,7 +17,7 @@ from . import __version__
 from .errors import Rank1Error
 
 # Modules that contribute subcommands (imported lazily so `rank1fast analyze` never imports torch).
-_COMMAND_MODULES: list[str] = ["collect"]
+_COMMAND_MODULES: list[str] = ["collect", "vectors", "adapter", "verify", "demo"]
 
 
 def _analyze_cli(sub: argparse._SubParsersAction) -> None:

@@ -371,7 +371,7 @@ mod tests {
     fn negative_scale_and_zero_vector() {
         let s = site("m", 3, 2);
         let p = lora_pair("m", &s.direction, &s.vector, -1.0, 1).unwrap();
-        assert_eq!(p.b[0], (s.vector[0] * -1.0 / p.balance) as f32);
+        assert_eq!(p.b[0], (-s.vector[0] / p.balance) as f32);
         let z = lora_pair("m", &s.direction, &[0.0, 0.0], 1.0, 1).unwrap();
         assert_eq!(z.balance, 1.0);
         assert!(z.b.iter().all(|&x| x == 0.0));
@@ -469,7 +469,15 @@ mod tests {
         };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.safetensors");
-        write_lora(&path, &[s.clone()], 1.0, 1, DType::F16, &BTreeMap::new()).unwrap();
+        write_lora(
+            &path,
+            std::slice::from_ref(&s),
+            1.0,
+            1,
+            DType::F16,
+            &BTreeMap::new(),
+        )
+        .unwrap();
         let back = read_back(&path);
         let a = &back["base_model.model.m.lora_A.weight"].2;
         let b = &back["base_model.model.m.lora_B.weight"].2;
@@ -500,7 +508,10 @@ mod tests {
         let mut bad = site("ok.x", 2, 2);
         bad.vector[1] = f64::INFINITY;
         let msg = err(&[site("ok.y", 2, 2), bad], DType::F32);
-        assert!(msg.contains("module ok.x") && msg.contains("non-finite"), "{msg}");
+        assert!(
+            msg.contains("module ok.x") && msg.contains("non-finite"),
+            "{msg}"
+        );
         let huge = LoraSite {
             module: "h".into(),
             direction: vec![1.0],
@@ -524,6 +535,9 @@ mod tests {
         write_lora(&path, &[site("m", 4, 4)], 1.0, 1, DType::F32, &none).unwrap();
         let small = fs::metadata(&path).unwrap().len();
         assert!(small < big);
-        assert_eq!(read_back(&path)["base_model.model.m.lora_A.weight"].0, vec![1, 4]);
+        assert_eq!(
+            read_back(&path)["base_model.model.m.lora_A.weight"].0,
+            vec![1, 4]
+        );
     }
 }

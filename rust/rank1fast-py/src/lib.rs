@@ -268,7 +268,9 @@ impl PySiteStats {
 impl PySiteStats {
     fn site_error(&self, e: core::Error) -> PyErr {
         match e {
-            core::Error::Invalid(m) => to_py(core::Error::Invalid(format!("site {}: {m}", self.name))),
+            core::Error::Invalid(m) => {
+                to_py(core::Error::Invalid(format!("site {}: {m}", self.name)))
+            }
             e => to_py(e),
         }
     }

@@ -1,0 +1,864 @@
+"""``rank1fast.verify``: how faithfully an adapter reproduces hook-based steering.
+
+For each evaluation token, three next-token distributions are compared:
+
+- ``p_hook``: the base model with ``scale·v`` added to the site module's output by a forward
+  hook (the steering the adapter is meant to reproduce);
+- ``p_adapter``: the base model with the adapter loaded through PEFT
+  (``PeftModel.from_pretrained``), exactly as a user would load it;
+- ``p_base``: the base model unsteered.
+
+Per site (each site steered alone) and for all sites together, :class:`Fidelity` reports the
+mean and 99th percentile of ``KL(p_hook || p_adapter)``, of ``KL(p_hook || p_base)`` (how much
+steering there is), their ratio (the fraction of the steering effect the adapter gets wrong),
+and the relative error of what the adapter adds at the site: ``‖out_adapter − out_hook‖ /
+‖scale·v‖`` per token (for a single site this is ``|b·x − 1|`` on the evaluation texts).
+A one-hot adapter (the naive construction) can be evaluated side by side.
+
+torch, transformers and peft are imported by this module; ``import rank1fast`` does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .adapter import CONFIG_FILE, WEIGHTS_FILE, read_adapter_info, write_adapter
+from .errors import AdapterError, InvalidArgumentError
+from .report import Report
+
+__all__ = [
+    "verify",
+    "Fidelity",
+    "SiteFidelity",
+    "AdapterFidelity",
+    "steering_kl",
+    "calibrate_scale",
+    "default_eval_texts",
+    "add_cli",
+]
+
+#: Name of the row that steers every site at once.
+ALL_SITES = "all"
+
+
+@dataclass(frozen=True)
+class AdapterFidelity:
+    """How close one adapter comes to hook steering at one site (or all sites).
+
+    Attributes:
+        kl_mean: mean over tokens of KL(p_hook || p_adapter), nats.
+        kl_p99: its 99th percentile.
+        ratio: ``kl_mean / KL(p_hook || p_base)``: the share of the steering effect the
+            adapter gets wrong (0 is perfect).
+        output_error: rms over tokens of ``‖out_adapter − out_hook‖ / ‖scale·v‖`` at the
+            site module(s).
+    """
+
+    kl_mean: float
+    kl_p99: float
+    ratio: float
+    output_error: float
+
+
+@dataclass(frozen=True)
+class SiteFidelity:
+    """Fidelity at one site (or ``"all"``: every site steered at once).
+
+    Attributes:
+        site: the site name, or ``"all"``.
+        modules: the module path(s) steered.
+        steering_kl_mean: mean KL(p_hook || p_base), nats: how much the steering changes the
+            model.
+        steering_kl_p99: its 99th percentile.
+        adapters: per adapter label (e.g. ``"least-squares"``, ``"one-hot"``) its
+            :class:`AdapterFidelity`.
+    """
+
+    site: str
+    modules: list[str]
+    steering_kl_mean: float
+    steering_kl_p99: float
+    adapters: dict[str, AdapterFidelity]
+
+
+@dataclass
+class Fidelity:
+    """The result of :func:`verify`: one :class:`SiteFidelity` per site, plus ``"all"``.
+
+    ``str(fidelity)`` is a readable table; :meth:`to_json` a JSON-ready dict.
+
+    Example:
+        >>> fid = rank1fast.verify(None, "happy-lora", vecs, texts)      # doctest: +SKIP
+        >>> fid["resid_mid.15"].adapters["least-squares"].ratio         # doctest: +SKIP
+        0.0003
+    """
+
+    model: str
+    adapters: dict[str, str]
+    scale: float
+    texts: int
+    tokens: int
+    sites: list[SiteFidelity] = field(default_factory=list)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.adapters)
+
+    def __getitem__(self, site: str) -> SiteFidelity:
+        for s in self.sites:
+            if s.site == site:
+                return s
+        raise InvalidArgumentError(
+            f"no site {site!r} in this result; it has {', '.join(s.site for s in self.sites)}"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (what ``rank1fast verify --json`` writes)."""
+
+        def num(x: float) -> float | None:
+            return None if not math.isfinite(x) else float(x)
+
+        return {
+            "model": self.model,
+            "adapters": self.adapters,
+            "scale": self.scale,
+            "texts": self.texts,
+            "tokens": self.tokens,
+            "sites": [
+                {
+                    "site": s.site,
+                    "modules": s.modules,
+                    "steering_kl_mean": num(s.steering_kl_mean),
+                    "steering_kl_p99": num(s.steering_kl_p99),
+                    "adapters": {
+                        k: {
+                            "kl_mean": num(a.kl_mean),
+                            "kl_p99": num(a.kl_p99),
+                            "ratio": num(a.ratio),
+                            "output_error": num(a.output_error),
+                        }
+                        for k, a in s.adapters.items()
+                    },
+                }
+                for s in self.sites
+            ],
+        }
+
+    def __str__(self) -> str:
+        head = ["site", "KL(hook||base)", "p99"]
+        for label in self.labels:
+            head += [f"{label}: KL(hook||adapter)", "p99", "ratio", "out err"]
+        rows = [head]
+        for s in self.sites:
+            row = [s.site, f"{s.steering_kl_mean:.4f}", f"{s.steering_kl_p99:.4f}"]
+            for label in self.labels:
+                a = s.adapters[label]
+                row += [
+                    f"{a.kl_mean:.2e}",
+                    f"{a.kl_p99:.2e}",
+                    _pct(a.ratio),
+                    f"{a.output_error:.4f}",
+                ]
+            rows.append(row)
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = [
+            "  ".join(
+                c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))
+            ).rstrip()
+            for r in rows
+        ]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        title = (
+            f"fidelity on {self.tokens:,} tokens of {self.texts} texts, scale {self.scale:g}"
+            f" (KL in nats; ratio = KL(hook||adapter) / KL(hook||base))"
+        )
+        return "\n".join([title, *lines])
+
+    def __repr__(self) -> str:
+        return (
+            f"Fidelity(sites={[s.site for s in self.sites]!r}, adapters={self.labels!r}, "
+            f"tokens={self.tokens})"
+        )
+
+
+def _pct(x: float) -> str:
+    if not math.isfinite(x):
+        return "-"
+    return f"{100 * x:.3f}%" if x < 0.1 else f"{100 * x:.1f}%"
+
+
+# --------------------------------------------------------------------------- verify
+
+#: Every 64th document of the default corpus, from the 5th on, is kept for evaluation.
+EVAL_STRIDE, EVAL_OFFSET = 64, 4
+
+
+def default_eval_texts() -> list[str]:
+    """16 documents spread over the default corpus (every 64th, from the 5th).
+
+    ``rank1fast demo`` collects on the other documents, so these are held out.
+
+    Example:
+        >>> len(default_eval_texts())                    # doctest: +SKIP
+        16
+    """
+    from .corpus import default_corpus
+
+    return default_corpus()[EVAL_OFFSET::EVAL_STRIDE]
+
+
+def verify(
+    model: Any,
+    adapter: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]],
+    vectors: Mapping[str, Any] | str | os.PathLike[str],
+    texts: Sequence[str] | str | os.PathLike[str] | None,
+    *,
+    scale: float | None = None,
+    onehot: Report | str | os.PathLike[str] | None = None,
+    max_length: int = 128,
+    skip_positions: int = 0,
+    batch_size: int = 4,
+    device: str | None = "auto",
+    combined: bool = True,
+    progress: bool | None = None,
+) -> Fidelity:
+    """Compare adapter steering (through PEFT) with hook steering on ``texts``.
+
+    Args:
+        model: the base model: None for the built-in default, a model id/path/GGUF, or a
+            loaded ``(model, tokenizer)`` (left as it was: the adapters are unloaded after).
+        adapter: an adapter directory, or ``{label: directory}`` to compare several.
+        vectors: ``{site: vector}`` (or a vector file for :func:`rank1fast.vectors.load`): the
+            steering the adapter was written from; only these sites are evaluated.
+        texts: evaluation texts (a list, or a corpus file for
+            :func:`rank1fast.corpus.read_texts`); None takes :func:`default_eval_texts`. Use
+            texts the report was not computed on.
+        scale: hook steering adds ``scale·v``. Default: the scale the adapters were written
+            with (``rank1fast.json``), else 1. An explicit scale must match the adapters'.
+        onehot: the naive one-hot adapter to show side by side: its directory, or the
+            :class:`~rank1fast.Report` the adapter was written from (verify then writes the
+            one-hot adapter itself, in a temporary directory).
+        max_length: tokens per text (longer texts are truncated).
+        skip_positions: leave the predictions at positions < k out of the statistics (they
+            are still steered). 0 counts every token.
+        batch_size: texts per forward pass.
+        device: where to run a model loaded here.
+        combined: also evaluate all sites steered together (the row ``"all"``).
+        progress: a progress bar (None: on a terminal).
+
+    Returns:
+        A :class:`Fidelity`.
+
+    Raises:
+        AdapterError: an adapter that does not cover a site, loads with missing or unexpected
+            keys, or was written with another scale.
+        InvalidArgumentError: no texts, or no vectors.
+
+    Example:
+        >>> fid = rank1fast.verify(None, "happy-lora", "happy.gguf", texts,
+        ...                        onehot=report)                        # doctest: +SKIP
+        >>> print(fid)                                                   # doctest: +SKIP
+    """
+    import torch
+
+    from ._progress import iter_progress
+    from .corpus import read_texts
+    from .models import get_module, load_model, resolve_sites, unwrap_model
+    from .vectors import load as load_vectors
+
+    adapters = _labelled(adapter)
+    if not isinstance(vectors, Mapping):
+        vectors = load_vectors(vectors)
+    vecs = {str(k): np.asarray(v, dtype=np.float64) for k, v in vectors.items()}
+    if not vecs:
+        raise InvalidArgumentError("no steering vectors to verify")
+    text_list = default_eval_texts() if texts is None else list(read_texts(texts))
+    text_list = [t for t in text_list if t.strip()]
+    if not text_list:
+        raise InvalidArgumentError("no evaluation texts")
+
+    infos = {label: read_adapter_info(path) for label, path in adapters.items()}
+    scale = _agreed_scale(scale, infos)
+
+    if onehot is not None and "one-hot" in adapters:
+        raise InvalidArgumentError("onehot= given, but an adapter is already labelled 'one-hot'")
+    with contextlib.ExitStack() as stack:
+        if isinstance(onehot, Report):
+            primary = next(iter(infos.values()))
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rank1fast-")))
+            adapters["one-hot"] = write_adapter(
+                onehot,
+                vecs,
+                tmp / "one-hot",
+                scale=scale,
+                method="one-hot",
+                rank=int(primary["rank"]) if primary else 1,
+                base_model=primary.get("base_model") if primary else None,
+            )
+            infos["one-hot"] = read_adapter_info(adapters["one-hot"])
+        elif onehot is not None:
+            adapters["one-hot"] = Path(onehot)
+            infos["one-hot"] = read_adapter_info(onehot)
+            _agreed_scale(scale, {"one-hot": infos["one-hot"]})
+
+        base, tokenizer = load_model(model, device=device)
+        was_loaded = isinstance(model, tuple) or isinstance(model, torch.nn.Module)
+        name = str(getattr(unwrap_model(base), "name_or_path", "") or model or "default")
+
+        # Which module each site steers: the adapter's own record, else the model's naming.
+        modules: dict[str, str] = {}
+        unknown = []
+        for site in vecs:
+            recorded = {
+                i["sites"][site]["module"]
+                for i in infos.values()
+                if i and site in i.get("sites", {})
+            }
+            if len(recorded) > 1:
+                raise AdapterError(f"site {site}: the adapters steer different modules {recorded}")
+            if recorded:
+                modules[site] = recorded.pop()
+            else:
+                unknown.append(site)
+        if unknown:
+            modules.update(resolve_sites(base, unknown))
+        for label, path in adapters.items():
+            targets = _target_modules(Path(path))
+            missing = [s for s, m in modules.items() if m not in targets]
+            if missing:
+                raise AdapterError(
+                    f"{path}: adapter {label!r} has no LoRA on "
+                    + ", ".join(f"{s} ({modules[s]})" for s in missing)
+                )
+
+        labels = list(adapters)
+        peft_model = _load_peft(base, adapters, stack, was_loaded)
+        device_ = next(base.parameters()).device
+        dtype_ = next(base.parameters()).dtype
+        steer = {
+            s: torch.as_tensor(scale * v, dtype=dtype_, device=device_) for s, v in vecs.items()
+        }
+        for s, v in steer.items():
+            out_dim = _out_dim(get_module(peft_model, modules[s]))
+            if out_dim is not None and v.numel() != out_dim:
+                raise AdapterError(
+                    f"site {s} ({modules[s]}): the vector has {v.numel()} values, the module "
+                    f"outputs {out_dim}"
+                )
+        lora_layers = _lora_layers(peft_model, labels)
+
+        units: list[tuple[str, list[str]]] = [(s, [s]) for s in vecs]
+        if combined and len(vecs) > 1:
+            units.append((ALL_SITES, list(vecs)))
+        acc = {u: _Acc(labels) for u, _ in units}
+        total_tokens = 0
+        batches = [text_list[i : i + batch_size] for i in range(0, len(text_list), batch_size)]
+        bar = iter_progress(progress, len(batches) * len(units), "verify", unit="pass")
+        try:
+            for chunk in batches:
+                enc = tokenizer(
+                    chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_length
+                )
+                enc = {k: v.to(device_) for k, v in enc.items()}
+                mask = enc["attention_mask"].bool()
+                mask[:, : max(0, skip_positions)] = False
+                total_tokens += int(mask.sum())
+                with peft_model.disable_adapter(), torch.no_grad():
+                    logp_base = _logprobs(peft_model, enc)
+                for unit, sites in units:
+                    unit_modules = {s: modules[s] for s in sites}
+                    with (
+                        peft_model.disable_adapter(),
+                        torch.no_grad(),
+                        _capture(peft_model, unit_modules, steer) as hook_out,
+                    ):
+                        logp_hook = _logprobs(peft_model, enc)
+                    a = acc[unit]
+                    a.steer.append(_kl(logp_hook, logp_base, mask))
+                    for label in labels:
+                        with (
+                            torch.no_grad(),
+                            _only(peft_model, lora_layers, label, set(unit_modules.values())),
+                            _capture(peft_model, unit_modules, None) as lora_out,
+                        ):
+                            logp = _logprobs(peft_model, enc)
+                        a.kl[label].append(_kl(logp_hook, logp, mask))
+                        for s in sites:
+                            a.err[label].append(_rel_err(lora_out[s], hook_out[s], steer[s], mask))
+                        del logp
+                    del logp_hook
+                    bar.update(1)
+                del logp_base
+        finally:
+            bar.close()
+
+    results = []
+    for unit, sites in units:
+        a = acc[unit]
+        steer_kl = np.concatenate(a.steer)
+        per_label = {}
+        for label in labels:
+            kl = np.concatenate(a.kl[label])
+            err = np.concatenate(a.err[label])
+            per_label[label] = AdapterFidelity(
+                kl_mean=float(kl.mean()),
+                kl_p99=float(np.percentile(kl, 99)),
+                ratio=float(kl.mean() / steer_kl.mean()) if steer_kl.mean() > 0 else math.nan,
+                output_error=float(np.sqrt(np.mean(err**2))),
+            )
+        results.append(
+            SiteFidelity(
+                site=unit,
+                modules=[modules[s] for s in sites],
+                steering_kl_mean=float(steer_kl.mean()),
+                steering_kl_p99=float(np.percentile(steer_kl, 99)),
+                adapters=per_label,
+            )
+        )
+    return Fidelity(
+        model=name,
+        adapters={k: str(v) for k, v in adapters.items()},
+        scale=scale,
+        texts=len(text_list),
+        tokens=total_tokens,
+        sites=results,
+    )
+
+
+def steering_kl(
+    model: Any,
+    vectors: Mapping[str, Any],
+    texts: Sequence[str],
+    *,
+    scale: float | Mapping[str, float] = 1.0,
+    max_length: int = 128,
+    batch_size: int = 4,
+) -> dict[str, float]:
+    """Mean KL(p_hook || p_base) of each site's hook steering alone: how strong it is.
+
+    Useful to pick a ``scale`` before writing adapters (steering that barely changes the
+    model cannot show fidelity).
+
+    Args:
+        model: a loaded ``(model, tokenizer)`` or anything :func:`rank1fast.models.load_model`
+            takes.
+        vectors: ``{site: vector}``.
+        texts: evaluation texts.
+        scale: hook steering adds ``scale·v``; one scale, or ``{site: scale}``.
+        max_length: tokens per text.
+        batch_size: texts per forward pass.
+
+    Returns:
+        ``{site: mean KL in nats}``.
+
+    Example:
+        >>> steering_kl((model, tok), {"resid_mid.15": v}, texts, scale=4.0)  # doctest: +SKIP
+        {'resid_mid.15': 0.52}
+    """
+    return _SteeringProbe(model, texts, max_length, batch_size).kl(vectors, scale)
+
+
+class _SteeringProbe:
+    """Hook-steered KL against the base model on fixed texts (base distributions cached)."""
+
+    def __init__(self, model: Any, texts: Sequence[str], max_length: int, batch_size: int):
+        import torch
+
+        from .models import load_model
+
+        self.model, tokenizer = load_model(model)
+        self.device = next(self.model.parameters()).device
+        self.dtype = next(self.model.parameters()).dtype
+        self.batches = []
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(
+                list(texts[i : i + batch_size]),
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+            )
+            enc = {k: v.to(self.device) for k, v in enc.items()}
+            with torch.no_grad():
+                base = _logprobs(self.model, enc)
+            self.batches.append((enc, enc["attention_mask"].bool(), base))
+        self.count = sum(int(m.sum()) for _, m, _ in self.batches)
+
+    def kl(
+        self, vectors: Mapping[str, Any], scale: float | Mapping[str, float]
+    ) -> dict[str, float]:
+        import torch
+
+        from .models import resolve_sites
+
+        modules = resolve_sites(self.model, list(vectors))
+        out = {}
+        for site, v in vectors.items():
+            s = scale[site] if isinstance(scale, Mapping) else scale
+            steer = {
+                site: torch.as_tensor(
+                    s * np.asarray(v, dtype=np.float64), dtype=self.dtype, device=self.device
+                )
+            }
+            total = 0.0
+            for enc, mask, base in self.batches:
+                with torch.no_grad(), _capture(self.model, {site: modules[site]}, steer):
+                    total += float(_kl(_logprobs(self.model, enc), base, mask).sum())
+            out[site] = total / max(self.count, 1)
+        return out
+
+
+def calibrate_scale(
+    model: Any,
+    vectors: Mapping[str, Any],
+    texts: Sequence[str],
+    *,
+    target_kl: float = 0.5,
+    iterations: int = 4,
+    tolerance: float = 0.1,
+    max_length: int = 64,
+    batch_size: int = 4,
+) -> dict[str, float]:
+    """Per site, the scale at which hook steering reaches a mean KL(p_hook || p_base) of
+    about ``target_kl`` nats on ``texts``.
+
+    KL grows like ``scale²`` for weak steering and faster or slower for strong steering; each
+    step fits ``KL ∝ scale^p`` through the last two measurements (``p = 2`` at first) and solves
+    for the target, so a few forward passes per site suffice (the base model's distributions
+    are computed once).
+
+    Args:
+        model: a loaded ``(model, tokenizer)`` or anything :func:`rank1fast.models.load_model`
+            takes.
+        vectors: ``{site: vector}``; the returned scale multiplies the vector as given.
+        texts: calibration texts (a few are enough).
+        target_kl: the steering strength wanted, in nats.
+        iterations: at most this many measurements per site after the first.
+        tolerance: stop once ``|log(KL / target_kl)|`` is below this.
+        max_length: tokens per text.
+        batch_size: texts per forward pass.
+
+    Returns:
+        ``{site: scale}``.
+
+    Raises:
+        InvalidArgumentError: ``target_kl`` is not positive, or a vector is zero.
+
+    Example:
+        >>> calibrate_scale((model, tok), {"resid_mid.15": v}, texts)   # doctest: +SKIP
+        {'resid_mid.15': 7.6}
+    """
+    if not target_kl > 0:
+        raise InvalidArgumentError(f"target_kl must be positive, got {target_kl}")
+    for site, v in vectors.items():
+        if not np.any(np.asarray(v)):
+            raise InvalidArgumentError(f"site {site}: the vector is zero")
+    probe = _SteeringProbe(model, texts, max_length, batch_size)
+    points: dict[str, list[tuple[float, float]]] = {s: [] for s in vectors}
+    current = dict.fromkeys(vectors, 1.0)
+    todo = list(vectors)
+    for _ in range(iterations + 1):
+        if not todo:
+            break
+        measured = probe.kl({s: vectors[s] for s in todo}, current)
+        still = []
+        for site in todo:
+            s, kl = current[site], measured[site]
+            points[site].append((s, kl))
+            if kl > 0 and abs(math.log(kl / target_kl)) < tolerance:
+                continue
+            still.append(site)
+            if kl <= 1e-9:
+                current[site] = s * 16.0
+                continue
+            p = 2.0
+            if len(points[site]) >= 2:
+                (s0, k0), (s1, k1) = points[site][-2], points[site][-1]
+                if k0 > 1e-9 and s0 != s1 and k0 != k1:
+                    p = min(max(math.log(k1 / k0) / math.log(s1 / s0), 0.5), 6.0)
+            current[site] = s * (target_kl / kl) ** (1.0 / p)
+        todo = still
+    return {
+        site: min(pts, key=lambda q: abs(math.log(max(q[1], 1e-12) / target_kl)))[0]
+        for site, pts in points.items()
+    }
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _Acc:
+    def __init__(self, labels: list[str]) -> None:
+        self.steer: list[np.ndarray] = []
+        self.kl: dict[str, list[np.ndarray]] = {k: [] for k in labels}
+        self.err: dict[str, list[np.ndarray]] = {k: [] for k in labels}
+
+
+def _labelled(adapter: Any) -> dict[str, Path]:
+    if isinstance(adapter, Mapping):
+        out = {str(k): Path(v) for k, v in adapter.items()}
+    else:
+        path = Path(adapter)
+        info = read_adapter_info(path)
+        out = {(info or {}).get("method", "adapter"): path}
+    if not out:
+        raise InvalidArgumentError("no adapter given")
+    for path in out.values():
+        if not (path / CONFIG_FILE).is_file():
+            raise AdapterError(f"{path}: not a PEFT adapter directory (no {CONFIG_FILE})")
+    return out
+
+
+def _agreed_scale(scale: float | None, infos: Mapping[str, dict[str, Any] | None]) -> float:
+    recorded = {label: float(i["scale"]) for label, i in infos.items() if i and "scale" in i}
+    values = set(recorded.values())
+    if scale is None:
+        if len(values) > 1:
+            raise AdapterError(f"the adapters were written with different scales: {recorded}")
+        return values.pop() if values else 1.0
+    for label, s in recorded.items():
+        if not math.isclose(s, float(scale), rel_tol=1e-9, abs_tol=1e-12):
+            raise AdapterError(
+                f"adapter {label!r} was written with scale {s:g}; verify with the same scale "
+                f"(got {scale:g}) or leave scale=None"
+            )
+    return float(scale)
+
+
+def _target_modules(path: Path) -> set[str]:
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"{path / CONFIG_FILE}: unreadable: {e}") from e
+    targets = config.get("target_modules") or []
+    if isinstance(targets, str):
+        targets = [targets]
+    # The weights name the modules exactly; target_modules may be suffixes ("o_proj").
+    names = set(targets)
+    weights = path / WEIGHTS_FILE
+    if weights.is_file():
+        with open(weights, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        for key in header:
+            if key.endswith(".lora_A.weight"):
+                names.add(key.removeprefix("base_model.model.").removesuffix(".lora_A.weight"))
+    return names
+
+
+def _load_peft(
+    base: Any, adapters: Mapping[str, Path], stack: contextlib.ExitStack, restore: bool
+) -> Any:
+    """Load every adapter through PEFT; check that each loads without missing/unexpected keys.
+
+    With ``restore``, the base model is returned to its original state on exit.
+    """
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors import safe_open
+
+    peft_model = None
+    try:
+        for label, path in adapters.items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if peft_model is None:
+                    peft_model = PeftModel.from_pretrained(
+                        base, os.fspath(path), adapter_name=label
+                    )
+                else:
+                    peft_model.load_adapter(os.fspath(path), adapter_name=label)
+            expected = set(get_peft_model_state_dict(peft_model, adapter_name=label))
+            with safe_open(os.fspath(path / WEIGHTS_FILE), framework="pt") as f:
+                stored = set(f.keys())
+            if expected != stored:
+                missing, unexpected = sorted(expected - stored), sorted(stored - expected)
+                raise AdapterError(
+                    f"{path}: PEFT loads adapter {label!r} with missing keys {missing[:4]} and "
+                    f"unexpected keys {unexpected[:4]}"
+                )
+    except BaseException:
+        if peft_model is not None and restore:
+            _unload(peft_model, base)
+        raise
+    if restore:
+        stack.callback(_unload, peft_model, base)
+    peft_model.eval()
+    return peft_model
+
+
+def _unload(peft_model: Any, base: Any) -> None:
+    peft_model.unload()
+    for obj in (base, getattr(base, "model", None)):
+        if obj is not None and "peft_config" in getattr(obj, "__dict__", {}):
+            del obj.peft_config
+
+
+def _lora_layers(peft_model: Any, labels: list[str]) -> dict[str, Any]:
+    """module path -> LoRA layer, for every module carrying one of ``labels``."""
+    from peft.tuners.lora import LoraLayer
+
+    from .models import unwrap_model
+
+    out = {}
+    for name, module in unwrap_model(peft_model).named_modules():
+        if isinstance(module, LoraLayer) and any(k in module.scaling for k in labels):
+            out[name] = module
+    return out
+
+
+@contextlib.contextmanager
+def _only(peft_model: Any, layers: Mapping[str, Any], label: str, keep: set[str]) -> Iterator[None]:
+    """Activate adapter ``label`` on the modules in ``keep`` only (others scaled to zero)."""
+    peft_model.set_adapter(label)
+    saved = {}
+    for name, layer in layers.items():
+        if label in layer.scaling and name not in keep:
+            saved[name] = layer.scaling[label]
+            layer.scaling[label] = 0.0
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            layers[name].scaling[label] = value
+
+
+@contextlib.contextmanager
+def _capture(
+    model: Any, modules: Mapping[str, str], steer: Mapping[str, Any] | None
+) -> Iterator[dict[str, Any]]:
+    """Record the output of each site's module; with ``steer``, add ``steer[site]`` first."""
+    from .models import get_module
+
+    outputs: dict[str, Any] = {}
+    handles = []
+    for site, path in modules.items():
+
+        def hook(_m: Any, _i: Any, out: Any, site: str = site) -> Any:
+            if steer is not None:
+                out = out + steer[site]
+            outputs[site] = out.detach()
+            return out if steer is not None else None
+
+        handles.append(get_module(model, path).register_forward_hook(hook))
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _logprobs(model: Any, enc: Mapping[str, Any]) -> Any:
+    import torch
+
+    logits = model(**enc).logits
+    return torch.log_softmax(logits.to(torch.float64), dim=-1)
+
+
+def _kl(logp: Any, logq: Any, mask: Any) -> np.ndarray:
+    """KL(p || q) per unmasked token, float64 numpy."""
+    kl = (logp.exp() * (logp - logq)).sum(-1)
+    return kl[mask].clamp(min=0).cpu().numpy()
+
+
+def _rel_err(out: Any, ref: Any, v: Any, mask: Any) -> np.ndarray:
+    import torch
+
+    diff = (out.to(torch.float64) - ref.to(torch.float64)).norm(dim=-1)[mask].cpu().numpy()
+    norm = float(v.to(torch.float64).norm())
+    return diff / norm if norm > 0 else np.full(diff.shape, np.nan)
+
+
+def _out_dim(module: Any) -> int | None:
+    from .models import module_dims
+
+    try:
+        return module_dims(module)[1]
+    except Exception:  # noqa: BLE001 - not a linear module: nothing to check
+        return None
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_cli(sub: Any) -> None:
+    """Register ``rank1fast verify``."""
+    p = sub.add_parser(
+        "verify",
+        help="compare an adapter (through PEFT) with hook steering",
+        description="Per site: KL(hook||adapter), KL(hook||base), their ratio and the relative "
+        "error of the site output, for the adapter and (with --onehot/--report) the one-hot "
+        "adapter side by side.",
+    )
+    p.add_argument("adapter", help="the adapter directory")
+    p.add_argument("vectors", help="the vector file the adapter was written from")
+    p.add_argument("--model", default=None, help="base model (default: built-in)")
+    p.add_argument(
+        "--texts",
+        default=None,
+        help="evaluation corpus (.txt/.jsonl); default: 16 built-in documents",
+    )
+    p.add_argument(
+        "--site",
+        action="append",
+        dest="sites",
+        metavar="S",
+        help="verify only these sites (repeatable)",
+    )
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--onehot", default=None, metavar="DIR", help="a one-hot adapter to compare")
+    g.add_argument(
+        "--report",
+        default=None,
+        metavar="REPORT",
+        help="report .npz or dump: write and compare the one-hot adapter",
+    )
+    p.add_argument("--scale", type=float, default=None)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the result as JSON")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=_run_verify)
+
+
+def _run_verify(args: Any) -> int:
+    from .adapter import load_report
+    from .vectors import load
+
+    vecs = load(args.vectors)
+    if args.sites:
+        vecs = {s: vecs[s] for s in args.sites if s in vecs}
+    onehot: Any = args.onehot
+    if args.report:
+        onehot = load_report(args.report, sites=list(vecs), progress=False)
+    texts = None
+    if args.texts:
+        from .corpus import read_texts
+
+        texts = list(read_texts(args.texts))
+    fid = verify(
+        args.model,
+        args.adapter,
+        vecs,
+        texts,
+        scale=args.scale,
+        onehot=onehot,
+        max_length=args.max_length,
+        device=args.device,
+        progress=False if args.quiet else None,
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(fid.to_json(), indent=2))
+    if not args.quiet:
+        print(fid)
+    return 0
