@@ -158,6 +158,9 @@ def test_dump_directory_matches_concatenation_and_merge(tmp_path: Path, dtype: s
         keep = t["position"] >= 1
         check_stats(report[site], t["x"][keep])
         assert report[site].skipped == len(docs)
+        np.testing.assert_allclose(
+            report[site].sink_mean, t["x"][~keep].mean(0), rtol=1e-12, atol=1e-12
+        )
         counts = np.bincount(t["document"][keep] % K, minlength=K)
         np.testing.assert_array_equal(report[site].stats.fold_count(), counts)
 
@@ -176,6 +179,7 @@ def test_dump_directory_matches_concatenation_and_merge(tmp_path: Path, dtype: s
         assert_moments_close(b.second_moment, a.second_moment, a.var, a.second_moment)
         np.testing.assert_array_equal(b.stats.fold_count(), a.stats.fold_count())
         np.testing.assert_allclose(b.stats.fold_sum(), a.stats.fold_sum(), rtol=1e-12)
+        np.testing.assert_allclose(b.sink_mean, a.sink_mean, rtol=1e-12, atol=1e-12)
         assert b.direction.ridge == a.direction.ridge
         assert b.direction.error == pytest.approx(a.direction.error, rel=1e-4)
         keep = truth[site]["position"] >= 1
@@ -247,7 +251,7 @@ def test_save_load_roundtrip(tmp_path: Path) -> None:
     assert back.skip_positions == report.skip_positions
     for s in report:
         t = back[s.name]
-        for key in ("mean", "var", "min", "max", "second_moment"):
+        for key in ("mean", "var", "min", "max", "second_moment", "sink_mean"):
             np.testing.assert_array_equal(getattr(t, key), getattr(s, key))
         np.testing.assert_array_equal(t.direction.vector, s.direction.vector)
         assert (t.count, t.dtype, t.nonfinite, t.skipped) == (s.count, s.dtype, 0, s.skipped)

@@ -12,7 +12,7 @@ massive activations would distort ``b``. But the adapter still acts there, and e
 attends to the first one, so ``b·x`` far from 1 at position 0 (0.1-0.3 on the MLP sites of the
 default model) costs fidelity everywhere. With ``pin_sink=True`` (the default) the
 least-squares direction is refitted under the constraint ``b·μ₀ = 1``, with ``μ₀`` the mean input
-at the skipped positions (read from the dump by a second, moments-free pass):
+at the skipped positions (``SiteReport.sink_mean``, summed by the analysis pass itself):
 ``b' = b + (1 − b·μ₀) G_λ⁻¹μ₀ / (μ₀ᵀG_λ⁻¹μ₀)``, the ridge least-squares solution with that
 constraint (``G_λ`` the regularized second moment). Its rms error on ordinary tokens rises, by
 an amount the statistics give exactly; the pinned direction is kept only when that rise is at
@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from .errors import AdapterError, InvalidArgumentError, Rank1Error
+from .errors import AdapterError, InvalidArgumentError
 from .report import Report
 
 __all__ = [
@@ -301,27 +301,11 @@ def _site_tensors(
 
 
 def _sink_means(report: Report, sites: list[str]) -> dict[str, np.ndarray]:
-    """Mean site input at the positions the report skipped, from the report's source."""
-    if report.skip_positions < 1 or not report.source or not Path(report.source).exists():
-        return {}
-    from .analysis import analyze
-
-    try:
-        full = analyze(
-            report.source, sites=sites, skip_positions=0, second_moments=False, progress=False
-        )
-    except Rank1Error:
-        return {}
+    """Mean site input at the positions the report skipped (accumulated by the same pass)."""
     out = {}
     for site in sites:
-        if site not in full:
-            continue
-        s1, s0 = report[site], full[site]
-        n = s0.count - s1.count
-        if n <= 0 or s0.dim != s1.dim:
-            continue
-        mu = (s0.count * s0.mean - s1.count * s1.mean) / n
-        if np.isfinite(mu).all() and np.any(mu):
+        mu = report[site].sink_mean if site in report else None
+        if mu is not None and np.isfinite(mu).all() and np.any(mu):
             out[site] = mu
     return out
 

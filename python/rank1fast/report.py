@@ -121,6 +121,12 @@ class SiteReport:
         return self._stats.folds
 
     @cached_property
+    def sink_mean(self) -> np.ndarray | None:
+        """Mean input at the skipped positions (the attention sink), or None if none were."""
+        n = self.skipped
+        return self._stats.skipped_sum() / n if n else None
+
+    @cached_property
     def mean(self) -> np.ndarray:
         return self._stats.mean()
 
@@ -356,7 +362,16 @@ class Report:
                     "skipped": st.skipped,
                 }
             )
-            for key in ("mean", "m2", "min", "max", "fold_count", "fold_sum", "fold_sumsq"):
+            for key in (
+                "mean",
+                "m2",
+                "min",
+                "max",
+                "fold_count",
+                "fold_sum",
+                "fold_sumsq",
+                "skipped_sum",
+            ):
                 arrays[f"{i}.{key}"] = getattr(st, key)()
             moment = st.fold_moment()
             if moment is not None:
@@ -398,6 +413,7 @@ class Report:
                         z[f"{i}.fold_sum"],
                         z[f"{i}.fold_sumsq"],
                         moment,
+                        z[f"{i}.skipped_sum"],
                     )
                     sites.append(SiteReport(st))
         except (KeyError, ValueError, OSError) as e:

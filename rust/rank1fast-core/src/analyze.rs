@@ -242,12 +242,6 @@ fn process_chunk(
     let mut kept = 0;
     for i in 0..m {
         let row = r0 + i;
-        if let Some(p) = src.position(row) {
-            if p < opts.skip_positions {
-                acc.stats.skipped += 1;
-                continue;
-            }
-        }
         let x = &buf[i * d..(i + 1) * d];
         // Branch-free (vectorisable) test: exponent bits all ones means NaN or ±inf.
         let nonfinite = x.iter().fold(false, |acc, v| {
@@ -255,6 +249,14 @@ fn process_chunk(
         });
         if nonfinite {
             acc.stats.nonfinite += 1;
+            continue;
+        }
+        if src.position(row).is_some_and(|p| p < opts.skip_positions) {
+            // Kept aside, not dropped: adapters pin b·x = 1 at the sink from this mean.
+            acc.stats.skipped += 1;
+            for (s, &v) in acc.stats.skipped_sum.iter_mut().zip(x) {
+                *s += v as f64;
+            }
             continue;
         }
         if kept != i {

@@ -152,13 +152,6 @@ pub struct Sources {
 }
 
 impl Sources {
-    pub fn get(&self, site: &str) -> Option<&[SiteSource]> {
-        self.sites
-            .iter()
-            .find(|(n, _)| n == site)
-            .map(|(_, v)| v.as_slice())
-    }
-
     fn push(&mut self, name: String, src: SiteSource) -> Result<()> {
         if let Some((_, list)) = self.sites.iter_mut().find(|(n, _)| *n == name) {
             let first = &list[0];

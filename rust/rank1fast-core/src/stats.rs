@@ -19,8 +19,10 @@ pub struct SiteStats {
     pub count: u64,
     /// Rows dropped because they hold a NaN or an infinity.
     pub nonfinite: u64,
-    /// Rows dropped by the position filter.
+    /// Finite rows dropped by the position filter.
     pub skipped: u64,
+    /// Σ x over those rows (their mean is the sink input that adapters pin), per dimension.
+    pub skipped_sum: Vec<f64>,
     pub mean: Vec<f64>,
     /// Σ (x - mean)², per dimension.
     pub m2: Vec<f64>,
@@ -40,6 +42,7 @@ impl SiteStats {
             count: 0,
             nonfinite: 0,
             skipped: 0,
+            skipped_sum: vec![0.0; dim],
             mean: vec![0.0; dim],
             m2: vec![0.0; dim],
             min: vec![f64::INFINITY; dim],
@@ -57,6 +60,7 @@ impl SiteStats {
         let checks = [
             ("mean", self.mean.len(), d),
             ("m2", self.m2.len(), d),
+            ("skipped_sum", self.skipped_sum.len(), d),
             ("min", self.min.len(), d),
             ("max", self.max.len(), d),
             ("fold_count", self.fold_count.len(), k),
@@ -120,6 +124,7 @@ impl SiteStats {
         self.count += other.count;
         self.nonfinite += other.nonfinite;
         self.skipped += other.skipped;
+        add(&mut self.skipped_sum, &other.skipped_sum);
         add(&mut self.fold_count, &other.fold_count);
         add(&mut self.fold_sum, &other.fold_sum);
         add(&mut self.fold_sumsq, &other.fold_sumsq);

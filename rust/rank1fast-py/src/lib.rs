@@ -102,7 +102,7 @@ impl PySiteStats {
     /// Rebuild statistics from their arrays (as `Report.load` does).
     #[new]
     #[pyo3(signature = (name, dtype, dim, folds, count, nonfinite, skipped, mean, m2, min, max,
-                        fold_count, fold_sum, fold_sumsq, fold_moment=None))]
+                        fold_count, fold_sum, fold_sumsq, fold_moment=None, skipped_sum=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         name: String,
@@ -120,6 +120,7 @@ impl PySiteStats {
         fold_sum: PyReadonlyArrayDyn<'_, f64>,
         fold_sumsq: PyReadonlyArrayDyn<'_, f64>,
         fold_moment: Option<PyReadonlyArrayDyn<'_, f64>>,
+        skipped_sum: Option<PyReadonlyArray1<'_, f64>>,
     ) -> PyResult<Self> {
         let v = |a: PyReadonlyArray1<'_, f64>| a.as_array().to_vec();
         let inner = SiteStats {
@@ -128,6 +129,7 @@ impl PySiteStats {
             count,
             nonfinite,
             skipped,
+            skipped_sum: skipped_sum.map_or_else(|| vec![0.0; dim], |a| a.as_array().to_vec()),
             mean: v(mean),
             m2: v(m2),
             min: v(min),
@@ -177,6 +179,9 @@ impl PySiteStats {
     }
     fn mean<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f64>> {
         vec1(py, &self.inner.mean)
+    }
+    fn skipped_sum<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f64>> {
+        vec1(py, &self.inner.skipped_sum)
     }
     fn m2<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f64>> {
         vec1(py, &self.inner.m2)
