@@ -22,21 +22,35 @@ How collection runs:
 - rerunning the same call resumes: the manifest records how many documents the written shards
   cover and a hash of them, the documents already covered are skipped (their hash checked), and
   shard boundaries fall where an uninterrupted run puts them, so the result is the same dump. A
-  directory that holds a dump of another model, other sites or other settings is refused.
+  directory that holds a dump of another model, other sites or other settings is refused;
+- one collection at a time per directory: a lock file (``collect.lock``, an advisory
+  ``flock`` the kernel drops when the process dies, even by kill -9) refuses a second
+  concurrent collection into the same dump; readers (``analyze``, :class:`Dump`) take no lock
+  and see the shards the manifest lists, which are always complete;
+- a failed write (full disk, I/O error) removes its temporary file and raises
+  :class:`Rank1IOError`; the dump stays valid with the shards written before, and the same
+  call resumes once there is space.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import queue
+import shutil
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 from ._progress import ProgressArg, iter_progress
 from .corpus import TextsArg, read_texts
@@ -54,6 +68,7 @@ __all__ = ["collect", "Dump", "add_cli"]
 _FORMAT = "rank1fast.dump"
 _VERSION = 1
 _MANIFEST = "manifest.json"
+_LOCK = "collect.lock"
 _SHARD = "shard-{:05d}.safetensors"
 #: Default shard size: as many tokens as fit in this many bytes of stored activations.
 SHARD_BYTES = 256 * 2**20
@@ -206,12 +221,90 @@ def _read_manifest(path: Path) -> dict[str, Any]:
 
 def _write_json_atomic(file: Path, data: dict[str, Any]) -> None:
     tmp = file.with_name(file.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, file)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, file)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Create ``out`` if needed and hold its lock file while one collection writes there.
+
+    The lock is an advisory ``flock`` on ``out/collect.lock`` (which holds the writer's pid):
+    the kernel releases it when the process ends however it ends, so a killed collection never
+    blocks its own resume. A directory this call created is removed again when the collection
+    fails before the dump's first manifest is written.
+    """
+    if out.exists() and not out.is_dir():
+        raise DumpError(f"{out} exists and is not a directory")
+    if (
+        out.is_dir()
+        and not (out / _MANIFEST).exists()
+        and any(p.name not in (_LOCK, _MANIFEST + ".tmp") for p in out.iterdir())
+    ):
+        raise DumpError(
+            f"{out} is not empty and holds no {_MANIFEST}: choose a new or empty directory"
+        )
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Rank1IOError(f"cannot create the dump {out}: {e}") from e
+    path = out / _LOCK
+    try:
+        fd = _acquire(path, out)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    try:
+        yield
+    finally:
+        if created and not (out / _MANIFEST).exists():
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        os.close(fd)
+
+
+def _acquire(path: Path, out: Path) -> int:
+    """An open descriptor of ``path`` holding its exclusive flock (DumpError when taken)."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise Rank1IOError(f"cannot create the lock file {path}: {e}") from e
+        if fcntl is None:  # no flock (Windows): the lock file is informational only
+            return fd
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DumpError(
+                f"{out} is being written by another collection (pid {holder}, lock {path}); "
+                "wait for it to finish or stop it, then rerun to resume"
+            ) from None
+        # The previous holder unlinks the file as it releases it: if that happened between
+        # our open and flock, we hold a lock on a file nobody else will see; start over.
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    with contextlib.suppress(OSError):  # the pid is for the message above; a full disk is ok
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 # --------------------------------------------------------------------------- collect
@@ -335,39 +428,42 @@ def collect(
             for name in site_map
         }
 
-    manifest = _prepare_out(out, fresh, max_tokens)
-    if manifest.get("complete"):
-        return Dump(out, manifest)
-
-    recorder = _Recorder(net, modules, site_map, outputs=outputs, store=store)
-    total = int(max_tokens or 0)
-    callback = progress if callable(progress) else None
-    bar = iter_progress(progress, max_tokens, "collect", unit="tok")
-    bar.update(manifest["tokens"])
-    writer = _ShardWriter(out)
-    try:
-        _run(
-            out,
-            net,
-            tokenizer,
-            read_texts(texts),
-            manifest,
-            recorder,
-            writer,
-            max_tokens=max_tokens,
-            max_length=max_length,
-            batch_size=batch_size,
-            shard_tokens=shard_tokens,
-            on_batch=lambda done: (bar.update(done - bar.n), callback and callback(done, total)),
-        )
-    finally:
-        recorder.remove()
-        bar.close()
-        # Shards already handed over are finished (and the manifest updated) even when the
-        # loop was interrupted; the half-filled buffer is redone on resume.
-        writer.close()
-    writer.raise_error()
-    return Dump(out, _read_manifest(out))
+    with _locked(out):
+        manifest = _prepare_out(out, fresh, max_tokens)
+        if manifest.get("complete"):
+            return Dump(out, manifest)
+        recorder = _Recorder(net, modules, site_map, outputs=outputs, store=store)
+        total = int(max_tokens or 0)
+        callback = progress if callable(progress) else None
+        bar = iter_progress(progress, max_tokens, "collect", unit="tok")
+        bar.update(manifest["tokens"])
+        writer = _ShardWriter(out)
+        try:
+            _run(
+                out,
+                net,
+                tokenizer,
+                read_texts(texts),
+                manifest,
+                recorder,
+                writer,
+                max_tokens=max_tokens,
+                max_length=max_length,
+                batch_size=batch_size,
+                shard_tokens=shard_tokens,
+                on_batch=lambda done: (
+                    bar.update(done - bar.n),
+                    callback and callback(done, total),
+                ),
+            )
+        finally:
+            recorder.remove()
+            bar.close()
+            # Shards already handed over are finished (and the manifest updated) even when
+            # the loop was interrupted; the half-filled buffer is redone on resume.
+            writer.close()
+        writer.raise_error()
+        return Dump(out, _read_manifest(out))
 
 
 def _run(
@@ -687,7 +783,8 @@ class _ShardWriter:
     def raise_error(self) -> None:
         if self.error is not None:
             e, self.error = self.error, None
-            if isinstance(e, OSError):
+            # safetensors reports I/O failures (a full disk) as its own SafetensorError.
+            if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
                 raise Rank1IOError(f"writing the dump {self.out} failed: {e}") from e
             raise e
 
@@ -718,12 +815,16 @@ class _ShardWriter:
             tensors["document"] = torch.cat([b.document for b in batches])
             path = self.out / file
             tmp = path.with_name(path.name + ".tmp")
-            save_file(tensors, tmp, metadata={"format": "pt"})
-            # safetensors creates files private (0600); give shards the manifest's mode.
-            os.chmod(tmp, (self.out / _MANIFEST).stat().st_mode & 0o777)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            try:
+                save_file(tensors, tmp, metadata={"format": "pt"})
+                # safetensors creates files private (0600); give shards the manifest's mode.
+                os.chmod(tmp, (self.out / _MANIFEST).stat().st_mode & 0o777)
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
         _write_json_atomic(self.out / _MANIFEST, manifest)
 
 
@@ -773,16 +874,12 @@ def _describe_corpus(texts: TextsArg) -> dict[str, Any]:
 
 
 def _prepare_out(out: Path, fresh: dict[str, Any], max_tokens: int | None) -> dict[str, Any]:
-    """A new dump's manifest, or the existing one to resume (after checking it matches)."""
-    if out.exists() and not out.is_dir():
-        raise DumpError(f"{out} exists and is not a directory")
+    """A new dump's manifest, or the existing one to resume (after checking it matches).
+
+    ``out`` exists and is locked (see :func:`_locked`).
+    """
     if not (out / _MANIFEST).exists():
-        if out.is_dir() and any(out.iterdir()):
-            raise DumpError(
-                f"{out} is not empty and holds no {_MANIFEST}: choose a new or empty directory"
-            )
         try:
-            out.mkdir(parents=True, exist_ok=True)
             _write_json_atomic(out / _MANIFEST, fresh)
         except OSError as e:
             raise Rank1IOError(f"cannot create the dump {out}: {e}") from e
@@ -808,11 +905,18 @@ def _prepare_out(out: Path, fresh: dict[str, Any], max_tokens: int | None) -> di
             f"{where} already holds {tokens} tokens, more than max_tokens={max_tokens}; "
             "use a new output directory"
         )
-    # Leftovers of an interrupted write: temp files and shards the manifest does not list.
+    # Leftovers of an interrupted write: temp files (ours, and the ``.tmpXXXXXX`` that
+    # safetensors writes before renaming) and shards the manifest does not list.
     listed = {s["file"] for s in old["shards"]}
     for p in out.iterdir():
-        if p.name.endswith(".tmp") or (
-            p.name.startswith("shard-") and p.name.endswith(".safetensors") and p.name not in listed
+        if (
+            p.name.endswith(".tmp")
+            or (p.name.startswith(".tmp") and p.is_file())
+            or (
+                p.name.startswith("shard-")
+                and p.name.endswith(".safetensors")
+                and p.name not in listed
+            )
         ):
             p.unlink()
     if old.get("complete"):
