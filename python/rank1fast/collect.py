@@ -314,8 +314,12 @@ def collect(
     model: Any,
     texts: TextsArg,
     sites: str | Iterable[str],
-    out: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
     *,
+    statistics: bool = False,
+    skip_positions: int = 1,
+    folds: int = 5,
+    second_moments: bool = True,
     max_tokens: int | None = None,
     max_length: int = 512,
     batch_size: int = 8,
@@ -325,8 +329,12 @@ def collect(
     outputs: bool = False,
     shard_tokens: int | None = None,
     progress: ProgressArg = None,
-) -> Dump:
+) -> Any:
     """Record the input of each site's module, for every real token of a corpus, into a dump.
+
+    With ``statistics=True`` no dump is written: the statistics :func:`rank1fast.analyze`
+    would compute from the dump are accumulated with torch on the model's device while the
+    model runs, and a :class:`~rank1fast.Report` is returned (see :mod:`rank1fast.online`).
 
     Args:
         model: None or ``"default"`` (the built-in SmolLM2-135M-Instruct), a Hugging Face model
@@ -339,6 +347,10 @@ def collect(
         sites: ``resid_mid.L``, ``resid_post.L``, ranges ``resid_mid.4-20``, ``all``, or raw
             module paths (``nn.Linear`` or ``Conv1D``), as a list or a comma-separated string.
         out: the dump directory: created if missing; a dump of the same call there is resumed.
+            Required unless ``statistics=True`` (which takes none).
+        statistics: accumulate the analysis statistics online instead of writing a dump, and
+            return the Report; ``skip_positions``, ``folds`` and ``second_moments`` mean what
+            they mean for :func:`rank1fast.analyze`.
         max_tokens: stop after this many tokens (the last batch is cut to match exactly);
             None runs through the whole corpus.
         max_length: documents are truncated to this many tokens.
@@ -356,7 +368,7 @@ def collect(
             callable is called as ``progress(tokens_done, max_tokens or 0)`` after each batch.
 
     Returns:
-        The :class:`Dump`, complete.
+        The :class:`Dump`, complete; with ``statistics=True``, the :class:`~rank1fast.Report`.
 
     Raises:
         SiteError: a site that does not resolve, or whose module does not see
@@ -382,11 +394,21 @@ def collect(
         raise InvalidArgumentError(f"max_tokens must be at least 1, got {max_tokens}")
     if shard_tokens is not None and shard_tokens < 1:
         raise InvalidArgumentError(f"shard_tokens must be at least 1, got {shard_tokens}")
+    if statistics and (out is not None or outputs):
+        raise InvalidArgumentError(
+            "statistics=True writes no dump: pass out=None and outputs=False "
+            "(or collect a dump and run rank1fast.analyze on it)"
+        )
+    if not statistics and out is None:
+        raise InvalidArgumentError("out (the dump directory) is required unless statistics=True")
+    if folds < 1 or skip_positions < 0:
+        raise InvalidArgumentError(
+            f"folds must be at least 1 and skip_positions at least 0, got {folds}, {skip_positions}"
+        )
     store = resolve_dtype(storage_dtype)
     dname = str(store).removeprefix("torch.")
     if dname not in _STORAGE_DTYPES:
         raise InvalidArgumentError(f"storage_dtype {storage_dtype!r}: use bfloat16/float16/float32")
-    out = Path(out)
 
     is_default = model is None or (isinstance(model, str) and model == "default")
     net, tokenizer = load_model(model, device=device, dtype=dtype)
@@ -428,6 +450,25 @@ def collect(
             for name in site_map
         }
 
+    if statistics:
+        return _collect_statistics(
+            net,
+            tokenizer,
+            texts,
+            fresh,
+            modules,
+            site_map,
+            store,
+            skip_positions=skip_positions,
+            folds=folds,
+            second_moments=second_moments,
+            max_tokens=max_tokens,
+            max_length=max_length,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    assert out is not None
+    out = Path(out)
     with _locked(out):
         manifest = _prepare_out(out, fresh, max_tokens)
         if manifest.get("complete"):
@@ -466,21 +507,94 @@ def collect(
         return Dump(out, _read_manifest(out))
 
 
+def _collect_statistics(
+    net: nn.Module,
+    tokenizer: Any,
+    texts: TextsArg,
+    manifest: dict[str, Any],
+    modules: dict[str, nn.Module],
+    site_map: dict[str, str],
+    store: torch.dtype,
+    *,
+    skip_positions: int,
+    folds: int,
+    second_moments: bool,
+    max_tokens: int | None,
+    max_length: int,
+    batch_size: int,
+    progress: ProgressArg,
+) -> Any:
+    """``collect(..., statistics=True)``: the same forward passes, statistics instead of shards."""
+    from .online import OnlineStats
+    from .report import Report, SiteReport
+
+    acc = {
+        name: OnlineStats(
+            name,
+            info["dim"],
+            info["dtype"],
+            folds=folds,
+            skip_positions=skip_positions,
+            second_moments=second_moments,
+        )
+        for name, info in manifest["sites"].items()
+    }
+
+    def consume(batch: _Batch) -> None:
+        for name, rows in batch.device_rows.items():
+            acc[name].add(rows[: batch.tokens], batch.position, batch.document)
+        batch.device_rows.clear()
+
+    recorder = _Recorder(net, modules, site_map, outputs=False, store=store, keep_device=True)
+    callback = progress if callable(progress) else None
+    bar = iter_progress(progress, max_tokens, "collect", unit="tok")
+    try:
+        _run(
+            None,
+            net,
+            tokenizer,
+            read_texts(texts),
+            manifest,
+            recorder,
+            None,
+            max_tokens=max_tokens,
+            max_length=max_length,
+            batch_size=batch_size,
+            shard_tokens=1 << 62,
+            on_batch=lambda done: (
+                bar.update(done - bar.n),
+                callback and callback(done, int(max_tokens or 0)),
+            ),
+            consume=consume,
+        )
+    finally:
+        recorder.remove()
+        bar.close()
+    return Report(
+        [SiteReport(a.finish()) for a in acc.values()],
+        skip_positions=skip_positions,
+        source=f"collect(statistics=True) of {manifest['model']['name'] or 'a model'}",
+        modules=dict(site_map),
+    )
+
+
 def _run(
-    out: Path,
+    out: Path | None,
     model: nn.Module,
     tokenizer: Any,
     docs: Iterator[str],
     manifest: dict[str, Any],
     recorder: _Recorder,
-    writer: _ShardWriter,
+    writer: _ShardWriter | None,
     *,
     max_tokens: int | None,
     max_length: int,
     batch_size: int,
     shard_tokens: int,
     on_batch: Any,
+    consume: Any = None,
 ) -> None:
+    """The collection loop; ``writer=None`` writes nothing and hands each batch to ``consume``."""
     done_docs = int(manifest["documents"])
     hasher = _skip_documents(docs, done_docs, manifest["corpus_sha256"], out)
     tokens = int(manifest["tokens"])
@@ -507,6 +621,9 @@ def _run(
         if final:
             manifest["complete"] = True
             manifest["stopped"] = stopped
+        if writer is None:
+            pending, pending_tokens = [], 0
+            return
         writer.submit(
             manifest["shards"][-1]["file"] if pending else None,
             pending,
@@ -533,9 +650,13 @@ def _run(
                 batch.cut(max_tokens - tokens)
                 stopped = "max_tokens"
             tokens += batch.tokens
-            pending.append(batch)
-            pending_tokens += batch.tokens
-        writer.raise_error()
+            if consume is not None:
+                consume(batch)
+            if writer is not None:
+                pending.append(batch)
+                pending_tokens += batch.tokens
+        if writer is not None:
+            writer.raise_error()
         if stopped == "max_tokens":
             break
         if pending_tokens >= shard_tokens:
@@ -588,6 +709,7 @@ class _Batch:
     position: torch.Tensor  # [n] int32
     document: torch.Tensor  # [n] int64
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    device_rows: dict[str, torch.Tensor] = field(default_factory=dict)  # statistics=True
     event: Any = None  # CUDA event after which the host copies are complete
 
     @property
@@ -649,10 +771,13 @@ class _Recorder:
         *,
         outputs: bool,
         store: torch.dtype,
+        keep_device: bool = False,
     ):
         from .models import unwrap_model
 
         self.store = store
+        # Online statistics read the rows on the device, before (instead of) the host copy.
+        self.keep_device = keep_device
         self.batch: _Batch | None = None
         self.index: dict[torch.device, torch.Tensor] = {}
         self.calls: dict[str, int] = {}
@@ -736,7 +861,11 @@ class _Recorder:
         if index is None:
             index = self.index[x.device] = batch.index.to(x.device, non_blocking=True)
         rows = x.reshape(-1, x.shape[-1]).index_select(0, index).to(self.store)
-        if rows.device.type == "cuda":
+        if self.keep_device:
+            for name in names:
+                batch.device_rows[name + suffix] = rows
+            rows = rows[:0]  # nothing goes to the host
+        elif rows.device.type == "cuda":
             host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
             host.copy_(rows, non_blocking=True)
             rows = host
@@ -1011,7 +1140,15 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="stop after N tokens (default: the whole corpus)",
     )
-    p.add_argument("--out", required=True, metavar="DIR", help="dump directory")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", metavar="DIR", help="dump directory")
+    where.add_argument(
+        "--statistics",
+        metavar="REPORT.npz",
+        help="write no dump: accumulate the analysis statistics on the model's device while "
+        "it runs and save the report here (rank1fast analyze's --skip-positions/--folds "
+        "defaults: 1 and 5)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="documents per batch (default 8)")
     p.add_argument(
         "--max-length",
@@ -1041,11 +1178,12 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_cli(args: argparse.Namespace) -> int:
-    dump = collect(
+    result = collect(
         args.model,
         args.corpus,
         args.sites,
         args.out,
+        statistics=args.statistics is not None,
         max_tokens=args.tokens,
         max_length=args.max_length,
         batch_size=args.batch_size,
@@ -1055,8 +1193,13 @@ def _run_cli(args: argparse.Namespace) -> int:
         outputs=args.outputs,
         progress=False if args.quiet else None,
     )
-    if not args.quiet:
-        print(_summary(dump))
+    if args.statistics is not None:
+        path = result.save(args.statistics)
+        if not args.quiet:
+            print(result)
+            print(f"saved {path}; next: rank1fast write {path} ...")
+    elif not args.quiet:
+        print(_summary(result))
     return 0
 
 
