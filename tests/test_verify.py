@@ -25,11 +25,9 @@ SITES = [f"{kind}.{layer}" for kind in ("resid_mid", "resid_post") for layer in 
 #: Collected tokens: the smallest count that met every target with margin (see the report).
 TOKENS = 12_000
 TARGET = {"resid_mid": 0.01, "resid_post": 0.05}
-#: Sites that miss the issue's target on this model, with the bound they do meet. resid_mid.5
-#: sits on the 1 % line: 0.84 % (20k tokens, 16 x 128-token texts, KL 0.31), 1.07 % here
-#: (12k tokens, 8 x 96, KL 0.33), 1.2 % at KL 0.44; its rms(b.x - 1) plateaus at 0.040 from
-#: 20k to 80k collected tokens, so more data does not help. Tracked as open in issue 4.
-BELOW_TARGET = {"resid_mid.5": 0.0125}
+#: Collection uses the evaluation's context length (96): b fits early positions worst and
+#: 256-token training contexts under-weight them (resid_mid.5: 1.07 % fitted on 256-token
+#: contexts, 0.73 % on 96-token ones; every site below its target with the latter).
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +39,7 @@ def pipeline(smollm, tmp_path_factory):
     docs = [d for i, d in enumerate(default_corpus()) if i % EVAL_STRIDE != EVAL_OFFSET]
     train = docs[::4] + docs[1::4]
     dump = rank1fast.collect(
-        smollm, train, SITES, root / "dump", max_tokens=TOKENS, max_length=256, progress=False
+        smollm, train, SITES, root / "dump", max_tokens=TOKENS, max_length=96, progress=False
     )
     report = rank1fast.analyze(dump.path, skip_positions=1, progress=False)
     positive, negative = steering_pairs()
@@ -75,7 +73,7 @@ def test_fidelity_targets(pipeline):
             continue
         checked += 1
         ls, oh = s.adapters["least-squares"], s.adapters["one-hot"]
-        target = BELOW_TARGET.get(s.site, TARGET[s.site.split(".")[0]])
+        target = TARGET[s.site.split(".")[0]]
         assert ls.ratio <= target, f"{s.site}: {ls.ratio:.4f} > {target}"
         assert 5 * ls.kl_mean <= oh.kl_mean, (
             f"{s.site}: one-hot only {oh.kl_mean / ls.kl_mean:.1f}x"
