@@ -6,6 +6,7 @@ Writes a synthetic [n, dim] activation file (safetensors) of the requested size,
 interleaved and best of --repeat runs, on a warm page cache:
   raw read     read every byte (the bandwidth limit)
   numpy        chunked memmap: decode to float32, float64 sum / sum of squares, min, max
+  torch        the same loop in torch (native bf16/f16 decode), when torch is installed
   rank1fast    analyze(second_moments=False): the same statistics plus per-fold sums
   rank1fast+G  analyze(second_moments=True) on the first --moment-rows rows (reported as GFLOP/s)
 and prints GB/s and ratios.
@@ -18,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +100,36 @@ def numpy_stats(path: Path, n: int, dim: int, dtype: str) -> np.ndarray:
     return s / n
 
 
+def torch_stats(path: Path, n: int, dim: int, dtype: str) -> np.ndarray | None:
+    """The same loop in torch (native bfloat16/float16 decode); None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    off = data_offset(path)
+    raw = np.memmap(
+        path,
+        dtype=np.uint8,
+        mode="r",
+        offset=off,
+        shape=(n * dim * (2 if dtype != "float32" else 4),),
+    )
+    with warnings.catch_warnings():  # read-only mmap: torch warns, we only read
+        warnings.simplefilter("ignore")
+        t = torch.frombuffer(raw, dtype=getattr(torch, dtype)).view(n, dim)
+    s = torch.zeros(dim, dtype=torch.float64)
+    sq = torch.zeros(dim, dtype=torch.float64)
+    mn = torch.full((dim,), float("inf"))
+    mx = torch.full((dim,), float("-inf"))
+    for r in range(0, n, CHUNK_ROWS):
+        x = t[r : r + CHUNK_ROWS].float()
+        s += x.sum(0, dtype=torch.float64)
+        sq += (x * x).sum(0, dtype=torch.float64)
+        torch.minimum(mn, x.amin(0), out=mn)
+        torch.maximum(mx, x.amax(0), out=mx)
+    return (s / n).numpy()
+
+
 def best(fn, repeat: int) -> float:
     times = []
     for _ in range(repeat):
@@ -129,10 +161,13 @@ def main() -> None:
     )
     raw_read(path)  # warm the page cache
 
-    t = {"raw read": [], "numpy": [], "rank1fast": []}
+    has_torch = torch_stats(path, min(n, CHUNK_ROWS), args.dim, args.dtype) is not None
+    t = {"raw read": [], "numpy": [], **({"torch": []} if has_torch else {}), "rank1fast": []}
     for _ in range(args.repeat):  # interleaved, so drift hits every method alike
         t["raw read"].append(best(lambda: raw_read(path), 1))
         t["numpy"].append(best(lambda: numpy_stats(path, n, args.dim, args.dtype), 1))
+        if has_torch:
+            t["torch"].append(best(lambda: torch_stats(path, n, args.dim, args.dtype), 1))
         t["rank1fast"].append(
             best(lambda: rank1fast.analyze(path, second_moments=False, progress=False), 1)
         )
@@ -145,6 +180,10 @@ def main() -> None:
     for k, v in t.items():
         print(f"{k:<14}{min(v):>9.3f}{gbps[k]:>8.2f}")
     print(f"rank1fast / numpy    : {gbps['rank1fast'] / gbps['numpy']:.2f}x")
+    if has_torch:
+        print(f"rank1fast / torch    : {gbps['rank1fast'] / gbps['torch']:.2f}x")
+        better = max(gbps["numpy"], gbps["torch"])
+        print(f"rank1fast / better of numpy, torch: {gbps['rank1fast'] / better:.2f}x")
     print(f"rank1fast / raw read : {gbps['rank1fast'] / gbps['raw read']:.2f}x")
 
     # Second moments: a prefix of the same data, reported as real GFLOP/s of the Gram product.
