@@ -6,8 +6,12 @@ write adapters from steering vectors, and verify them against hook-based steerin
 
 from __future__ import annotations
 
-from . import vectors  # light: torch is imported inside contrastive() and .pt loading
-from .adapter import write_adapter
+from . import (
+    distributed,  # light: ray is imported when a cluster is used; makes SiteStats picklable
+    serving,  # light: json and the safetensors header only
+    vectors,  # light: torch is imported inside contrastive() and .pt loading
+)
+from .adapter import write_adapter, write_adapters
 from .analysis import analyze
 from .collect import Dump, collect  # light: torch is imported only when collect() runs
 from .errors import (
@@ -55,8 +59,11 @@ __all__ = [
     "AdapterError",
     "RankDeficientWarning",
     "write_adapter",
+    "write_adapters",
+    "serving",
     "verify",
     "vectors",
+    "distributed",
     "Fidelity",
     "__version__",
 ]

@@ -29,6 +29,10 @@ An adapter directory holds:
   and ``...lora_B.weight`` ``[d_out, r]`` (extra ranks zero; norms balanced);
 - ``rank1fast.json``: what the adapter steers (site -> module, sizes, scale, method), read by
   :func:`rank1fast.verify`. PEFT and vLLM ignore it.
+
+``target=`` names the server the adapter is for (:mod:`rank1fast.serving`): the rank is padded
+to one it takes and the adapter is checked against its rules before anything is written.
+:func:`write_adapters` writes many adapters in one call, doing the per-site work once.
 """
 
 from __future__ import annotations
@@ -38,18 +42,32 @@ import os
 import re
 import shutil
 import tempfile
+import weakref
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import _core
-from .errors import AdapterError, InvalidArgumentError
+from .errors import AdapterError, InvalidArgumentError, Rank1IOError
 from .report import Report
+from .serving import (
+    CONFIG_FILE,
+    ERROR,
+    PROFILES,
+    WEIGHTS_FILE,
+    AdapterFiles,
+    Profile,
+    check_files,
+    get_profile,
+)
 
 __all__ = [
     "write_adapter",
+    "write_adapters",
     "read_adapter_info",
     "METHODS",
     "DTYPES",
@@ -60,8 +78,6 @@ __all__ = [
 
 METHODS = ("least-squares", "one-hot")
 DTYPES = ("float32", "float16", "bfloat16")
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 INFO_FILE = "rank1fast.json"
 _INFO_FORMAT = "rank1fast.adapter"
 #: pin_sink pins b·μ₀ = 1 only if the in-sample rms error grows by at most this factor.
@@ -71,6 +87,11 @@ DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 _RESID = re.compile(r"^(resid_mid|resid_post)\.(\d+)$")
 _MODULE_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)+$")
+#: One directory name that is not hidden (temporary directories start with a dot).
+_ADAPTER_NAME = re.compile(r"^[^./\\\x00][^/\\\x00]*$")
+#: write_adapters' default writer threads: the writes wait on fsync, not on the CPU, and
+#: concurrent fsyncs share journal commits.
+_WRITE_THREADS = 16
 
 
 def write_adapter(
@@ -85,6 +106,7 @@ def write_adapter(
     base_model: str | None = None,
     overwrite: bool = False,
     pin_sink: bool = True,
+    target: str = "peft",
 ) -> Path:
     """Write a PEFT LoRA adapter that adds ``scale·v`` at each site of ``vectors``.
 
@@ -98,7 +120,7 @@ def write_adapter(
         out: the adapter directory to create.
         scale: multiplies every vector (``lora_B = scale·v``).
         rank: the LoRA rank; ranks beyond 1 are zero (for servers that accept only some
-            ranks). ``lora_alpha = rank`` keeps PEFT's scaling at 1.
+            ranks). ``lora_alpha = rank`` keeps PEFT's scaling at 1. ``target`` may pad it.
         method: ``"least-squares"`` (the cross-validated constant direction) or
             ``"one-hot"`` (the naive single outlier dimension, for comparison).
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``; ``A`` and ``B`` are scaled to
@@ -109,6 +131,13 @@ def write_adapter(
         pin_sink: with ``method="least-squares"``, make ``b·x`` exactly 1 on the mean input at
             the positions the analysis skipped (the attention sink; see the module docs).
             Needs the report's dump (``report.source``); skipped without it.
+        target: the server the adapter is for (:data:`rank1fast.serving.PROFILES`):
+            ``"peft"`` (default), ``"vllm"``, ``"fireworks"``, ``"cloudflare"`` or
+            ``"together"``. The rank is padded with zeros to the smallest one the server takes
+            (vllm: 1, 8, 16, ...; fireworks: at least 4), and the adapter is checked against
+            the server's rules (:func:`rank1fast.serving.check`) before anything is written.
+            ``cloudflare`` adds the ``model_type`` Workers AI wants, from the dump's model or
+            ``base_model``.
 
     Returns:
         The adapter directory.
@@ -119,6 +148,8 @@ def write_adapter(
             (analysed without second moments), ``out`` existing (without ``overwrite``), or
             bad ``rank``/``method``/``dtype``. Nothing is left half-written: the directory is
             assembled under a temporary name next to ``out`` and renamed.
+        InvalidArgumentError: ``target``'s server would reject the adapter (a rank it cannot
+            take, a module it does not adapt, a file too large, ...); the message lists why.
 
     Example:
         >>> report = rank1fast.analyze("dump/")                                # doctest: +SKIP
@@ -127,85 +158,135 @@ def write_adapter(
         PosixPath('happy-lora')
     """
     out = Path(out)
-    if method not in METHODS:
-        raise AdapterError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    if dtype not in DTYPES:
-        raise AdapterError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
-        raise AdapterError(f"rank must be a positive integer; got {rank!r}")
-    scale = float(scale)
-    if not np.isfinite(scale):
-        raise AdapterError(f"scale must be finite; got {scale}")
+    opts = _options(scale, rank, method, dtype, pin_sink, target)
     if not vectors:
         raise AdapterError("no steering vectors given")
     _check_out(out, overwrite)
-
-    manifest = _manifest(report)
-    sites: dict[str, dict[str, Any]] = {}
-    directions, vecs = [], []
-    for site, vector in vectors.items():
-        info, direction, v = _site_tensors(report, manifest, str(site), vector, method)
-        sites[str(site)] = info
-        directions.append(direction)
-        vecs.append(v)
-    if pin_sink and method == "least-squares":
-        sinks = _sink_means(report, list(sites))
-        for i, site in enumerate(sites):
-            if site in sinks:
-                directions[i], sites[site]["sink"] = _pin(report[site], directions[i], sinks[site])
-    _check_residual_widths(sites)
-    modules = [s["module"] for s in sites.values()]
-    if len(set(modules)) != len(modules):
-        raise AdapterError(f"two sites map to one module: {modules}")
-
-    from . import __version__
-
-    base = base_model if base_model is not None else _manifest_model_name(manifest)
-    config = _peft_config(modules, int(rank), base)
-    info_doc = {
-        "format": _INFO_FORMAT,
-        "version": 1,
-        "rank1fast": __version__,
-        "method": method,
-        "scale": scale,
-        "rank": int(rank),
-        "dtype": dtype,
-        "base_model": base,
-        "pin_sink": bool(pin_sink and method == "least-squares"),
-        "report_source": report.source,
-        "skip_positions": report.skip_positions,
-        "sites": sites,
-    }
-
+    plan = _plan(_Sites(report, opts), vectors, base_model, opts)
+    _precheck(plan, opts, out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = _stage(plan, out, opts)
     try:
-        _write_json(tmp / CONFIG_FILE, config)
-        try:
-            _core.write_lora(
-                os.fspath(tmp / WEIGHTS_FILE),
-                modules,
-                directions,
-                vecs,
-                scale=scale,
-                rank=int(rank),
-                dtype=dtype,
-                metadata={
-                    "format": "pt",
-                    "rank1fast": json.dumps(
-                        {"method": method, "scale": scale, "sites": list(sites)}
-                    ),
-                },
-            )
-        except InvalidArgumentError as e:
-            raise AdapterError(f"{out}: {e}") from e
-        _write_json(tmp / INFO_FILE, info_doc)
-        _fsync_dir(tmp)
         _replace_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def write_adapters(
+    report: Report,
+    adapters: Mapping[str, Mapping[str, Any]],
+    out_root: str | os.PathLike[str],
+    *,
+    scale: float = 1.0,
+    rank: int = 1,
+    method: str = "least-squares",
+    dtype: str = "float32",
+    base_model: str | None = None,
+    overwrite: bool = False,
+    pin_sink: bool = True,
+    target: str = "peft",
+    threads: int | None = None,
+) -> dict[str, Path]:
+    """Write many adapters at once: ``out_root/<name>`` for each ``{name: {site: vector}}``.
+
+    Each directory is exactly what :func:`write_adapter` writes for that name's vectors with
+    the same options (byte for byte). What adapters share is done once: resolving sites, the
+    direction ``b`` of each site and its sink pinning (a ``d x d`` solve), and the check
+    against ``target``'s rules for each set of modules. The files are written by the Rust
+    core on ``threads`` threads (the writes wait on the disk, not the CPU).
+
+    All or nothing: every adapter is validated and written under a temporary name before any
+    is moved into place, so if one fails (a bad vector, a float16 overflow, Ctrl-C), none
+    appears.
+
+    Args:
+        report: the analysis of the sites, as for :func:`write_adapter`.
+        adapters: ``{name: {site: vector}}``; a name is one directory name (no ``/``, not
+            starting with ``.``).
+        out_root: the directory to create the adapters in (created if missing).
+        scale, rank, method, dtype, base_model, overwrite, pin_sink, target: as for
+            :func:`write_adapter`, applied to every adapter (``overwrite`` per adapter
+            directory).
+        threads: writer threads (default: 16, at most one per adapter).
+
+    Returns:
+        ``{name: adapter directory}``, in the order of ``adapters``.
+
+    Raises:
+        AdapterError: as :func:`write_adapter`, naming the adapter; also a bad name.
+        InvalidArgumentError: ``target``'s server would reject the adapters.
+
+    Example:
+        >>> vecs = {f"happy-{s}": {"resid_mid.15": s * v} for s in (1, 2, 4, 8)}  # doctest: +SKIP
+        >>> rank1fast.write_adapters(report, vecs, "loras/", target="vllm")      # doctest: +SKIP
+        {'happy-1': PosixPath('loras/happy-1'), ...}
+    """
+    out_root = Path(out_root)
+    opts = _options(scale, rank, method, dtype, pin_sink, target)
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise AdapterError(f"threads must be a positive integer; got {threads!r}")
+    if not adapters:
+        raise AdapterError("no adapters given")
+    outs: dict[str, Path] = {}
+    for name, vectors in adapters.items():
+        if not isinstance(name, str) or not _ADAPTER_NAME.match(name):
+            raise AdapterError(
+                f"adapter name {name!r} must be one directory name (no '/', not starting with '.')"
+            )
+        if not vectors:
+            raise AdapterError(f"adapter {name!r}: no steering vectors given")
+        outs[name] = out_root / name
+        _check_out(outs[name], overwrite)
+
+    sites = _Sites(report, opts)
+    plans: dict[str, _Plan] = {}
+    checked: set[tuple[Any, ...]] = set()
+    for name, vectors in adapters.items():
+        try:
+            plan = _plan(sites, vectors, base_model, opts)
+        except AdapterError as e:
+            raise AdapterError(f"adapter {name!r}: {e}") from e
+        # The rules depend only on the modules and their sizes: check each layout once.
+        key = tuple((s["module"], s["d_in"], s["d_out"]) for s in plan.info["sites"].values())
+        if key not in checked:
+            _precheck(plan, opts, outs[name])
+            checked.add(key)
+        plans[name] = plan
+
+    out_root.mkdir(parents=True, exist_ok=True)
+    staged: dict[str, Path] = {}
+    try:
+        workers = min(threads or _WRITE_THREADS, len(plans))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [(n, pool.submit(_stage, plans[n], outs[n], opts)) for n in plans]
+            try:
+                for name, future in futures:
+                    staged[name] = future.result()
+            except BaseException:
+                # Stop what has not started; collect what finished so it is removed below.
+                for _, future in futures:
+                    future.cancel()
+                for name, future in futures:
+                    if name not in staged and not future.cancelled():
+                        try:
+                            staged[name] = future.result()
+                        except BaseException:
+                            pass
+                raise
+        for name in plans:
+            _replace_dir(staged[name], outs[name], overwrite, sync=False)
+            del staged[name]
+    except BaseException:
+        for tmp in staged.values():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        _fsync_dir(out_root)
+    return outs
 
 
 def read_adapter_info(adapter: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -244,70 +325,306 @@ def read_adapter_info(adapter: str | os.PathLike[str]) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------- sites
 
 
-def _site_tensors(
-    report: Report, manifest: dict[str, Any], site: str, vector: Any, method: str
-) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    if site not in report:
-        raise AdapterError(
-            f"site {site!r} is not in the report (it has: {', '.join(report.sites) or 'none'}); "
-            "analyze a dump that holds it"
-        )
-    s = report[site]
-    module = report.modules.get(site)
-    if module is None:
-        if _RESID.match(site) or not _MODULE_PATH.match(site):
+@dataclass(frozen=True)
+class _Options:
+    scale: float
+    rank: int  # written (padded for the profile)
+    requested_rank: int
+    method: str
+    dtype: str
+    pin_sink: bool  # pin_sink and method == "least-squares"
+    profile: Profile
+
+
+def _options(
+    scale: Any, rank: Any, method: str, dtype: str, pin_sink: bool, target: str
+) -> _Options:
+    """Validate the options every adapter shares (the checks write_adapter always made)."""
+    if method not in METHODS:
+        raise AdapterError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    if dtype not in DTYPES:
+        raise AdapterError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+        raise AdapterError(f"rank must be a positive integer; got {rank!r}")
+    scale = float(scale)
+    if not np.isfinite(scale):
+        raise AdapterError(f"scale must be finite; got {scale}")
+    profile = get_profile(target)
+    return _Options(
+        scale=scale,
+        rank=profile.pad_rank(int(rank)),
+        requested_rank=int(rank),
+        method=method,
+        dtype=dtype,
+        pin_sink=bool(pin_sink and method == "least-squares"),
+        profile=profile,
+    )
+
+
+class _Sites:
+    """Per-site work shared by every adapter: module, sizes, direction (pinned once)."""
+
+    def __init__(self, report: Report, opts: _Options) -> None:
+        self.report = report
+        self.opts = opts
+        self.manifest = _manifest(report)
+        self._done: dict[str, tuple[dict[str, Any], np.ndarray, int | None]] = {}
+
+    def get(self, site: str) -> tuple[dict[str, Any], np.ndarray, int | None]:
+        """``(info, b, expected d_out)`` of a site; info holds everything but the vector's part."""
+        if site not in self._done:
+            self._done[site] = self._resolve(site)
+        return self._done[site]
+
+    def _resolve(self, site: str) -> tuple[dict[str, Any], np.ndarray, int | None]:
+        report = self.report
+        if site not in report:
             raise AdapterError(
-                f"site {site!r}: the report does not say which module it is (analysed from a "
-                "bare file, not a dump with a manifest); name the site by its module path"
+                f"site {site!r} is not in the report (it has: "
+                f"{', '.join(report.sites) or 'none'}); analyze a dump that holds it"
             )
-        module = site
+        s = report[site]
+        module = report.modules.get(site)
+        if module is None:
+            if _RESID.match(site) or not _MODULE_PATH.match(site):
+                raise AdapterError(
+                    f"site {site!r}: the report does not say which module it is (analysed from "
+                    "a bare file, not a dump with a manifest); name the site by its module path"
+                )
+            module = site
+        if s.count == 0:
+            raise AdapterError(f"site {site}: the report holds no tokens for it")
+        extra: dict[str, Any]
+        if self.opts.method == "least-squares":
+            direction = s.direction
+            if direction is None:
+                raise AdapterError(
+                    f"site {site}: no least-squares direction (analysed without second "
+                    "moments); re-run analyze with second_moments=True or use method='one-hot'"
+                )
+            b, err, extra = direction.vector, direction.error, {"ridge": direction.ridge}
+        else:
+            oh = s.onehot
+            b, err, extra = oh.vector, oh.error, {"dims": oh.dims}
+        b = np.ascontiguousarray(b, dtype=np.float64)
+        if b.shape != (s.dim,):
+            raise AdapterError(f"site {site}: direction has shape {b.shape}, expected ({s.dim},)")
+        info: dict[str, Any] = {
+            "module": module,
+            "d_in": int(s.dim),
+            "tokens": int(s.count),
+            "direction_error": float(err),
+            **extra,
+        }
+        if self.opts.pin_sink:
+            mu0 = s.sink_mean
+            if mu0 is not None and np.isfinite(mu0).all() and np.any(mu0):
+                b, info["sink"] = _pinned(s, b, mu0)
+        return info, b, _expected_out_dim(self.manifest, site)
+
+
+def _vector(site: str, module: str, vector: Any, expect: int | None) -> np.ndarray:
     v = np.asarray(vector, dtype=np.float64)
     if v.ndim != 1 or v.size == 0:
         raise AdapterError(f"site {site}: the steering vector must be 1-D, got shape {v.shape}")
     if not np.isfinite(v).all():
         raise AdapterError(f"site {site}: the steering vector holds a NaN or an infinity")
-    expect = _expected_out_dim(manifest, site)
     if expect is not None and v.size != expect:
         raise AdapterError(
             f"site {site} ({module}): the steering vector has {v.size} values but the module's "
             f"output has {expect}"
         )
-    if s.count == 0:
-        raise AdapterError(f"site {site}: the report holds no tokens for it")
-    if method == "least-squares":
-        direction = s.direction
-        if direction is None:
-            raise AdapterError(
-                f"site {site}: no least-squares direction (analysed without second moments); "
-                "re-run analyze with second_moments=True or use method='one-hot'"
-            )
-        b, err, extra = direction.vector, direction.error, {"ridge": direction.ridge}
-    else:
-        oh = s.onehot
-        b, err, extra = oh.vector, oh.error, {"dims": oh.dims}
-    b = np.ascontiguousarray(b, dtype=np.float64)
-    if b.shape != (s.dim,):
-        raise AdapterError(f"site {site}: direction has shape {b.shape}, expected ({s.dim},)")
-    info = {
-        "module": module,
-        "d_in": int(s.dim),
-        "d_out": int(v.size),
-        "tokens": int(s.count),
-        "direction_error": float(err),
-        "vector_norm": float(np.linalg.norm(v)),
-        **extra,
+    return np.ascontiguousarray(v)
+
+
+@dataclass
+class _Plan:
+    """Everything one adapter directory holds, ready to write."""
+
+    modules: list[str]
+    directions: list[np.ndarray]
+    vectors: list[np.ndarray]
+    config: dict[str, Any]
+    info: dict[str, Any]
+
+
+def _plan(
+    sites: _Sites, vectors: Mapping[str, Any], base_model: str | None, opts: _Options
+) -> _Plan:
+    infos: dict[str, dict[str, Any]] = {}
+    directions, vecs = [], []
+    for key, vector in vectors.items():
+        site = str(key)
+        shared, b, expect = sites.get(site)
+        v = _vector(site, shared["module"], vector, expect)
+        info = {"module": shared["module"], "d_in": shared["d_in"], "d_out": int(v.size)}
+        info["tokens"] = shared["tokens"]
+        info["direction_error"] = shared["direction_error"]
+        info["vector_norm"] = float(np.linalg.norm(v))
+        info.update((k, val) for k, val in shared.items() if k not in info)
+        infos[site] = info
+        directions.append(b)
+        vecs.append(v)
+    _check_residual_widths(infos)
+    modules = [s["module"] for s in infos.values()]
+    if len(set(modules)) != len(modules):
+        raise AdapterError(f"two sites map to one module: {modules}")
+
+    from . import __version__
+
+    base = base_model if base_model is not None else _manifest_model_name(sites.manifest)
+    config = _peft_config(modules, opts.rank, base)
+    if opts.profile.model_types is not None:
+        config["model_type"] = _model_type(sites.manifest, base)
+    info_doc = {
+        "format": _INFO_FORMAT,
+        "version": 1,
+        "rank1fast": __version__,
+        "method": opts.method,
+        "scale": opts.scale,
+        "rank": opts.rank,
+        "requested_rank": opts.requested_rank,
+        "target": opts.profile.name,
+        "dtype": opts.dtype,
+        "base_model": base,
+        "pin_sink": opts.pin_sink,
+        "report_source": sites.report.source,
+        "skip_positions": sites.report.skip_positions,
+        "sites": infos,
     }
-    return info, b, np.ascontiguousarray(v)
+    return _Plan(modules, directions, vecs, config, info_doc)
 
 
-def _sink_means(report: Report, sites: list[str]) -> dict[str, np.ndarray]:
-    """Mean site input at the positions the report skipped (accumulated by the same pass)."""
-    out = {}
-    for site in sites:
-        mu = report[site].sink_mean if site in report else None
-        if mu is not None and np.isfinite(mu).all() and np.any(mu):
-            out[site] = mu
-    return out
+def _precheck(plan: _Plan, opts: _Options, out: Path) -> None:
+    """Refuse, before writing, an adapter the target server would reject.
+
+    The rules are those of :func:`rank1fast.serving.check`, applied to the files as they will
+    be written (sizes predicted from the shapes and dtype).
+    """
+    tag, item = {"float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2)}[opts.dtype]
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    header: dict[str, Any] = {"__metadata__": _weights_metadata(plan.info)}
+    offset = 0
+    for module, s in zip(plan.modules, plan.info["sites"].values()):
+        for factor, shape in (
+            ("lora_A", (opts.rank, s["d_in"])),
+            ("lora_B", (s["d_out"], opts.rank)),
+        ):
+            name = f"base_model.model.{module}.{factor}.weight"
+            tensors[name] = (tag, shape)
+            size = shape[0] * shape[1] * item
+            header[name] = {
+                "dtype": tag,
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+    head = len(json.dumps(header, separators=(",", ":")).encode())
+    files = AdapterFiles(
+        files={
+            CONFIG_FILE: len(json.dumps(plan.config, indent=2)) + 1,
+            WEIGHTS_FILE: 8 + head + (-head % 8) + offset,
+            INFO_FILE: len(json.dumps(plan.info, indent=2)) + 1,
+        },
+        config=plan.config,
+        tensors=tensors,
+        weights=WEIGHTS_FILE,
+    )
+    errors = [p for p in check_files(files, opts.profile) if p.severity == ERROR]
+    if errors:
+        lines = [f"[{p.rule}] {p.message}" for p in errors]
+        if any(p.rule == "model_type" for p in errors):
+            lines.append(
+                "rank1fast takes model_type from the dump's model or from base_model's name; "
+                "pass base_model= naming a checkpoint of a family the server takes"
+            )
+        raise InvalidArgumentError(
+            f"{out}: {opts.profile.server} would reject this adapter:\n  " + "\n  ".join(lines)
+        )
+
+
+def _stage(plan: _Plan, out: Path, opts: _Options) -> Path:
+    """Write the adapter's files into a new temporary directory next to ``out``.
+
+    Each file is fsynced; the JSON files are written first, so the directory fsync the Rust
+    writer makes after placing the weights also makes their entries durable.
+    """
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise Rank1IOError(f"{out}: cannot write the adapter: {e.strerror or e}") from e
+    try:
+        _write_json(tmp / CONFIG_FILE, plan.config)
+        _write_json(tmp / INFO_FILE, plan.info)
+        try:
+            _core.write_lora(
+                os.fspath(tmp / WEIGHTS_FILE),
+                plan.modules,
+                plan.directions,
+                plan.vectors,
+                scale=opts.scale,
+                rank=opts.rank,
+                dtype=opts.dtype,
+                metadata=_weights_metadata(plan.info),
+            )
+        except InvalidArgumentError as e:
+            raise AdapterError(f"{out}: {e}") from e
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # The reason without the temporary path (the Rust writer's message ends with it).
+        reason = e.strerror or str(e).rsplit(": ", 1)[-1]
+        raise Rank1IOError(f"{out}: cannot write the adapter: {reason}") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def _weights_metadata(info: dict[str, Any]) -> dict[str, str]:
+    return {
+        "format": "pt",
+        "rank1fast": json.dumps(
+            {"method": info["method"], "scale": info["scale"], "sites": list(info["sites"])}
+        ),
+    }
+
+
+_MODEL_TYPES = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "gemma": "gemma",
+    "gemma2": "gemma",
+    "gemma3": "gemma",
+    "gemma3_text": "gemma",
+}
+
+
+def _model_type(manifest: dict[str, Any], base_model: str | None) -> str | None:
+    """The model family for configs that must name it (Workers AI): from the dump, else
+    from the base model's name."""
+    model = manifest.get("model")
+    kind = model.get("type") if isinstance(model, dict) else None
+    if isinstance(kind, str) and kind.lower() in _MODEL_TYPES:
+        return _MODEL_TYPES[kind.lower()]
+    name = (base_model or "").lower().rsplit("/", 1)[-1]
+    return next((t for t in ("mistral", "gemma", "llama") if t in name), None)
+
+
+#: Each site report's sink-pinned direction, per SINK_PIN_MAX_COST. It depends only on the
+#: report's statistics and costs a d x d solve (seconds at d = 4096), so every write_adapter
+#: and write_adapters call on the same report shares one.
+_PINNED: weakref.WeakKeyDictionary[Any, dict[float, tuple[np.ndarray, dict[str, Any]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _pinned(s: Any, b: np.ndarray, mu0: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """:func:`_pin` of a site's least-squares direction, computed once per report."""
+    per_cost = _PINNED.setdefault(s, {})
+    if SINK_PIN_MAX_COST not in per_cost:
+        per_cost[SINK_PIN_MAX_COST] = _pin(s, b, mu0)
+    pinned, info = per_cost[SINK_PIN_MAX_COST]
+    return pinned, dict(info)
 
 
 def _pin(s: Any, b: np.ndarray, mu0: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
@@ -324,7 +641,8 @@ def _pin(s: Any, b: np.ndarray, mu0: np.ndarray) -> tuple[np.ndarray, dict[str, 
     if g is None or direction is None:
         return b, info
     d = g.shape[0]
-    g_r = g + direction.ridge * np.trace(g) / d * np.eye(d)
+    g_r = g.copy()  # G + λ·tr(G)/d·I without a second d x d temporary
+    g_r.flat[:: d + 1] += direction.ridge * np.trace(g) / d
     try:
         w = np.linalg.solve(g_r, mu0)
     except np.linalg.LinAlgError:
@@ -467,8 +785,9 @@ def _check_out(out: Path, overwrite: bool) -> None:
         )
 
 
-def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Move the finished ``tmp`` to ``out`` (replacing an old adapter when allowed)."""
+def _replace_dir(tmp: Path, out: Path, overwrite: bool, sync: bool = True) -> None:
+    """Move the finished ``tmp`` to ``out`` (replacing an old adapter when allowed); ``sync``:
+    fsync the parent directory (write_adapters does it once for all)."""
     if out.exists():
         _check_out(out, overwrite)
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -484,7 +803,8 @@ def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
             os.rename(tmp, out)
         except OSError as e:
             raise AdapterError(f"{out}: cannot create the adapter directory: {e}") from e
-    _fsync_dir(out.parent)
+    if sync:
+        _fsync_dir(out.parent)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -529,6 +849,15 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--base-model", default=None)
     p.add_argument(
+        "--for",
+        dest="target",
+        choices=list(PROFILES),
+        default="peft",
+        metavar="PROFILE",
+        help=f"the server the adapter is for ({', '.join(PROFILES)}; default peft): pads the "
+        "rank to one it takes and refuses what it would reject",
+    )
+    p.add_argument(
         "--no-pin-sink",
         action="store_true",
         help="do not pin b.x = 1 on the skipped first positions",
@@ -558,6 +887,7 @@ def _run_write(args: Any) -> int:
         base_model=args.base_model,
         overwrite=args.overwrite,
         pin_sink=not args.no_pin_sink,
+        target=args.target,
     )
     info = read_adapter_info(out) or {}
     for site, s in info.get("sites", {}).items():
@@ -565,5 +895,9 @@ def _run_write(args: Any) -> int:
             f"{site}: {s['module']}  [{s['d_out']} x {s['d_in']}]  "
             f"direction error {s['direction_error']:.4f}"
         )
-    print(f"wrote {out}")
+    from .serving import check
+
+    for problem in check(out, args.target):  # only warnings can remain (errors were refused)
+        print(f"{problem.severity}: {problem.message}")
+    print(f"wrote {out} (r = {info.get('rank')}, for {PROFILES[args.target].server})")
     return 0

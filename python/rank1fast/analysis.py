@@ -23,6 +23,7 @@ def analyze(
     second_moments: bool = True,
     threads: int | None = None,
     progress: ProgressArg = None,
+    cluster: str | None = None,
 ) -> Report:
     """Per-dimension statistics, outliers and the constant direction of every site.
 
@@ -43,9 +44,15 @@ def analyze(
             else by blocks of 256 rows).
         second_moments: accumulate ``E[x xᵀ]`` per fold (needed for the least-squares
             direction; off gives statistics and the one-hot baseline only, much faster).
-        threads: worker threads (default: one per core).
+        threads: worker threads (default: one per core; on a cluster, threads per task,
+            default 1).
         progress: None shows a bar on a terminal, True always, False never; a callable gets
             ``(bytes_done, bytes_total)``.
+        cluster: None analyses in this process. ``"ray"`` makes every shard a Ray task (on
+            the running Ray session, else ``RAY_ADDRESS``, else a local cluster started on
+            the fly) and merges their statistics; ``"ray://HOST:PORT"`` or ``"ray:ADDRESS"``
+            names the cluster. The files must be readable from every worker. More options:
+            :func:`rank1fast.distributed.analyze`. Needs ``pip install 'rank1fast[ray]'``.
 
     Returns:
         A :class:`~rank1fast.Report`.
@@ -53,12 +60,26 @@ def analyze(
     Raises:
         PathNotFoundError: ``path`` does not exist.
         DumpError: a file is malformed, truncated or of an unsupported dtype.
-        InvalidArgumentError: an unknown site, or folds < 1.
+        InvalidArgumentError: an unknown site, or folds < 1; with ``cluster``, Ray missing
+            or the cluster unreachable.
 
     Example:
         >>> report = rank1fast.analyze("dump/", sites=["resid_mid.15"])   # doctest: +SKIP
         >>> print(report)                                                # doctest: +SKIP
     """
+    if cluster is not None:
+        from . import distributed
+
+        return distributed.analyze(
+            path,
+            address=distributed.ray_address(cluster),
+            sites=sites,
+            skip_positions=skip_positions,
+            folds=folds,
+            second_moments=second_moments,
+            threads=threads,
+            progress=progress,
+        )
     if isinstance(sites, str):
         sites = [sites]
     callback, bar = bytes_callback(progress, "analyze")

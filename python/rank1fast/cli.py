@@ -17,7 +17,14 @@ from . import __version__
 from .errors import Rank1Error
 
 # Modules that contribute subcommands (imported lazily so `rank1fast analyze` never imports torch).
-_COMMAND_MODULES: list[str] = ["collect", "vectors", "adapter", "verify", "demo"]
+_COMMAND_MODULES: list[str] = [
+    "collect",
+    "vectors",
+    "adapter",
+    "serving",
+    "verify",
+    "demo",
+]
 
 
 def _analyze_cli(sub: argparse._SubParsersAction) -> None:
@@ -52,7 +59,25 @@ def _analyze_cli(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="statistics and one-hot only (no least-squares direction); much faster",
     )
-    p.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="worker threads (default: all cores; with --ray: threads per task, default 1)",
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help=(
+            "analyse on a Ray cluster, one task per shard (files must be readable from every "
+            "worker); ADDRESS as ray.init takes it (ray://HOST:PORT, HOST:6379, auto); "
+            "without one: RAY_ADDRESS, else a local cluster. Put it after PATH or use "
+            "--ray=ADDRESS. Needs pip install 'rank1fast[ray]'"
+        ),
+    )
     p.add_argument("--json", metavar="OUT", help="write a JSON summary to OUT")
     p.add_argument(
         "--save",
@@ -74,6 +99,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
         second_moments=not args.no_second_moments,
         threads=args.threads,
         progress=False if args.quiet else None,
+        cluster=None if args.ray is None else f"ray:{args.ray}" if args.ray else "ray",
     )
     if args.save:
         report.save(args.save)

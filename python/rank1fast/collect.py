@@ -328,6 +328,8 @@ def collect(
     storage_dtype: str | torch.dtype = "bfloat16",
     outputs: bool = False,
     shard_tokens: int | None = None,
+    document_offset: int = 0,
+    document_stride: int = 1,
     progress: ProgressArg = None,
 ) -> Any:
     """Record the input of each site's module, for every real token of a corpus, into a dump.
@@ -364,6 +366,10 @@ def collect(
             steering vectors live in.
         shard_tokens: tokens per shard (whole batches; a shard closes at the first batch end
             at or past this count). Default: about 256 MiB of stored activations.
+        document_offset, document_stride: the ``i``-th document of ``texts`` is recorded as
+            document ``document_offset + document_stride * i`` (folds are by document). A
+            worker of a collection over several (:mod:`rank1fast.distributed`) that reads
+            documents ``rank, rank + world, ...`` passes ``rank`` and ``world``.
         progress: None shows a tqdm bar of tokens on a terminal, True always, False never; a
             callable is called as ``progress(tokens_done, max_tokens or 0)`` after each batch.
 
@@ -401,6 +407,11 @@ def collect(
         )
     if not statistics and out is None:
         raise InvalidArgumentError("out (the dump directory) is required unless statistics=True")
+    if document_offset < 0 or document_stride < 1:
+        raise InvalidArgumentError(
+            f"need document_offset >= 0 and document_stride >= 1, got {document_offset}, "
+            f"{document_stride}"
+        )
     if folds < 1 or skip_positions < 0:
         raise InvalidArgumentError(
             f"folds must be at least 1 and skip_positions at least 0, got {folds}, {skip_positions}"
@@ -426,6 +437,8 @@ def collect(
         "add_special_tokens": True,
         "tokenizer": {"class": type(tokenizer).__name__, "vocab_size": len(tokenizer)},
     }
+    if (document_offset, document_stride) != (0, 1):
+        settings["documents"] = {"offset": int(document_offset), "stride": int(document_stride)}
     fresh = {
         "format": _FORMAT,
         "version": _VERSION,
@@ -642,7 +655,12 @@ def _run(
         ids = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length)[
             "input_ids"
         ]
-        rows = [(first_doc + i, seq) for i, seq in enumerate(ids) if len(seq) > 0]
+        ids_of = manifest["collect"].get("documents", {"offset": 0, "stride": 1})
+        rows = [
+            (ids_of["offset"] + ids_of["stride"] * (first_doc + i), seq)
+            for i, seq in enumerate(ids)
+            if len(seq) > 0
+        ]
         if rows:
             batch = _make_batch(rows, pad_id)
             recorder.run(model, batch, input_device)
