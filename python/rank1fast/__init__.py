@@ -24,6 +24,7 @@ from .errors import (
     RankDeficientWarning,
     SiteError,
 )
+from .merging import merge_adapter
 from .report import Direction, OneHot, Outlier, Report, SiteReport, merge
 from .verify import Fidelity, verify  # light: torch/peft are imported when verify() runs
 
@@ -59,6 +60,7 @@ __all__ = [
     "AdapterError",
     "RankDeficientWarning",
     "write_adapter",
+    "merge_adapter",
     "write_adapters",
     "serving",
     "verify",

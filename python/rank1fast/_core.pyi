@@ -80,3 +80,12 @@ def write_lora(
     dtype: str = "float32",
     metadata: dict[str, str] | None = None,
 ) -> int: ...
+
+# --- merge (rust/rank1fast-core/src/merge.rs) ---
+def merge(
+    model_dir: str,
+    adapter: str,
+    out_dir: str,
+    overwrite: bool = False,
+    progress: Callable[[int, int], Any] | None = None,
+) -> dict[str, Any]: ...

@@ -22,6 +22,7 @@ _COMMAND_MODULES: list[str] = [
     "vectors",
     "adapter",
     "serving",
+    "merging",
     "verify",
     "demo",
 ]

@@ -1,10 +1,12 @@
 //! rank1fast-core: streaming statistics of activation dumps, the least-squares constant
-//! direction per site, and the tensors of rank-1 LoRA adapters. Pure Rust, no Python.
+//! direction per site, the tensors of rank-1 LoRA adapters, and merging adapters into
+//! checkpoints. Pure Rust, no Python.
 
 pub mod adapter;
 pub mod analyze;
 pub mod dtype;
 pub mod error;
+pub mod merge;
 pub mod solve;
 pub mod source;
 pub mod stats;

@@ -329,6 +329,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(analyze, m)?)?;
     m.add_function(wrap_pyfunction!(default_ridges, m)?)?;
     m.add_function(wrap_pyfunction!(write_lora, m)?)?;
+    m.add_function(wrap_pyfunction!(merge, m)?)?;
     m.add("FOLD_BLOCK_ROWS", core::analyze::FOLD_BLOCK_ROWS)?;
     Ok(())
 }
@@ -379,4 +380,48 @@ fn write_lora(
     py.detach(|| core::adapter::write_lora(&path, &sites, scale, rank, dtype, &metadata))
         .map(|s| s.bytes)
         .map_err(to_py)
+}
+
+// --- merge ---
+
+/// Write a copy of the safetensors checkpoint in `model_dir` to `out_dir` with the PEFT LoRA
+/// adapter in `adapter` merged into its weights (rank1fast-core's `merge`), streaming, with
+/// the GIL released. Returns a summary dict.
+#[pyfunction]
+#[pyo3(signature = (model_dir, adapter, out_dir, overwrite=false, progress=None))]
+fn merge<'py>(
+    py: Python<'py>,
+    model_dir: PathBuf,
+    adapter: PathBuf,
+    out_dir: PathBuf,
+    overwrite: bool,
+    progress: Option<Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let opts = core::merge::MergeOptions { overwrite };
+    let state = Progress::default();
+    let summary = run_long(py, &state, progress.as_ref(), || {
+        core::merge::merge(&model_dir, &adapter, &out_dir, &opts, &state)
+    })?;
+    let out = PyDict::new(py);
+    out.set_item("out_dir", &summary.out_dir)?;
+    out.set_item("shards", &summary.shards)?;
+    let merged = summary
+        .merged
+        .iter()
+        .map(|t| {
+            let d = PyDict::new(py);
+            d.set_item("tensor", &t.tensor)?;
+            d.set_item("shard", &t.shard)?;
+            d.set_item("module", &t.module)?;
+            d.set_item("rank", t.rank)?;
+            d.set_item("scaling", t.scaling)?;
+            d.set_item("dtype", t.dtype.name())?;
+            d.set_item("from_adapter", t.from_adapter)?;
+            Ok(d)
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    out.set_item("merged", merged)?;
+    out.set_item("copied", &summary.copied)?;
+    out.set_item("bytes", summary.bytes)?;
+    Ok(out)
 }
