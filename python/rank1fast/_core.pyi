@@ -66,7 +66,14 @@ def analyze(
     second_moments: bool = True,
     threads: int = 0,
     progress: Callable[[int, int], Any] | None = None,
+    shifts: dict[str, npt.NDArray[np.float32]] | None = None,
 ) -> list[SiteStats]: ...
+def second_moment_shifts(
+    path: str,
+    sites: list[str] | None = None,
+    skip_positions: int = 1,
+    second_moments: bool = True,
+) -> list[tuple[str, npt.NDArray[np.float32]]]: ...
 def default_ridges() -> list[float]: ...
 
 # --- adapter writer (rust/rank1fast-core/src/adapter.rs) ---

@@ -15,10 +15,10 @@ Analysis (:func:`analyze`, what ``rank1fast.analyze(path, cluster="ray")`` runs)
 - a task whose worker dies is retried by Ray (``max_retries``); errors in the data
   (:class:`~rank1fast.DumpError` ...) are raised on the driver as they are.
 
-What differs from one process: the second moments of each task are accumulated about a
-shift taken from its own first rows (one process takes it from the dump's first rows), so
-``E[x xᵀ]`` agrees to the float32 accuracy of the centred part, as when shards analysed one by
-one are merged; counts, folds, means, variances, minima and maxima agree to float64 rounding.
+Every task accumulates its float32 Gram matrices about the shift one process would use (the
+mean of each site's first rows, read once by the driver: ``_core.second_moment_shifts``), on
+the same chunks, so every statistic, second moments included, equals the one-process one up
+to the order of float64 additions (1e-12 relative in the tests).
 
 Collection (:func:`collect` on Ray, or :func:`collect_part` in each of ``world`` plain
 processes followed by :func:`join_parts`):
@@ -229,6 +229,18 @@ def analyze(
                     f"site {s!r} is not in {path}; it has: {', '.join(have)}"
                 )
     sizes = [sum(_size(root / f) for f in files) for files, _ in units]
+    # Every task accumulates second moments about the shifts one process would use (the mean
+    # of each site's first rows), so the merged sums equal the one-process sums up to float64
+    # rounding. Computing them reads the headers and a few rows.
+    shifts = (
+        dict(
+            _core.second_moment_shifts(
+                os.fspath(path), sites=sites, skip_positions=int(skip_positions)
+            )
+        )
+        if second_moments
+        else None
+    )
 
     ray = _ray(address)
     cpus = int(threads or 1)
@@ -253,6 +265,7 @@ def analyze(
                 int(folds),
                 bool(second_moments),
                 cpus,
+                shifts,
             )
             leaves[ref] = sizes[i]
             in_flight.append(ref)
@@ -364,6 +377,7 @@ def _analyze_unit(
     folds: int,
     second_moments: bool,
     threads: int,
+    shifts: dict[str, Any] | None = None,
 ) -> _Partial:
     """A Ray task: the Rust core over some files of a dump (or directory), as one process
     reads them. Runs on a worker."""
@@ -377,6 +391,7 @@ def _analyze_unit(
             folds=folds,
             second_moments=second_moments,
             threads=threads,
+            shifts=shifts,
         )
 
     if manifest is None and len(files) == 1:

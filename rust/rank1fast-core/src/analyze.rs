@@ -29,6 +29,10 @@ pub struct AnalyzeOptions {
     pub second_moments: bool,
     /// Worker threads; 0 means one per core.
     pub threads: usize,
+    /// Per site, the point second moments are accumulated about (see [`second_moment_shifts`]);
+    /// sites not listed use the mean of their first rows. Analyses of parts of a dump given
+    /// the whole dump's shifts sum to the whole analysis up to float64 rounding.
+    pub shifts: Vec<(String, Vec<f32>)>,
 }
 
 impl Default for AnalyzeOptions {
@@ -39,6 +43,7 @@ impl Default for AnalyzeOptions {
             folds: 5,
             second_moments: true,
             threads: 0,
+            shifts: Vec::new(),
         }
     }
 }
@@ -65,22 +70,7 @@ pub fn analyze(path: &Path, opts: &AnalyzeOptions, progress: &Progress) -> Resul
         return Err(Error::Invalid("folds must be at least 1".into()));
     }
     let sources = source::open(path)?;
-    let selected: Vec<&(String, Vec<SiteSource>)> = match &opts.sites {
-        None => sources.sites.iter().collect(),
-        Some(want) => want
-            .iter()
-            .map(|w| {
-                sources.sites.iter().find(|(n, _)| n == w).ok_or_else(|| {
-                    let have: Vec<&str> = sources.sites.iter().map(|(n, _)| n.as_str()).collect();
-                    Error::Invalid(format!(
-                        "site {w:?} is not in {}; it has: {}",
-                        path.display(),
-                        have.join(", ")
-                    ))
-                })
-            })
-            .collect::<Result<_>>()?,
-    };
+    let selected = select(&sources, path, opts)?;
     let total: u64 = selected
         .iter()
         .flat_map(|(_, srcs)| srcs.iter())
@@ -95,7 +85,18 @@ pub fn analyze(path: &Path, opts: &AnalyzeOptions, progress: &Progress) -> Resul
     selected
         .into_iter()
         .map(|(name, srcs)| {
-            let stats = analyze_site(srcs, opts, threads, progress)?;
+            let shift = match opts.shifts.iter().find(|(n, _)| n == name) {
+                Some((_, s)) if s.len() == srcs[0].dim => s.clone(),
+                Some((_, s)) => {
+                    return Err(Error::Invalid(format!(
+                        "shift for site {name} has {} values, the site has dim {}",
+                        s.len(),
+                        srcs[0].dim
+                    )))
+                }
+                None => rough_mean(srcs, chunk_rows(srcs[0].dim, opts), opts.skip_positions),
+            };
+            let stats = analyze_site(srcs, opts, threads, shift, progress)?;
             if stats.count == 0 && stats.nonfinite > 0 {
                 return Err(Error::dump(
                     srcs[0].path(),
@@ -115,15 +116,56 @@ pub fn analyze(path: &Path, opts: &AnalyzeOptions, progress: &Progress) -> Resul
         .collect()
 }
 
+/// The shift each selected site's second moments are accumulated about in [`analyze`]: pass
+/// them back in [`AnalyzeOptions::shifts`] when analysing parts of the same data separately.
+pub fn second_moment_shifts(path: &Path, opts: &AnalyzeOptions) -> Result<Vec<(String, Vec<f32>)>> {
+    let sources = source::open(path)?;
+    Ok(select(&sources, path, opts)?
+        .into_iter()
+        .map(|(name, srcs)| {
+            let rows = chunk_rows(srcs[0].dim, opts);
+            (name.clone(), rough_mean(srcs, rows, opts.skip_positions))
+        })
+        .collect())
+}
+
+fn select<'a>(
+    sources: &'a source::Sources,
+    path: &Path,
+    opts: &AnalyzeOptions,
+) -> Result<Vec<&'a (String, Vec<SiteSource>)>> {
+    match &opts.sites {
+        None => Ok(sources.sites.iter().collect()),
+        Some(want) => want
+            .iter()
+            .map(|w| {
+                sources.sites.iter().find(|(n, _)| n == w).ok_or_else(|| {
+                    let have: Vec<&str> = sources.sites.iter().map(|(n, _)| n.as_str()).collect();
+                    Error::Invalid(format!(
+                        "site {w:?} is not in {}; it has: {}",
+                        path.display(),
+                        have.join(", ")
+                    ))
+                })
+            })
+            .collect(),
+    }
+}
+
+fn chunk_rows(dim: usize, opts: &AnalyzeOptions) -> usize {
+    let floor = if opts.second_moments { 256 } else { 64 };
+    (CHUNK_FLOATS / dim).clamp(floor, 8192)
+}
+
 fn analyze_site(
     srcs: &[SiteSource],
     opts: &AnalyzeOptions,
     threads: usize,
+    shift: Vec<f32>,
     progress: &Progress,
 ) -> Result<SiteStats> {
     let dim = srcs[0].dim;
-    let floor = if opts.second_moments { 256 } else { 64 };
-    let chunk_rows = (CHUNK_FLOATS / dim).clamp(floor, 8192);
+    let chunk_rows = chunk_rows(dim, opts);
     let chunks: Vec<(usize, usize, usize)> = srcs
         .iter()
         .enumerate()
@@ -133,7 +175,6 @@ fn analyze_site(
                 .map(move |r0| (s, r0, (r0 + chunk_rows).min(src.rows)))
         })
         .collect();
-    let shift = rough_mean(srcs, chunk_rows, opts.skip_positions);
     let next = AtomicUsize::new(0);
     let failure: Mutex<Option<Error>> = Mutex::new(None);
     let workers = threads.min(chunks.len()).max(1);

@@ -2,6 +2,7 @@
 //! releases the GIL for long work and turns Ctrl-C into KeyboardInterrupt. The public API and
 //! its documentation live in the Python package.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -284,7 +285,7 @@ impl PySiteStats {
 /// Stream every (or the selected) site under `path`; returns one SiteStats per site.
 #[pyfunction]
 #[pyo3(signature = (path, sites=None, skip_positions=1, folds=5, second_moments=true, threads=0,
-                    progress=None))]
+                    progress=None, shifts=None))]
 #[allow(clippy::too_many_arguments)]
 fn analyze(
     py: Python<'_>,
@@ -295,6 +296,7 @@ fn analyze(
     second_moments: bool,
     threads: usize,
     progress: Option<Bound<'_, PyAny>>,
+    shifts: Option<HashMap<String, PyReadonlyArray1<'_, f32>>>,
 ) -> PyResult<Vec<PySiteStats>> {
     let opts = AnalyzeOptions {
         sites,
@@ -302,6 +304,11 @@ fn analyze(
         folds,
         second_moments,
         threads,
+        shifts: shifts
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.as_array().to_vec()))
+            .collect(),
     };
     let state = Progress::default();
     let results = run_long(py, &state, progress.as_ref(), || {
@@ -317,6 +324,32 @@ fn analyze(
         .collect())
 }
 
+/// Per site, the point `analyze` accumulates second moments about (pass back as `shifts=` when
+/// analysing parts of the same data in separate calls, so that their merge is exact).
+#[pyfunction]
+#[pyo3(signature = (path, sites=None, skip_positions=1, second_moments=true))]
+fn second_moment_shifts<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    sites: Option<Vec<String>>,
+    skip_positions: i64,
+    second_moments: bool,
+) -> PyResult<Vec<(String, Bound<'py, PyArray1<f32>>)>> {
+    let opts = AnalyzeOptions {
+        sites,
+        skip_positions,
+        second_moments,
+        ..AnalyzeOptions::default()
+    };
+    let shifts = py
+        .detach(|| core::analyze::second_moment_shifts(&path, &opts))
+        .map_err(to_py)?;
+    Ok(shifts
+        .into_iter()
+        .map(|(k, v)| (k, PyArray1::from_vec(py, v)))
+        .collect())
+}
+
 /// The default ridge grid (λ relative to tr(G)/d).
 #[pyfunction]
 fn default_ridges() -> Vec<f64> {
@@ -328,6 +361,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PySiteStats>()?;
     m.add_function(wrap_pyfunction!(analyze, m)?)?;
     m.add_function(wrap_pyfunction!(default_ridges, m)?)?;
+    m.add_function(wrap_pyfunction!(second_moment_shifts, m)?)?;
     m.add_function(wrap_pyfunction!(write_lora, m)?)?;
     m.add_function(wrap_pyfunction!(merge, m)?)?;
     m.add("FOLD_BLOCK_ROWS", core::analyze::FOLD_BLOCK_ROWS)?;
