@@ -2,7 +2,7 @@
 PY ?= python3
 PIP ?= $(PY) -m pip
 
-.PHONY: install demo test test-rust test-py bench lint
+.PHONY: install install-llamacpp demo test test-rust test-py bench lint
 
 # Dependencies (a no-op when satisfied), the built-in default model, and the package (builds the Rust core).
 install:
@@ -14,7 +14,12 @@ install:
 demo: install
 	$(PY) -m rank1fast demo
 
-test: install test-rust test-py
+# llama.cpp itself, for tests/test_llamacpp.py (built from source by pip: ~10 min on 2 idle
+# cores, once per machine; not needed by the demo).
+install-llamacpp:
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q llama-cpp-python==0.3.36
+
+test: install install-llamacpp test-rust test-py
 
 test-rust:
 	cargo test --release -q
@@ -25,6 +30,10 @@ test-py:
 bench: install
 	$(PY) benches/bench_analyze.py
 	$(PY) benches/bench_collect.py
+	$(PY) benches/bench_memory.py --gib 1 8
+	$(PY) benches/bench_write_adapters.py --repeat 3
+	$(PY) benches/bench_merge.py --repeat 3
+	$(PY) benches/bench_ray.py --gib 2 --shards 16 --repeat 2
 
 lint:
 	ruff check python tests benches

@@ -342,3 +342,13 @@ def test_bad_inputs_table_is_current():
         [sys.executable, str(script), "--check"], capture_output=True, text=True, check=False
     )
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_adapter_directory_is_readable_by_other_users(small_report, tmp_path):
+    """Staged with mkdtemp (0700), the adapter must still get the usual umask permissions."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    out = rank1fast.write_adapter(small_report[0], big_vector(64), tmp_path / "adapter")
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    for f in out.iterdir():
+        assert f.stat().st_mode & 0o444 == 0o444 & ~umask, f.name

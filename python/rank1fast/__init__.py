@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import (
     distributed,  # light: ray is imported when a cluster is used; makes SiteStats picklable
+    llamacpp,  # light: gguf is imported when a GGUF is read or written
     serving,  # light: json and the safetensors header only
     vectors,  # light: torch is imported inside contrastive() and .pt loading
 )
@@ -66,6 +67,7 @@ __all__ = [
     "verify",
     "vectors",
     "distributed",
+    "llamacpp",
     "Fidelity",
     "__version__",
 ]

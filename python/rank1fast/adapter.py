@@ -551,6 +551,10 @@ def _stage(plan: _Plan, out: Path, opts: _Options) -> Path:
     """
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        # mkdtemp makes it private (0700); a server running as another user must read it.
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
     except OSError as e:
         raise Rank1IOError(f"{out}: cannot write the adapter: {e.strerror or e}") from e
     try:

@@ -25,6 +25,7 @@ _COMMAND_MODULES: list[str] = [
     "merging",
     "verify",
     "demo",
+    "llamacpp",
 ]
 
 
