@@ -871,14 +871,9 @@ def add_cli(sub: Any) -> None:
 
 
 def _run_write(args: Any) -> int:
-    from .vectors import load
+    from .vectors import load_sites
 
-    vecs = load(args.vectors)
-    if args.sites:
-        missing = [s for s in args.sites if s not in vecs]
-        if missing:
-            raise AdapterError(f"{args.vectors} has no vector for {', '.join(missing)}")
-        vecs = {s: vecs[s] for s in args.sites}
+    vecs = load_sites(args.vectors, args.sites)
     report = load_report(args.report, sites=list(vecs), progress=False)
     out = write_adapter(
         report,

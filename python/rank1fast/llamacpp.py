@@ -936,14 +936,9 @@ def _run_lora(args: Any) -> int:
 
 
 def _run_control_vector(args: Any) -> int:
-    from .vectors import load
+    from .vectors import load_sites
 
-    vecs = load(args.vectors)
-    if args.sites:
-        missing = [s for s in args.sites if s not in vecs]
-        if missing:
-            raise AdapterError(f"{args.vectors} has no vector for {', '.join(missing)}")
-        vecs = {s: vecs[s] for s in args.sites}
+    vecs = load_sites(args.vectors, args.sites)
     out = control_vector_to_gguf(
         vecs, args.out, scale=args.scale, model_hint=args.model_hint, overwrite=args.overwrite
     )

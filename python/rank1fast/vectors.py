@@ -169,6 +169,19 @@ def _token_weights(mask: Any, tokens: str, skip_positions: int) -> Any:
 # --------------------------------------------------------------------------- files
 
 
+def load_sites(path: str | os.PathLike[str], sites: Sequence[str] | None) -> Vectors:
+    """:func:`load`, keeping only ``sites`` (all when empty or None); for the CLI commands."""
+    from .errors import AdapterError
+
+    vecs = load(path)
+    if not sites:
+        return vecs
+    missing = [s for s in sites if s not in vecs]
+    if missing:
+        raise AdapterError(f"{path} has no vector for {', '.join(missing)}")
+    return {s: vecs[s] for s in sites}
+
+
 def load(
     path: str | os.PathLike[str],
     *,
