@@ -258,3 +258,17 @@ def test_contrastive_matches_hidden_state_differences(tiny_llama, tokenizer):
         vectors.contrastive((tiny_llama, tokenizer), [], neg, "resid_mid.0")
     with pytest.raises(InvalidArgumentError):
         vectors.contrastive((tiny_llama, tokenizer), pos, neg, "resid_mid.0", tokens="first")
+
+
+def test_load_sites_filters_and_names_what_is_missing(tmp_path):
+    from rank1fast.errors import AdapterError
+    from rank1fast.vectors import load_sites
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "v.safetensors"
+    ones = np.ones(4, np.float32)
+    save_file({"resid_mid.1": ones, "resid_post.2": 0 * ones}, path)
+    assert sorted(load_sites(path, None)) == ["resid_mid.1", "resid_post.2"]
+    assert list(load_sites(path, ["resid_post.2"])) == ["resid_post.2"]
+    with pytest.raises(AdapterError, match="no vector for resid_mid.9"):
+        load_sites(path, ["resid_mid.9"])
