@@ -1,15 +1,21 @@
-"""Time rank1fast.analyze against a tuned numpy loop and the raw read of the same file.
+"""Time rank1fast.analyze against tuned numpy and torch loops and the raw read of the same file.
 
-Usage: python benches/bench_analyze.py [--gib 1] [--dim 2048] [--dtype bfloat16] [--repeat 3]
+Usage: python benches/bench_analyze.py [--gib 2] [--dims 576,2048,4096]
+           [--dtypes bfloat16,float16,float32] [--moment-dim 1536] [--repeat 3]
 
-Writes a synthetic [n, dim] activation file (safetensors) of the requested size, then times,
-interleaved and best of --repeat runs, on a warm page cache:
+For every (dtype, dim) it writes a synthetic [n, dim] activation file (safetensors) of --gib
+GiB, then times, interleaved and best of --repeat runs, on a warm page cache:
   raw read     read every byte (the bandwidth limit)
   numpy        chunked memmap: decode to float32, float64 sum / sum of squares, min, max
   torch        the same loop in torch (native bf16/f16 decode), when torch is installed
   rank1fast    analyze(second_moments=False): the same statistics plus per-fold sums
-  rank1fast+G  analyze(second_moments=True) on the first --moment-rows rows (reported as GFLOP/s)
-and prints GB/s and ratios.
+Second moments (--moment-dim, --moment-dtypes, --moment-rows): a file of that many rows, and
+  numpy        chunked memmap: decode to float32, BLAS X.T @ X per chunk (syrk: the upper
+               half), summed in float64
+  rank1fast    analyze() with second moments: statistics, per-fold moments, the solve
+reported as useful GFLOP/s (rows x d x (d + 1): one triangle's multiply-adds, counted as two)
+next to numpy's float32 GEMM on all cores (the BLAS's best case on this machine).
+Ends with a table of the ratios the performance issue targets.
 """
 
 from __future__ import annotations
@@ -139,68 +145,139 @@ def best(fn, repeat: int) -> float:
     return min(times)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--gib", type=float, default=1.0)
-    ap.add_argument("--dim", type=int, default=2048)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument(
-        "--moment-rows", type=int, default=65536, help="rows used for the second-moment timing"
+def numpy_moments(path: Path, n: int, dim: int, dtype: str) -> np.ndarray:
+    """The loop a user would write: chunked memmap, float32 decode, BLAS X.T @ X, float64 sum."""
+    raw = np.memmap(
+        path,
+        dtype=np.uint16 if dtype == "bfloat16" else dtype,
+        mode="r",
+        offset=data_offset(path),
+        shape=(n, dim),
     )
-    ap.add_argument("--dir", default=None, help="where to write the file (default: a temp dir)")
-    args = ap.parse_args()
+    g = np.zeros((dim, dim))
+    buf = np.empty((CHUNK_ROWS, dim), np.uint32)
+    for r in range(0, n, CHUNK_ROWS):
+        c = raw[r : r + CHUNK_ROWS]
+        if dtype == "bfloat16":
+            x = np.left_shift(c, 16, out=buf[: len(c)], dtype=np.uint32).view(np.float32)
+        else:
+            x = np.asarray(c, dtype=np.float32)
+        g += x.T @ x
+    return g
 
+
+def sgemm_rate(dim: int, repeat: int) -> float:
+    """numpy float32 GEMM on all cores, in GFLOP/s: the BLAS's best case on this machine."""
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(4096, dim)).astype(np.float32)
+    b = rng.normal(size=(4096, dim)).astype(np.float32)
+    t = best(lambda: a.T @ b, repeat)
+    return 2 * 4096 * dim * dim / t / 1e9
+
+
+def stats_case(args, dim: int, dtype: str) -> dict:
     tmp = tempfile.TemporaryDirectory(dir=args.dir)
     path = Path(tmp.name) / "acts.safetensors"
-    n = make_file(path, args.gib, args.dim, args.dtype)
+    n = make_file(path, args.gib, dim, dtype)
     size = os.path.getsize(path)
-    print(
-        f"file: {n:,} x {args.dim} {args.dtype}, {size / 2**30:.2f} GiB; "
-        f"{os.cpu_count()} cores; best of {args.repeat}"
-    )
+    print(f"\n{dtype}, d = {dim}: {n:,} rows, {size / 2**30:.2f} GiB; best of {args.repeat}")
     raw_read(path)  # warm the page cache
 
-    has_torch = torch_stats(path, min(n, CHUNK_ROWS), args.dim, args.dtype) is not None
+    has_torch = torch_stats(path, min(n, CHUNK_ROWS), dim, dtype) is not None
     t = {"raw read": [], "numpy": [], **({"torch": []} if has_torch else {}), "rank1fast": []}
     for _ in range(args.repeat):  # interleaved, so drift hits every method alike
         t["raw read"].append(best(lambda: raw_read(path), 1))
-        t["numpy"].append(best(lambda: numpy_stats(path, n, args.dim, args.dtype), 1))
+        t["numpy"].append(best(lambda: numpy_stats(path, n, dim, dtype), 1))
         if has_torch:
-            t["torch"].append(best(lambda: torch_stats(path, n, args.dim, args.dtype), 1))
+            t["torch"].append(best(lambda: torch_stats(path, n, dim, dtype), 1))
         t["rank1fast"].append(
             best(lambda: rank1fast.analyze(path, second_moments=False, progress=False), 1)
         )
-    mean_np = numpy_stats(path, n, args.dim, args.dtype)
+    mean_np = numpy_stats(path, n, dim, dtype)
     mean_r = rank1fast.analyze(path, second_moments=False, progress=False)["h"].mean
     assert np.allclose(mean_np, mean_r, rtol=1e-9, atol=1e-9), "results differ"
-
     gbps = {k: size / min(v) / 1e9 for k, v in t.items()}
-    print(f"{'method':<14}{'seconds':>9}{'GB/s':>8}")
+    print(f"  {'method':<12}{'seconds':>9}{'GB/s':>8}")
     for k, v in t.items():
-        print(f"{k:<14}{min(v):>9.3f}{gbps[k]:>8.2f}")
-    print(f"rank1fast / numpy    : {gbps['rank1fast'] / gbps['numpy']:.2f}x")
-    if has_torch:
-        print(f"rank1fast / torch    : {gbps['rank1fast'] / gbps['torch']:.2f}x")
-        better = max(gbps["numpy"], gbps["torch"])
-        print(f"rank1fast / better of numpy, torch: {gbps['rank1fast'] / better:.2f}x")
-    print(f"rank1fast / raw read : {gbps['rank1fast'] / gbps['raw read']:.2f}x")
+        print(f"  {k:<12}{min(v):>9.3f}{gbps[k]:>8.2f}")
+    better = max(gbps["numpy"], gbps.get("torch", 0.0))
+    return {
+        "case": f"{dtype} d={dim}",
+        "GB/s": gbps["rank1fast"],
+        "vs numpy/torch": gbps["rank1fast"] / better,
+        "vs raw read": gbps["rank1fast"] / gbps["raw read"],
+    }
 
-    # Second moments: a prefix of the same data, reported as real GFLOP/s of the Gram product.
-    rows = min(args.moment_rows, n)
-    sub = Path(tmp.name) / "moments.safetensors"
-    x = np.random.default_rng(1).normal(size=(rows, args.dim)).astype(np.float32)
-    data, _ = encode(x, args.dtype)
-    write_safetensors(sub, {"h": (args.dtype, x.shape, data)})
-    tg = best(lambda: rank1fast.analyze(sub, progress=False), args.repeat)
-    tnp = best(
-        lambda: [c.T @ c for c in np.array_split(x, max(1, rows // CHUNK_ROWS))], args.repeat
+
+def moments_case(args, dtype: str) -> dict:
+    rows, dim = args.moment_rows, args.moment_dim
+    tmp = tempfile.TemporaryDirectory(dir=args.dir)
+    path = Path(tmp.name) / "moments.safetensors"
+    x = np.random.default_rng(1).normal(size=(rows, dim)).astype(np.float32)
+    data, _ = encode(x, dtype)
+    write_safetensors(path, {"h": (dtype, x.shape, data)})
+    del x, data
+    raw_read(path)
+    tr, tn = [], []
+    for _ in range(args.repeat):  # interleaved
+        tr.append(best(lambda: rank1fast.analyze(path, progress=False), 1))
+        tn.append(best(lambda: numpy_moments(path, rows, dim, dtype), 1))
+    g = numpy_moments(path, rows, dim, dtype)
+    ours = rank1fast.analyze(path, progress=False)["h"].second_moment * rows
+    assert np.allclose(ours, g, rtol=1e-4, atol=1e-3 * np.abs(g).max()), "moments differ"
+    useful = rows * dim * (dim + 1) / 1e9
+    print(
+        f"\nsecond moments, {dtype}, d = {dim}, {rows:,} rows (5 folds, statistics included):\n"
+        f"  rank1fast   {min(tr):8.3f} s  {useful / min(tr):7.1f} useful GFLOP/s\n"
+        f"  numpy       {min(tn):8.3f} s  {useful / min(tn):7.1f} useful GFLOP/s (BLAS syrk)"
     )
-    flop = 2.0 * rows * args.dim * args.dim
-    print(f"second moments on {rows:,} rows (folds=5, statistics included):")
-    print(f"  rank1fast   {tg:8.3f} s  {flop / 2 / tg / 1e9:7.1f} GFLOP/s (symmetric half)")
-    print(f"  numpy X.T@X {tnp:8.3f} s  {flop / tnp / 1e9:7.1f} GFLOP/s (float32 BLAS, full)")
-    print(f"  rank1fast / numpy: {tnp / tg:.2f}x")
+    return {
+        "case": f"moments {dtype} d={dim}",
+        "GFLOP/s": useful / min(tr),
+        "vs numpy": min(tn) / min(tr),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--gib", type=float, default=1.0, help="size of each statistics file")
+    ap.add_argument("--dims", default="2048", help="comma-separated widths (statistics)")
+    ap.add_argument("--dtypes", default="bfloat16", help="comma-separated dtypes (statistics)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--moment-dim", type=int, default=1536, help="width for second moments")
+    ap.add_argument("--moment-dtypes", default="bfloat16,float32")
+    ap.add_argument(
+        "--moment-rows", type=int, default=65536, help="rows used for the second-moment timing"
+    )
+    ap.add_argument("--dir", default=None, help="where to write the files (default: a temp dir)")
+    args = ap.parse_args()
+    print(
+        f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}; "
+        f"numpy float32 GEMM on all cores: {sgemm_rate(args.moment_dim, 3):.0f} GFLOP/s"
+    )
+    results = [
+        stats_case(args, int(dim), dtype)
+        for dtype in args.dtypes.split(",")
+        for dim in args.dims.split(",")
+    ]
+    results += [moments_case(args, dtype) for dtype in args.moment_dtypes.split(",")]
+
+    print("\n| case | rank1fast | ratio | target |")
+    print("| --- | --- | --- | --- |")
+    for r in results:
+        if "GB/s" in r:
+            ok = r["vs numpy/torch"] >= 2 and r["vs raw read"] >= 0.5
+            print(
+                f"| {r['case']} | {r['GB/s']:.2f} GB/s | {r['vs numpy/torch']:.2f}x numpy/torch, "
+                f"{r['vs raw read']:.2f}x raw read | >= 2x, >= 0.5x: {'met' if ok else 'NOT met'} |"
+            )
+        else:
+            want = 1.2 if "bfloat16" in r["case"] else 0.9
+            ok = r["vs numpy"] >= want
+            print(
+                f"| {r['case']} | {r['GFLOP/s']:.1f} GFLOP/s | {r['vs numpy']:.2f}x numpy | "
+                f">= {want}x: {'met' if ok else 'NOT met'} |"
+            )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ use crate::stats::{Accumulator, SiteStats};
 pub const FOLD_BLOCK_ROWS: usize = 256;
 /// Target size of one decoded chunk.
 const CHUNK_FLOATS: usize = 1 << 19;
+/// Target size of one decoded chunk when second moments are computed: more rows per fold
+/// segment keep the Gram kernel on long blocks (see `gram`), at 16 MiB per thread.
+const CHUNK_FLOATS_MOMENTS: usize = 1 << 22;
 
 #[derive(Clone, Debug)]
 pub struct AnalyzeOptions {
@@ -153,8 +156,11 @@ fn select<'a>(
 }
 
 fn chunk_rows(dim: usize, opts: &AnalyzeOptions) -> usize {
-    let floor = if opts.second_moments { 256 } else { 64 };
-    (CHUNK_FLOATS / dim).clamp(floor, 8192)
+    if opts.second_moments {
+        (CHUNK_FLOATS_MOMENTS / dim).clamp(256, 8192)
+    } else {
+        (CHUNK_FLOATS / dim).clamp(64, 8192)
+    }
 }
 
 fn analyze_site(

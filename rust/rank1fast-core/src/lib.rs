@@ -6,6 +6,7 @@ pub mod adapter;
 pub mod analyze;
 pub mod dtype;
 pub mod error;
+pub mod gram;
 pub mod merge;
 pub mod solve;
 pub mod source;

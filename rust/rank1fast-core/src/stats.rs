@@ -4,10 +4,8 @@
 //! Chan's formula), so parts computed on different threads, files or machines merge into the
 //! same numbers in any order, up to float rounding.
 
-use faer::linalg::matmul::triangular::{matmul, BlockStructure};
-use faer::{Accum, MatMut, MatRef, Par};
-
 use crate::error::{Error, Result};
+use crate::gram::Gram;
 
 /// Per-site sufficient statistics. Arrays are `[dim]`, `[folds]`, `[folds * dim]` or
 /// `[folds * dim * dim]` (each fold's `Σ x xᵀ`, symmetric, row-major) as named.
@@ -160,18 +158,18 @@ fn add<T: Copy + std::ops::AddAssign>(a: &mut [T], b: &[T]) {
 ///
 /// Second moments are accumulated about a fixed `shift` (a rough mean shared by every
 /// accumulator of a site): activations reach 1e4 while the variation that matters is 1e-2, and
-/// an f32 Gram matrix of uncentred rows would lose it. `finish` turns them back into raw
-/// `Σ x xᵀ` in f64.
+/// f32 products of uncentred rows would lose it. The kernel ([`Gram`]) sums products in f32
+/// over at most a few hundred rows and accumulates in f64; `finish` turns the shifted moments
+/// back into raw `Σ x xᵀ`.
 pub struct Accumulator {
     pub stats: SiteStats,
     shift: Vec<f32>,
     sorted: Vec<f32>,
-    sorted_shift: Vec<f32>,
     seg_sum: Vec<f64>,
     seg_m2: Vec<f64>,
     min32: Vec<f32>,
     max32: Vec<f32>,
-    gram: Vec<f32>,
+    gram: Option<Gram>,
 }
 
 impl Accumulator {
@@ -181,16 +179,11 @@ impl Accumulator {
             stats: SiteStats::new(dim, folds, second_moments),
             shift,
             sorted: Vec::new(),
-            sorted_shift: Vec::new(),
             seg_sum: vec![0.0; dim],
             seg_m2: vec![0.0; dim],
             min32: vec![f32::INFINITY; dim],
             max32: vec![f32::NEG_INFINITY; dim],
-            gram: if second_moments {
-                vec![0.0; dim * dim]
-            } else {
-                Vec::new()
-            },
+            gram: second_moments.then(|| Gram::new(dim)),
         }
     }
 
@@ -279,36 +272,9 @@ impl Accumulator {
         }
         st.count += c as u64;
 
-        if let Some(acc) = &mut st.fold_moment {
-            // Shifted copy, then the lower triangle of its Gram matrix in f32.
-            let mut shifted = std::mem::take(&mut self.sorted_shift);
-            shifted.clear();
-            for row in seg.chunks_exact(d) {
-                shifted.extend(row.iter().zip(&self.shift).map(|(x, c)| x - c));
-            }
-            let x = MatRef::from_row_major_slice(&shifted, c, d);
-            let g = MatMut::from_column_major_slice_mut(&mut self.gram, d, d);
-            matmul(
-                g,
-                BlockStructure::TriangularLower,
-                Accum::Replace,
-                x.transpose(),
-                BlockStructure::Rectangular,
-                x,
-                BlockStructure::Rectangular,
-                1.0f32,
-                Par::Seq,
-            );
-            // Column-major lower triangle == row-major upper triangle; `finish` mirrors it.
-            let acc = &mut acc[k * d * d..(k + 1) * d * d];
-            for j in 0..d {
-                let src = &self.gram[j * d + j..(j + 1) * d];
-                let dst = &mut acc[j * d + j..(j + 1) * d];
-                for (a, g) in dst.iter_mut().zip(src) {
-                    *a += *g as f64;
-                }
-            }
-            self.sorted_shift = shifted;
+        if let (Some(acc), Some(gram)) = (&mut st.fold_moment, &mut self.gram) {
+            // Upper triangle (row-major) of the shifted rows' Gram matrix; `finish` mirrors it.
+            gram.add(seg, &self.shift, &mut acc[k * d * d..(k + 1) * d * d]);
         }
     }
 
