@@ -6,6 +6,7 @@ One local Ray cluster (2 CPUs) serves the whole module: starting Ray takes secon
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import sys
@@ -269,3 +270,159 @@ def test_collect_parts_in_plain_processes(tiny_llama, tokenizer, prose, tmp_path
         collect_part(model, texts, CSITES, out, rank=1, world=2, **COLLECT)
     with pytest.raises(rank1fast.DumpError, match="one collection"):
         collect_part(model, texts, CSITES, one.path, rank=0, world=2, **COLLECT)
+
+
+# --------------------------------------------------------------------------- collection, CLI
+
+# 222 tokens: documents 0-4 of 48 tokens, the last one cut. The analysis adds float32 Gram
+# matrices of each fold's rows within a chunk (a shard here: the command line keeps the default
+# shard size); with no more documents than folds (5), every chunk of either dump holds at most
+# one document per fold, so the sums agree to float64 rounding, as assert_same_report wants.
+CLI_COLLECT = ["--sites", CSITES, "--device", "cpu", "--batch-size", "4", "--max-length", "48"]
+CLI_COLLECT += ["--storage-dtype", "float32", "--tokens", "222"]
+PART_VARS = ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "LOCAL_RANK", "SLURM_LOCALID")
+
+
+@pytest.fixture
+def corpus(prose, tmp_path) -> Path:
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in prose[:8]))
+    return path
+
+
+@pytest.fixture
+def no_part_env(monkeypatch):
+    for var in PART_VARS:
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def test_cli_parts_then_join(tiny_llama_dir, corpus, tmp_path, capsys, no_part_env) -> None:
+    # What `torchrun -m rank1fast collect ... --part env` (or a loop over ranks) runs.
+    model = [str(tiny_llama_dir), "--corpus", str(corpus), *CLI_COLLECT]
+    assert main(["collect", *model, "--out", str(tmp_path / "one"), "-q"]) == 0
+    out = tmp_path / "many"
+    assert main(["collect", *model, "--out", str(out), "--part", "0/2"]) == 0
+    printed = capsys.readouterr().out
+    assert "rank-00000" in printed and f"next: rank1fast join {out}" in printed
+    no_part_env.setenv("RANK", "1")
+    no_part_env.setenv("WORLD_SIZE", "2")
+    no_part_env.setenv("SLURM_PROCID", "0")  # torchrun's variables come first
+    no_part_env.setenv("SLURM_NTASKS", "3")
+    assert main(["collect", *model, "--out", str(out), "--part", "env", "-q"]) == 0
+    assert main(["join", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "222 tokens" in printed and "by 2 workers" in printed
+    assert f"next: rank1fast analyze {out}" in printed
+    many = rank1fast.Dump.open(out)
+    assert many.manifest["parts"] == ["rank-00000", "rank-00001"]
+    assert_same_collection(rank1fast.Dump.open(tmp_path / "one"), many)
+    # A worker rerun with another world is refused by the library (exit 1, not argparse's 2).
+    assert main(["collect", *model, "--out", str(out), "--part", "1/3", "-q"]) == 1
+    assert "part 1 of 2 workers" in capsys.readouterr().err
+    assert main(["join", str(out), "--world", "3", "-q"]) == 1
+    assert "part 0 of 2 workers, not part 0 of 3" in capsys.readouterr().err
+
+
+def _usage_error(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_cli_part_and_workers_errors(tmp_path, capsys, no_part_env) -> None:
+    out = ["collect", "--sites", CSITES, "--out", str(tmp_path / "d")]
+    for bad, message in [
+        ("3/2", "'3/2': need 0 <= RANK < WORLD"),
+        ("2/2", "need 0 <= RANK < WORLD"),
+        ("-1/2", "'-1/2': need 0 <= RANK < WORLD"),
+        ("a/b", "'a/b': expected RANK/WORLD (such as 0/4) or env"),
+        ("1", "expected RANK/WORLD"),
+        ("0/0", "need 0 <= RANK < WORLD"),
+    ]:
+        err = _usage_error([*out, f"--part={bad}"], capsys)
+        assert "rank1fast collect: error: argument --part: " in err and message in err
+    err = _usage_error([*out, "--part", "env"], capsys)
+    assert "neither RANK and WORLD_SIZE (torchrun) nor SLURM_PROCID and SLURM_NTASKS" in err
+    no_part_env.setenv("RANK", "0")  # half of torchrun's pair is not enough
+    assert "neither RANK" in _usage_error([*out, "--part", "env"], capsys)
+    no_part_env.setenv("WORLD_SIZE", "two")
+    assert "RANK='0', WORLD_SIZE='two': expected integers" in _usage_error(
+        [*out, "--part", "env"], capsys
+    )
+
+    stats = ["collect", "--sites", CSITES, "--statistics", str(tmp_path / "r.npz")]
+    err = _usage_error([*stats, "--part", "0/2"], capsys)
+    assert "argument --part: not allowed with argument --statistics" in err
+    err = _usage_error([*stats, "--workers", "2"], capsys)
+    assert "argument --workers: not allowed with argument --statistics" in err
+    err = _usage_error([*out, "--part", "0/2", "--workers", "2"], capsys)
+    assert "argument --workers: not allowed with argument --part" in err
+    assert "one of the arguments --out --statistics" in _usage_error(
+        ["collect", "--sites", CSITES, "--part", "0/2"], capsys
+    )
+    assert "argument --ray: only with --workers N" in _usage_error([*out, "--ray"], capsys)
+    err = _usage_error([*out, "--part", "0/2", "--gpus-per-worker", "1"], capsys)
+    assert "argument --gpus-per-worker: only with --workers N" in err
+    assert "must be at least 1" in _usage_error([*out, "--workers", "0"], capsys)
+    assert "must be at least 1" in _usage_error(["join", str(tmp_path), "--world", "0"], capsys)
+    assert not (tmp_path / "d").exists()
+
+    assert main(["join", str(tmp_path / "nothing")]) == 1
+    assert "no such directory" in capsys.readouterr().err
+    assert main(["join", str(tmp_path)]) == 1
+    assert "holds no part" in capsys.readouterr().err
+
+
+def test_part_env_from_slurm_and_local_rank_device(no_part_env) -> None:
+    import torch
+    from rank1fast.collect import _part_arg, _worker_device
+
+    no_part_env.setenv("SLURM_PROCID", "3")
+    no_part_env.setenv("SLURM_NTASKS", "8")
+    assert _part_arg("env") == (3, 8)
+    assert _part_arg("5/8") == (5, 8)
+
+    no_part_env.setattr(torch.cuda, "is_available", lambda: True)
+    no_part_env.setattr(torch.cuda, "device_count", lambda: 4)
+    assert _worker_device("auto") == "auto"  # no local rank
+    no_part_env.setenv("SLURM_LOCALID", "2")
+    assert _worker_device("auto") == "cuda:2"
+    no_part_env.setenv("LOCAL_RANK", "1")  # torchrun's comes first
+    assert _worker_device("auto") == "cuda:1"
+    assert _worker_device("cpu") == "cpu"
+    no_part_env.setenv("LOCAL_RANK", "5")  # one GPU per process (CUDA_VISIBLE_DEVICES)
+    assert _worker_device("auto") == "auto"
+    no_part_env.setattr(torch.cuda, "is_available", lambda: False)
+    no_part_env.setenv("LOCAL_RANK", "1")
+    assert _worker_device("auto") == "auto"
+
+
+def test_cli_collect_with_ray_workers(cluster, tiny_llama_dir, corpus, tmp_path, capsys):
+    # In-process, the command uses the module's running Ray session (no new cluster).
+    one = rank1fast.collect(
+        str(tiny_llama_dir),
+        str(corpus),
+        CSITES,
+        tmp_path / "one",
+        max_tokens=222,
+        device="cpu",
+        progress=False,
+        **COLLECT,
+    )
+    out = tmp_path / "many"
+    argv = ["collect", str(tiny_llama_dir), "--corpus", str(corpus), *CLI_COLLECT]
+    argv += ["--out", str(out), "--workers", "2", "--ray", "--cpus-per-worker", "1"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "222 tokens" in printed and "by 2 workers" in printed
+    assert_same_collection(one, rank1fast.Dump.open(out))
+
+
+def test_cli_workers_without_ray(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    argv = ["collect", "--sites", CSITES, "--out", str(tmp_path / "d"), "--workers", "2"]
+    assert main(argv) == 1
+    assert "pip install 'rank1fast[ray]'" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

@@ -19,6 +19,7 @@ from .errors import Rank1Error
 # Modules that contribute subcommands (imported lazily so `rank1fast analyze` never imports torch).
 _COMMAND_MODULES: list[str] = [
     "collect",
+    "distributed",
     "vectors",
     "adapter",
     "serving",

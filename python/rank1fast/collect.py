@@ -1122,6 +1122,13 @@ corpus: a .txt file (documents separated by blank lines) or a .jsonl file ("text
 resume: rerunning the same command after an interrupt (Ctrl-C, kill -9) continues where it
         stopped and yields the same dump; a directory holding a dump of another model,
         other sites or other settings is refused.
+parts:  --part RANK/WORLD collects the share of worker RANK of WORLD (documents i with
+        i % WORLD == RANK) into DIR/rank-RRRRR/, a part resumed like any dump; --part env
+        reads RANK and WORLD_SIZE (torchrun), else SLURM_PROCID and SLURM_NTASKS (srun). Run
+        every part with the same arguments, then `rank1fast join DIR`. --workers N runs the N
+        parts as Ray tasks and joins them. Either way --tokens counts all workers together,
+        DIR must be readable from every worker, and the joined dump analyses like a one-worker
+        collection of the same corpus.
 """
 
 
@@ -1185,31 +1192,221 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also record each site module's output (for steering vectors)",
     )
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda:0, ...")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (cuda, mps, cpu; with --part: cuda:LOCAL_RANK, or cuda:SLURM_LOCALID, when "
+        "this process sees that GPU), cpu, cuda:0, ...",
+    )
     p.add_argument(
         "--dtype",
         default=None,
         help="compute dtype: float32, bfloat16, float16 (default: the model's)",
     )
+    spread = p.add_mutually_exclusive_group()
+    spread.add_argument(
+        "--part",
+        type=_part_arg,
+        metavar="RANK/WORLD",
+        help="collect only worker RANK's share of WORLD workers into DIR/rank-RRRRR/ (e.g. "
+        "0/4), then `rank1fast join DIR`; 'env' takes RANK and WORLD_SIZE (torchrun), else "
+        "SLURM_PROCID and SLURM_NTASKS",
+    )
+    spread.add_argument(
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="collect with N Ray tasks, one part each, and join them (needs "
+        "pip install 'rank1fast[ray]')",
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="with --workers: the Ray cluster, ADDRESS as ray.init takes it (ray://HOST:PORT, "
+        "HOST:6379, auto); without one (or without --ray): the running Ray session, "
+        "RAY_ADDRESS, else a local cluster. Put MODEL before it or use --ray=ADDRESS",
+    )
+    p.add_argument(
+        "--cpus-per-worker",
+        type=_positive_float,
+        default=None,
+        metavar="C",
+        help="with --workers: CPUs each Ray task reserves (default 1)",
+    )
+    p.add_argument(
+        "--gpus-per-worker",
+        type=_nonnegative_float,
+        default=None,
+        metavar="G",
+        help="with --workers: GPUs each Ray task reserves (default 0); --device auto then "
+        "uses the one Ray assigns",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no summary")
-    p.set_defaults(func=_run_cli)
+
+    def run(args: argparse.Namespace) -> int:
+        problem = _conflict(args)
+        if problem:
+            p.error(problem)  # exits with argparse's usage message and status 2
+        return _run_cli(args)
+
+    p.set_defaults(func=run)
+
+
+def _conflict(args: argparse.Namespace) -> str | None:
+    """What the parser's groups cannot say (an argument joins one exclusive group only, and
+    --statistics is in the one with --out)."""
+    for name, value in (("--part", args.part), ("--workers", args.workers)):
+        if value is not None and args.statistics is not None:
+            return f"argument {name}: not allowed with argument --statistics"
+    if args.workers is None:
+        for name, value in (
+            ("--ray", args.ray),
+            ("--cpus-per-worker", args.cpus_per_worker),
+            ("--gpus-per-worker", args.gpus_per_worker),
+        ):
+            if value is not None:
+                return f"argument {name}: only with --workers N"
+    return None
+
+
+#: Where ``--part env`` finds the rank and the number of workers, in this order.
+_PART_ENV = (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS"))
+
+
+def _part_arg(text: str) -> tuple[int, int]:
+    """``--part``: ``RANK/WORLD``, or ``env`` (torchrun's or SLURM's variables)."""
+    if text == "env":
+        for rank_var, world_var in _PART_ENV:
+            rank, world = os.environ.get(rank_var), os.environ.get(world_var)
+            if rank is not None and world is not None:
+                where = f"env: {rank_var}={rank!r}, {world_var}={world!r}"
+                break
+        else:
+            raise argparse.ArgumentTypeError(
+                "env: neither RANK and WORLD_SIZE (torchrun) nor SLURM_PROCID and "
+                "SLURM_NTASKS (srun) are set; give the part as RANK/WORLD"
+            )
+    else:
+        rank, _, world = text.partition("/")
+        where = repr(text)
+    try:
+        r, w = int(rank), int(world)
+    except ValueError:
+        expected = "integers" if text == "env" else "RANK/WORLD (such as 0/4) or env"
+        raise argparse.ArgumentTypeError(f"{where}: expected {expected}") from None
+    if not 0 <= r < w:
+        raise argparse.ArgumentTypeError(f"{where}: need 0 <= RANK < WORLD")
+    return r, w
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _nonnegative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _worker_device(device: str) -> str:
+    """``--device auto`` of one of several workers on a machine: its own GPU.
+
+    ``cuda:LOCAL_RANK`` (torchrun), else ``cuda:SLURM_LOCALID`` (srun), when this process sees
+    that many GPUs; a launcher that gives each process only its own GPUs
+    (``CUDA_VISIBLE_DEVICES``, ``srun --gpus-per-task``) leaves fewer, and ``auto`` then
+    takes the first of them.
+    """
+    local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID"))
+    if device != "auto" or local is None or not local.isdigit():
+        return device
+    import torch
+
+    if torch.cuda.is_available() and int(local) < torch.cuda.device_count():
+        return f"cuda:{int(local)}"
+    return device
 
 
 def _run_cli(args: argparse.Namespace) -> int:
+    progress = False if args.quiet else None
+    settings: dict[str, Any] = {
+        "max_tokens": args.tokens,
+        "max_length": args.max_length,
+        "batch_size": args.batch_size,
+        "dtype": args.dtype,
+        "storage_dtype": args.storage_dtype,
+        "outputs": args.outputs,
+        "progress": progress,
+    }
+    if args.part is not None:
+        from .distributed import collect_part
+
+        rank, world = args.part
+        part = collect_part(
+            args.model,
+            args.corpus,
+            args.sites,
+            args.out,
+            rank=rank,
+            world=world,
+            device=_worker_device(args.device),
+            **settings,
+        )
+        if not args.quiet:
+            print(
+                _summary(
+                    part,
+                    next_step=f"rank1fast join {args.out} (once all {world} parts are complete)",
+                )
+            )
+        return 0
+    if args.workers is not None:
+        from .distributed import collect as collect_on_ray
+
+        dump = collect_on_ray(
+            args.model,
+            args.corpus,
+            args.sites,
+            args.out,
+            workers=args.workers,
+            address=args.ray or None,
+            cpus_per_worker=1 if args.cpus_per_worker is None else args.cpus_per_worker,
+            gpus_per_worker=args.gpus_per_worker or 0,
+            device=args.device,
+            **settings,
+        )
+        if not args.quiet:
+            print(_summary(dump))
+        return 0
+
     result = collect(
         args.model,
         args.corpus,
         args.sites,
         args.out,
         statistics=args.statistics is not None,
-        max_tokens=args.tokens,
-        max_length=args.max_length,
-        batch_size=args.batch_size,
         device=args.device,
-        dtype=args.dtype,
-        storage_dtype=args.storage_dtype,
-        outputs=args.outputs,
-        progress=False if args.quiet else None,
+        **settings,
     )
     if args.statistics is not None:
         path = result.save(args.statistics)
@@ -1221,15 +1418,17 @@ def _run_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(dump: Dump) -> str:
+def _summary(dump: Dump, next_step: str | None = None) -> str:
+    workers = dump.manifest.get("collect", {}).get("workers")
+    by = f" by {workers} workers" if workers else ""
     lines = [
         f"dump {dump.path}: {dump.tokens} tokens from {dump.documents} documents in "
-        f"{len(dump.shards)} shard(s)",
+        f"{len(dump.shards)} shard(s){by}",
         f"model: {dump.manifest['model'].get('name')}",
     ]
     for name, s in dump.manifest["sites"].items():
         lines.append(f"  {name:<20} {s['module']}  dim {s['dim']}  {s['dtype']}")
     if dump.outputs:
         lines.append(f"outputs: {', '.join(dump.outputs.values())}")
-    lines.append(f"next: rank1fast analyze {dump.path}")
+    lines.append(f"next: {next_step or f'rank1fast analyze {dump.path}'}")
     return "\n".join(lines)

@@ -39,6 +39,7 @@ Shards must be readable from every worker (a shared filesystem). Ray is optional
 
 from __future__ import annotations
 
+import argparse
 import copyreg
 import json
 import os
@@ -52,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 from . import _core
 from ._progress import ProgressArg, bytes_callback, iter_progress
 from .analysis import _manifest_modules
-from .collect import Dump, _describe_corpus, _write_json_atomic
+from .collect import Dump, _describe_corpus, _positive_int, _summary, _write_json_atomic
 from .corpus import TextsArg, read_texts
 from .errors import DumpError, InvalidArgumentError, PathNotFoundError, Rank1Error
 from .report import Report, SiteReport
@@ -619,6 +620,7 @@ def join_parts(out: str | os.PathLike[str], world: int | None = None) -> Dump:
     Raises:
         DumpError: a part is missing or incomplete, parts disagree (model, sites, settings),
             or a part's document ids were not made global.
+        InvalidArgumentError: ``world`` is less than 1.
 
     Example:
         >>> dump = rank1fast.distributed.join_parts("/shared/dump")     # doctest: +SKIP
@@ -627,6 +629,8 @@ def join_parts(out: str | os.PathLike[str], world: int | None = None) -> Dump:
     if not out.is_dir():
         raise PathNotFoundError(f"{out}: no such directory")
     _check_top(out)
+    if world is not None and world < 1:
+        raise InvalidArgumentError(f"world must be at least 1, got {world}")
     if world is None:
         ranks = sorted(
             int(found.group(1)) for p in out.iterdir() if (found := _PART_RE.fullmatch(p.name))
@@ -794,3 +798,37 @@ def collect(
     finally:
         bar.close()
     return join_parts(out, workers)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    """Register ``rank1fast join`` (``rank1fast collect --part/--workers`` is collect's)."""
+    p = sub.add_parser(
+        "join",
+        help="write the manifest of a collection by several workers (collect --part)",
+        description=(
+            "Check that every part rank-RRRRR/ that `rank1fast collect --part RANK/WORLD "
+            "--out DIR` wrote is complete and collected with the same model, sites and "
+            "settings, then write DIR/manifest.json listing all their shards: DIR is then a "
+            "dump that `rank1fast analyze DIR` reads like a one-worker collection."
+        ),
+    )
+    p.add_argument("out", metavar="DIR", help="the --out directory of the parts")
+    p.add_argument(
+        "--world",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="the number of workers (default: the rank-RRRRR directories in DIR)",
+    )
+    p.add_argument("--quiet", "-q", action="store_true", help="no summary")
+    p.set_defaults(func=_run_join)
+
+
+def _run_join(args: argparse.Namespace) -> int:
+    dump = join_parts(args.out, args.world)
+    if not args.quiet:
+        print(_summary(dump))
+    return 0
