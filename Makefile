@@ -28,11 +28,12 @@ test-py:
 	$(PY) -m pytest -q
 
 bench: install
-	$(PY) benches/bench_analyze.py
+	$(PY) benches/bench_analyze.py --gib 2 --dims 576,2048,4096 --dtypes bfloat16,float16,float32
 	$(PY) benches/bench_collect.py
 	$(PY) benches/bench_memory.py --gib 1 8
 	$(PY) benches/bench_write_adapters.py --repeat 3
 	$(PY) benches/bench_merge.py --repeat 3
+	$(PY) benches/bench_moment_rows.py
 	$(PY) benches/bench_ray.py --gib 2 --shards 16 --repeat 2
 
 lint:

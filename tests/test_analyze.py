@@ -233,6 +233,45 @@ def test_bare_2d_folds_are_row_blocks(tmp_path: Path) -> None:
     np.testing.assert_allclose(s.direction.cv_errors, ref, rtol=1e-4)
 
 
+def test_moment_rows_caps_the_second_moments_only(tmp_path: Path) -> None:
+    # 8 chunks of 8192 rows (16 MiB of float32 at dim 64 is more than a chunk holds); a cap of
+    # 20,000 rows takes 2 whole chunks, spread evenly: chunks 0 and 4.
+    n, d, chunk = 8 * 8192, 64, 8192
+    x = activations(n, d, seed=12, massive_cv=0.05)
+    np.save(tmp_path / "a.npy", x)
+    full = rank1fast.analyze(tmp_path / "a.npy", progress=False)["a"]
+    s = rank1fast.analyze(tmp_path / "a.npy", moment_rows=20_000, progress=False)["a"]
+    x64 = x.astype(np.float64)
+    check_stats(s, x64)  # every row still counts in the per-dimension statistics
+    assert s.count == n and s.moment_count == 2 * chunk and full.moment_count == n
+    rows = np.r_[0:chunk, 4 * chunk : 5 * chunk]
+    xs = x64[rows]
+    g = xs.T @ xs / len(rows)
+    assert_moments_close(s.second_moment, g, np.var(xs, axis=0), g)
+    fold = (rows // BLOCK) % K
+    np.testing.assert_array_equal(s.stats.fold_count(), np.bincount(fold, minlength=K))
+    ref = cv_reference(xs, fold, s.direction.ridges)
+    np.testing.assert_allclose(s.direction.cv_errors, ref, rtol=1e-4)
+    assert s.summary()["moment_count"] == 2 * chunk and "moment_count" not in full.summary()
+    # A cap above the row count changes nothing.
+    same = rank1fast.analyze(tmp_path / "a.npy", moment_rows=n, progress=False)["a"]
+    assert same.moment_count == n
+    np.testing.assert_allclose(same.direction.vector, full.direction.vector, rtol=1e-6)
+    with pytest.raises(rank1fast.InvalidArgumentError, match="moment_rows"):
+        rank1fast.analyze(tmp_path / "a.npy", moment_rows=0, progress=False)
+    with pytest.raises(rank1fast.InvalidArgumentError, match="moment_rows"):
+        rank1fast.analyze(tmp_path / "a.npy", moment_rows=10, cluster="ray", progress=False)
+    out = tmp_path / "r.json"
+    subprocess.run(
+        [sys.executable, "-m", "rank1fast", "analyze", str(tmp_path / "a.npy"), "-q"]
+        + ["--moment-rows", "20000", "--json", str(out)],
+        check=True,
+    )
+    summary = json.loads(out.read_text())
+    site = summary["sites"][0] if "sites" in summary else summary["a"]
+    assert site["moment_count"] == 2 * chunk
+
+
 def test_without_second_moments(tmp_path: Path) -> None:
     x = activations(1000, 16, seed=9)
     np.save(tmp_path / "a.npy", x)

@@ -67,6 +67,7 @@ def analyze(
     threads: int = 0,
     progress: Callable[[int, int], Any] | None = None,
     shifts: dict[str, npt.NDArray[np.float32]] | None = None,
+    moment_rows: int | None = None,
 ) -> list[SiteStats]: ...
 def second_moment_shifts(
     path: str,

@@ -99,6 +99,12 @@ class SiteReport:
         return self._stats.count
 
     @property
+    def moment_count(self) -> int:
+        """Tokens in the second moments and the direction's fit: :attr:`count` unless the
+        analysis capped them (``analyze(..., moment_rows=N)``)."""
+        return int(self._stats.fold_count().sum())
+
+    @property
     def dim(self) -> int:
         return self._stats.dim
 
@@ -156,9 +162,9 @@ class SiteReport:
     def second_moment(self) -> np.ndarray | None:
         """``E[x xᵀ]`` as float64 ``[dim, dim]``, or None without second moments."""
         m = self._stats.fold_moment()
-        if m is None or self.count == 0:
+        if m is None or self.moment_count == 0:
             return None
-        return m.sum(axis=0) / self.count
+        return m.sum(axis=0) / self.moment_count
 
     # -- derived -----------------------------------------------------------------------------
     @cached_property
@@ -204,8 +210,9 @@ class SiteReport:
         if len(constant):
             problems.append(f"{len(constant)} constant dimension(s), e.g. {constant[:5].tolist()}")
         g = self.second_moment
-        if g is not None and self.count >= 2:
-            cov = g - np.outer(self.mean, self.mean)
+        if g is not None and self.moment_count >= 2:
+            mean = self._stats.fold_sum().sum(axis=0) / self.moment_count
+            cov = g - np.outer(mean, mean)
             sd = np.sqrt(np.clip(np.diag(cov), 0, None))
             ok = sd > 0
             corr = cov[np.ix_(ok, ok)] / np.outer(sd[ok], sd[ok])
@@ -257,6 +264,7 @@ class SiteReport:
         d: dict[str, Any] = {
             "site": self.name,
             "count": self.count,
+            **({"moment_count": self.moment_count} if self.moment_count != self.count else {}),
             "dim": self.dim,
             "dtype": self.dtype,
             "nonfinite": self.nonfinite,

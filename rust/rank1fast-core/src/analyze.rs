@@ -36,6 +36,10 @@ pub struct AnalyzeOptions {
     /// sites not listed use the mean of their first rows. Analyses of parts of a dump given
     /// the whole dump's shifts sum to the whole analysis up to float64 rounding.
     pub shifts: Vec<(String, Vec<f32>)>,
+    /// Cap on the rows per site that enter the second moments and the direction's fit (their
+    /// folds): whole chunks spread evenly over the site, at least one. Every row still counts
+    /// in the per-dimension statistics. `None`: all rows.
+    pub moment_rows: Option<usize>,
 }
 
 impl Default for AnalyzeOptions {
@@ -47,6 +51,7 @@ impl Default for AnalyzeOptions {
             second_moments: true,
             threads: 0,
             shifts: Vec::new(),
+            moment_rows: None,
         }
     }
 }
@@ -69,6 +74,9 @@ pub struct SiteResult {
 
 /// Analyse every (or the selected) site under `path`.
 pub fn analyze(path: &Path, opts: &AnalyzeOptions, progress: &Progress) -> Result<Vec<SiteResult>> {
+    if opts.moment_rows == Some(0) {
+        return Err(Error::Invalid("moment_rows must be at least 1".into()));
+    }
     if opts.folds == 0 {
         return Err(Error::Invalid("folds must be at least 1".into()));
     }
@@ -181,6 +189,7 @@ fn analyze_site(
                 .map(move |r0| (s, r0, (r0 + chunk_rows).min(src.rows)))
         })
         .collect();
+    let folded = folded_chunks(&chunks, chunk_rows, opts);
     let next = AtomicUsize::new(0);
     let failure: Mutex<Option<Error>> = Mutex::new(None);
     let workers = threads.min(chunks.len()).max(1);
@@ -201,7 +210,8 @@ fn analyze_site(
                             break;
                         };
                         let src = &srcs[s];
-                        process_chunk(src, r0, r1, opts, &mut buf, &mut folds, &mut acc);
+                        let full = folded.as_ref().is_none_or(|f| f[i]);
+                        process_chunk(src, r0, r1, opts, full, &mut buf, &mut folds, &mut acc);
                         progress
                             .done
                             .fetch_add(((r1 - r0) * src.row_bytes()) as u64, Ordering::Relaxed);
@@ -237,6 +247,27 @@ fn analyze_site(
     Ok(total)
 }
 
+/// Which chunks enter the folds and second moments under `opts.moment_rows` (`None`: all):
+/// `cap / chunk_rows` of them (at least one), evenly spread over the site.
+fn folded_chunks(
+    chunks: &[(usize, usize, usize)],
+    chunk_rows: usize,
+    opts: &AnalyzeOptions,
+) -> Option<Vec<bool>> {
+    let cap = opts.moment_rows?;
+    let rows: usize = chunks.iter().map(|&(_, r0, r1)| r1 - r0).sum();
+    if !opts.second_moments || rows <= cap {
+        return None;
+    }
+    let n = chunks.len();
+    let m = (cap / chunk_rows).clamp(1, n);
+    let mut take = vec![false; n];
+    for j in 0..m {
+        take[j * n / m] = true;
+    }
+    Some(take)
+}
+
 /// The mean of the first rows of a site that pass the filters, used as the shift of its
 /// second moments (it only needs to be near the mean of the rows that are accumulated).
 fn rough_mean(srcs: &[SiteSource], rows: usize, skip_positions: i64) -> Vec<f32> {
@@ -270,11 +301,13 @@ fn rough_mean(srcs: &[SiteSource], rows: usize, skip_positions: i64) -> Vec<f32>
 }
 
 /// Decode rows `r0..r1` of `src`, drop skipped and non-finite rows, accumulate the rest.
+#[allow(clippy::too_many_arguments)]
 fn process_chunk(
     src: &SiteSource,
     r0: usize,
     r1: usize,
     opts: &AnalyzeOptions,
+    full: bool,
     buf: &mut [f32],
     folds: &mut Vec<u32>,
     acc: &mut Accumulator,
@@ -316,7 +349,11 @@ fn process_chunk(
         folds.push(fold as u32);
         kept += 1;
     }
-    acc.add_rows(&buf[..kept * d], folds);
+    if full {
+        acc.add_rows(&buf[..kept * d], folds);
+    } else {
+        acc.add_rows_unfolded(&buf[..kept * d]);
+    }
     release_pages(src, r0 * rb, r1 * rb);
 }
 

@@ -57,7 +57,7 @@ fn nonempty(st: &SiteStats) -> Result<()> {
 /// Folds usable for cross-validation: both the fold and its complement hold tokens.
 fn cv_folds(st: &SiteStats) -> Vec<usize> {
     let valid: Vec<usize> = (0..st.folds)
-        .filter(|&k| st.fold_count[k] > 0 && st.fold_count[k] < st.count)
+        .filter(|&k| st.fold_count[k] > 0 && st.fold_count[k] < st.fold_total())
         .collect();
     if valid.len() >= 2 {
         valid
@@ -161,7 +161,11 @@ pub fn constant_direction(st: &SiteStats, ridges: &[f64]) -> Result<DirectionFit
     }
     let d = st.dim;
     let dd = d * d;
-    let n = st.count as f64;
+    // The rows of the moments (all of them unless the analysis capped them).
+    let n = st.fold_total() as f64;
+    if n == 0.0 {
+        return Err(Error::Invalid("no rows in the second moments".into()));
+    }
     let total = st.total_moment().expect("moments present");
     let sum: Vec<f64> = (0..d)
         .map(|j| (0..st.folds).map(|k| st.fold_sum[k * d + j]).sum())
@@ -241,6 +245,7 @@ pub fn best_onehot(st: &SiteStats) -> Result<OneHotFit> {
             };
         }
         let (mut acc, mut held) = (0.0, 0.0);
+        let n = st.fold_total() as f64;
         for &k in &folds {
             let nk = st.fold_count[k] as f64;
             let m = (s - st.fold_sum[k * d + j]) / (n - nk);

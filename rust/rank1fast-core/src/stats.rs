@@ -81,10 +81,20 @@ impl SiteStats {
                 )));
             }
         }
-        if self.fold_count.iter().sum::<u64>() != self.count {
-            return Err(Error::Invalid("fold counts do not add up to count".into()));
+        if self.fold_total() > self.count {
+            return Err(Error::Invalid(
+                "fold counts add up to more than count".into(),
+            ));
         }
         Ok(())
+    }
+
+    /// Rows in the folds: those of the second moments and the direction's fit. Equal to
+    /// `count` unless the analysis capped the rows of the second moments
+    /// ([`crate::AnalyzeOptions::moment_rows`]), which leaves the other rows to `mean`, `m2`,
+    /// `min`, `max` only.
+    pub fn fold_total(&self) -> u64 {
+        self.fold_count.iter().sum()
     }
 
     pub fn var(&self) -> Vec<f64> {
@@ -225,13 +235,22 @@ impl Accumulator {
             }
             let seg = &rows[row0 * d..(row0 + c) * d];
             row0 += c;
-            self.add_segment(k, seg, c);
+            self.add_segment(Some(k), seg, c);
         }
         self.sorted = sorted;
     }
 
-    /// Reduce `c` rows of fold `k` and merge them into the running statistics.
-    fn add_segment(&mut self, k: usize, seg: &[f32], c: usize) {
+    /// Add finite rows to the per-dimension statistics only (`mean`, `m2`, `min`, `max`,
+    /// `count`): rows left out of the folds and second moments by a row cap.
+    pub fn add_rows_unfolded(&mut self, rows: &[f32]) {
+        let c = rows.len() / self.stats.dim.max(1);
+        if c > 0 {
+            self.add_segment(None, rows, c);
+        }
+    }
+
+    /// Reduce `c` rows of fold `k` (or of no fold) and merge them into the running statistics.
+    fn add_segment(&mut self, fold: Option<usize>, seg: &[f32], c: usize) {
         let d = self.stats.dim;
         // Pass 1: sum (f64), min, max.
         self.seg_sum.iter_mut().for_each(|s| *s = 0.0);
@@ -258,19 +277,24 @@ impl Accumulator {
             }
         }
         let st = &mut self.stats;
-        st.fold_count[k] += c as u64;
-        let fsum = &mut st.fold_sum[k * d..(k + 1) * d];
-        let fsq = &mut st.fold_sumsq[k * d..(k + 1) * d];
         let na = st.count as f64;
         let n = na + cf;
         for j in 0..d {
-            fsum[j] += self.seg_sum[j];
-            fsq[j] += self.seg_m2[j] + cf * cmean[j] * cmean[j];
             let delta = cmean[j] - st.mean[j];
             st.mean[j] += delta * cf / n;
             st.m2[j] += self.seg_m2[j] + delta * delta * na * cf / n;
         }
         st.count += c as u64;
+        let Some(k) = fold else {
+            return;
+        };
+        st.fold_count[k] += c as u64;
+        let fsum = &mut st.fold_sum[k * d..(k + 1) * d];
+        let fsq = &mut st.fold_sumsq[k * d..(k + 1) * d];
+        for j in 0..d {
+            fsum[j] += self.seg_sum[j];
+            fsq[j] += self.seg_m2[j] + cf * cmean[j] * cmean[j];
+        }
 
         if let (Some(acc), Some(gram)) = (&mut st.fold_moment, &mut self.gram) {
             // Upper triangle (row-major) of the shifted rows' Gram matrix; `finish` mirrors it.

@@ -285,7 +285,7 @@ impl PySiteStats {
 /// Stream every (or the selected) site under `path`; returns one SiteStats per site.
 #[pyfunction]
 #[pyo3(signature = (path, sites=None, skip_positions=1, folds=5, second_moments=true, threads=0,
-                    progress=None, shifts=None))]
+                    progress=None, shifts=None, moment_rows=None))]
 #[allow(clippy::too_many_arguments)]
 fn analyze(
     py: Python<'_>,
@@ -297,8 +297,10 @@ fn analyze(
     threads: usize,
     progress: Option<Bound<'_, PyAny>>,
     shifts: Option<HashMap<String, PyReadonlyArray1<'_, f32>>>,
+    moment_rows: Option<usize>,
 ) -> PyResult<Vec<PySiteStats>> {
     let opts = AnalyzeOptions {
+        moment_rows,
         sites,
         skip_positions,
         folds,
