@@ -279,8 +279,8 @@ impl Accumulator {
         let st = &mut self.stats;
         let na = st.count as f64;
         let n = na + cf;
-        for j in 0..d {
-            let delta = cmean[j] - st.mean[j];
+        for (j, &cm) in cmean.iter().enumerate() {
+            let delta = cm - st.mean[j];
             st.mean[j] += delta * cf / n;
             st.m2[j] += self.seg_m2[j] + delta * delta * na * cf / n;
         }
