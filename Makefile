@@ -2,7 +2,7 @@
 PY ?= python3
 PIP ?= $(PY) -m pip
 
-.PHONY: install install-llamacpp demo test test-rust test-py bench lint
+.PHONY: install install-llamacpp demo test test-rust test-py bench bench-rust lint
 
 # Dependencies (a no-op when satisfied), the built-in default model, and the package (builds the Rust core).
 install:
@@ -35,6 +35,10 @@ bench: install
 	$(PY) benches/bench_merge.py --repeat 3
 	$(PY) benches/bench_moment_rows.py
 	$(PY) benches/bench_ray.py --gib 2 --shards 16 --repeat 2
+
+# Criterion benches of the Rust kernels (decode, statistics, Gram, solve, analyze), ~2-3 min.
+bench-rust:
+	cargo bench -p rank1fast-core --bench kernels
 
 lint:
 	ruff check python tests benches
