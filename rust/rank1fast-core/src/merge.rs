@@ -2,8 +2,9 @@
 //!
 //! Every LoRA of the adapter becomes `W' = W + scaling · B A` in its target weight, with
 //! `scaling = lora_alpha / r` (`lora_alpha / √r` with rsLoRA), resolved per module through
-//! `rank_pattern` / `alpha_pattern` as PEFT does it. The sum is computed in f32 and rounded
-//! once to the weight's dtype (round to nearest even, as torch casts). Whole tensors an
+//! `rank_pattern` / `alpha_pattern` as PEFT does it. The sum is computed in f32 (the rank-r
+//! product accumulated with fused multiply-adds, as a BLAS matmul does) and rounded once to the
+//! weight's dtype (round to nearest even, as torch casts). Whole tensors an
 //! adapter carries (PEFT's `save_embedding_layers`, `modules_to_save`, trained biases) replace
 //! the checkpoint's, as PEFT loads them, LoRA added on top where there is one. DoRA and LoRA
 //! biases (`lora_bias`) are refused.
@@ -15,9 +16,10 @@
 //! directory (config, tokenizer, `model.safetensors.index.json`, ...) are copied as they are.
 //!
 //! Memory: the input shards are memory-mapped; a merged tensor is processed in chunks of rows
-//! of 1 MiB (rows in parallel, while a writer thread writes the previous chunk) and the pages
-//! already read are released, so the resident set stays at a few MiB plus the adapter's
-//! factors (as f32) whatever the size of the checkpoint.
+//! of 1 MiB (rows in parallel, while a writer thread writes the previous chunks and copies the
+//! bytes between merged tensors; three chunk buffers circulate) and the pages already read are
+//! released, so the resident set stays at a few MiB plus the adapter's factors (as f32)
+//! whatever the size of the checkpoint.
 //!
 //! Atomic: everything is checked before anything is written; the output is assembled in a
 //! temporary directory next to `out_dir` and renamed into place at the end. On any error or
@@ -27,10 +29,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
 
 use memmap2::Mmap;
 use rayon::prelude::*;
@@ -643,7 +648,7 @@ struct Target {
     rank: usize,
     /// `[rows, rank]`.
     left: Vec<f32>,
-    /// `[rank, cols]`.
+    /// `[rank, cols]`, as [`pack_blocks`] lays it out.
     right: Vec<f32>,
     scaling: f32,
     module: String,
@@ -865,7 +870,7 @@ fn plan(adapter: &mut Adapter, ckpt: &Checkpoint, model_dir: &Path) -> Result<Ve
             cols: t.shape[1],
             rank: r,
             left,
-            right,
+            right: pack_blocks(&right, r, t.shape[1]),
             scaling: lora.scaling as f32,
             module: lora.module.clone(),
             scaling_f64: lora.scaling,
@@ -908,7 +913,7 @@ fn overflow_limit(dtype: DType) -> f32 {
     }
 }
 
-/// Rows merged together: each column block of `right` is read once for all of them.
+/// Rows merged together: each block of `right` is read once for all of them.
 const GROUP: usize = 4;
 /// Columns whose partial sums stay in registers across the rank (`GROUP × BLOCK` floats).
 const BLOCK: usize = 16;
@@ -922,204 +927,403 @@ struct Rows<'a> {
     rank: usize,
     /// `[rows, rank]`.
     left: &'a [f32],
-    /// `[rank, cols]`.
+    /// `[rank, cols]`, as [`pack_blocks`] lays it out.
     right: &'a [f32],
     scaling: f32,
 }
 
-/// Scratch rows of one worker thread, kept between calls (allocating them per task costs more
-/// than the arithmetic once they are large enough to be mapped and unmapped each time).
-#[derive(Default)]
-struct Scratch {
-    wf: Vec<f32>,
-    acc: Vec<f32>,
-    half: Vec<half::f16>,
+/// `right` (`[rank, cols]`) laid out in the order the kernel reads it: for each block of
+/// [`BLOCK`] columns its `rank × BLOCK` values together (so block `c0 / BLOCK` starts at
+/// `c0 · rank`), then the last `cols % BLOCK` columns as `[rank, cols % BLOCK]`.
+fn pack_blocks(right: &[f32], rank: usize, cols: usize) -> Vec<f32> {
+    let blocks = cols / BLOCK * BLOCK;
+    let mut packed = Vec::with_capacity(right.len());
+    for c0 in (0..blocks).step_by(BLOCK) {
+        for k in 0..rank {
+            packed.extend_from_slice(&right[k * cols + c0..k * cols + c0 + BLOCK]);
+        }
+    }
+    for k in 0..rank {
+        packed.extend_from_slice(&right[k * cols + blocks..(k + 1) * cols]);
+    }
+    packed
 }
 
-impl Scratch {
-    fn fit(&mut self, cols: usize) {
-        if self.wf.len() < GROUP * cols {
-            self.wf.resize(GROUP * cols, 0.0);
-            self.acc.resize(GROUP * cols, 0.0);
-            self.half.resize(cols, half::f16::ZERO);
+/// How one weight dtype is read and written (little-endian bytes), compiled into the loops
+/// for each pair of dtypes.
+trait Elem {
+    const SIZE: usize;
+    fn decode(b: &[u8]) -> f32;
+    fn encode(v: f32, out: &mut [u8]);
+    /// Eight weights to f32 lanes.
+    ///
+    /// # Safety
+    /// `8 * SIZE` bytes readable at `p`; the CPU has AVX2 and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const u8) -> __m256;
+    /// Eight f32 lanes to weights, rounded as [`Elem::encode`] rounds.
+    ///
+    /// # Safety
+    /// `8 * SIZE` bytes writable at `p`; the CPU has AVX2 and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn store8(v: __m256, p: *mut u8);
+    #[inline(always)]
+    fn decode_block(w: &[u8]) -> [f32; BLOCK] {
+        let mut x = [0f32; BLOCK];
+        for (x, b) in x
+            .iter_mut()
+            .zip(w[..BLOCK * Self::SIZE].chunks_exact(Self::SIZE))
+        {
+            *x = Self::decode(b);
+        }
+        x
+    }
+    #[inline(always)]
+    fn encode_block(v: &[f32; BLOCK], out: &mut [u8]) {
+        for (&v, o) in v
+            .iter()
+            .zip(out[..BLOCK * Self::SIZE].chunks_exact_mut(Self::SIZE))
+        {
+            Self::encode(v, o);
         }
     }
 }
 
-thread_local! {
-    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
-}
+struct F32;
+struct Bf16;
+struct F16;
 
-/// Merge a group of rows: `out = encode(w + scaling · left_rows · right)`, each product summed
-/// over the rank in order, then scaled, then added, as PEFT does it (`(B @ A) * scaling`, then
-/// `W += delta`); rank 0 re-encodes `w`. Returns the first row (within the group) where a
-/// finite weight became non-finite in the output dtype.
-fn merge_rows(spec: &Rows<'_>, w: &[u8], out: &mut [u8], s: &mut Scratch) -> Option<usize> {
+impl Elem for F32 {
+    const SIZE: usize = 4;
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2, checked just above.
-        return unsafe { merge_rows_avx2(spec, w, out, s) };
+    #[inline(always)]
+    unsafe fn load8(p: *const u8) -> __m256 {
+        _mm256_loadu_ps(p.cast())
     }
-    merge_rows_impl(spec, w, out, s)
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn store8(v: __m256, p: *mut u8) {
+        _mm256_storeu_ps(p.cast(), v)
+    }
+    #[inline(always)]
+    fn decode(b: &[u8]) -> f32 {
+        f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+    #[inline(always)]
+    fn encode(v: f32, out: &mut [u8]) {
+        out.copy_from_slice(&v.to_le_bytes());
+    }
 }
 
-/// The same loops compiled for AVX2 (8 floats a step instead of SSE2's 4). No FMA: the
-/// products and sums round as PEFT's do.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn merge_rows_avx2(
+impl Elem for Bf16 {
+    const SIZE: usize = 2;
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const u8) -> __m256 {
+        let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h))
+    }
+    /// [`bf16_bits`] on eight lanes.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn store8(v: __m256, p: *mut u8) {
+        let b = _mm256_castps_si256(v);
+        let odd = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
+        let bias = _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff));
+        let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(b, bias));
+        let magnitude = _mm256_and_si256(b, _mm256_set1_epi32(0x7fff_ffff));
+        let nan = _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(0x7f80_0000));
+        let quiet = _mm256_or_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(0x0040));
+        let h = _mm256_blendv_epi8(rounded, quiet, nan);
+        let lo = _mm256_castsi256_si128(h);
+        let hi = _mm256_extracti128_si256::<1>(h);
+        _mm_storeu_si128(p.cast(), _mm_packus_epi32(lo, hi));
+    }
+    #[inline(always)]
+    fn decode(b: &[u8]) -> f32 {
+        f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)
+    }
+    #[inline(always)]
+    fn encode(v: f32, out: &mut [u8]) {
+        out.copy_from_slice(&bf16_bits(v).to_le_bytes());
+    }
+}
+
+impl Elem for F16 {
+    const SIZE: usize = 2;
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const u8) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn store8(v: __m256, p: *mut u8) {
+        _mm_storeu_si128(p.cast(), _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v))
+    }
+    #[inline(always)]
+    fn decode(b: &[u8]) -> f32 {
+        half::f16::from_le_bytes([b[0], b[1]]).to_f32()
+    }
+    #[inline(always)]
+    fn encode(v: f32, out: &mut [u8]) {
+        out.copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+    }
+    // `half`'s slice conversions use F16C where the CPU has it (runtime detection).
+    #[inline(always)]
+    fn decode_block(w: &[u8]) -> [f32; BLOCK] {
+        let mut x = [0f32; BLOCK];
+        decode_f32(DType::F16, &w[..BLOCK * 2], &mut x);
+        x
+    }
+    #[inline(always)]
+    fn encode_block(v: &[f32; BLOCK], out: &mut [u8]) {
+        use half::slice::HalfFloatSliceExt;
+        let mut h = [half::f16::ZERO; BLOCK];
+        h.convert_from_f32_slice(v);
+        for (o, h) in out[..BLOCK * 2].chunks_exact_mut(2).zip(h) {
+            o.copy_from_slice(&h.to_le_bytes());
+        }
+    }
+}
+
+/// Merge a group of rows: `out = encode(w + scaling · left_rows · right)`, as PEFT does it
+/// (`(B @ A) * scaling`, then `W += delta`): each product accumulated over the rank in order
+/// with fused multiply-adds (as the BLAS behind torch's matmul does; the order may differ from
+/// torch's, so the product may differ by float32 rounding), then scaled, then added; rank 0
+/// re-encodes `w`. Returns the first row (within the group) where a finite weight became
+/// non-finite in the output dtype.
+fn merge_rows(spec: &Rows<'_>, w: &[u8], out: &mut [u8]) -> Option<usize> {
+    use DType::{BF16 as B, F16 as H, F32 as S};
+    match (spec.src, spec.dst) {
+        (S, S) => merge_rows_as::<F32, F32>(spec, w, out),
+        (S, B) => merge_rows_as::<F32, Bf16>(spec, w, out),
+        (S, H) => merge_rows_as::<F32, F16>(spec, w, out),
+        (B, S) => merge_rows_as::<Bf16, F32>(spec, w, out),
+        (B, B) => merge_rows_as::<Bf16, Bf16>(spec, w, out),
+        (B, H) => merge_rows_as::<Bf16, F16>(spec, w, out),
+        (H, S) => merge_rows_as::<F16, F32>(spec, w, out),
+        (H, B) => merge_rows_as::<F16, Bf16>(spec, w, out),
+        (H, H) => merge_rows_as::<F16, F16>(spec, w, out),
+    }
+}
+
+fn merge_rows_as<I: Elem, O: Elem>(spec: &Rows<'_>, w: &[u8], out: &mut [u8]) -> Option<usize> {
+    let n = w.len() / (spec.cols * I::SIZE);
+    if n == GROUP {
+        return merge_group::<I, O>(spec, w, out);
+    }
+    // A short group (a tensor's last): padded with zero rows, whose results are dropped.
+    let left = [spec.left, &vec![0.0; (GROUP - n) * spec.rank]].concat();
+    let mut w_padded = vec![0u8; GROUP * spec.cols * I::SIZE];
+    w_padded[..w.len()].copy_from_slice(w);
+    let mut out_padded = vec![0u8; GROUP * spec.cols * O::SIZE];
+    let padded = Rows {
+        left: &left,
+        ..*spec
+    };
+    let bad = merge_group::<I, O>(&padded, &w_padded, &mut out_padded);
+    out.copy_from_slice(&out_padded[..out.len()]);
+    bad
+}
+
+/// A full group of rows, in one pass: by blocks of [`BLOCK`] columns, the product of all its
+/// rows stays in registers across the rank, then each row's weights are decoded, added to,
+/// checked and encoded straight from the input to the output bytes (with AVX2 where the CPU
+/// has it); the last columns go one weight at a time, in the same order.
+fn merge_group<I: Elem, O: Elem>(spec: &Rows<'_>, w: &[u8], out: &mut [u8]) -> Option<usize> {
+    let (cols, rank) = (spec.cols, spec.rank);
+    let (row_in, row_out) = (cols * I::SIZE, cols * O::SIZE);
+    assert!(w.len() == GROUP * row_in && out.len() == GROUP * row_out);
+    assert!(spec.left.len() == GROUP * rank && spec.right.len() == rank * cols);
+    let limit = overflow_limit(spec.dst);
+    #[cfg(target_arch = "x86_64")]
+    let (done, bad) = if std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+    {
+        // SAFETY: the CPU has AVX2, FMA and F16C, checked just above; the sizes are checked
+        // above.
+        unsafe { blocks_avx2::<I, O>(spec, w, out, limit) }
+    } else {
+        (0, false)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let (done, bad) = (0, false);
+    if !(merge_columns::<I, O>(spec, w, out, done, limit) | bad) {
+        return None;
+    }
+    // Rare: the row is found again from the output, where a bad weight is not finite.
+    let row = (0..GROUP).find(|&g| {
+        (0..cols).any(|c| {
+            let x = I::decode(&w[g * row_in + c * I::SIZE..]);
+            let v = O::decode(&out[g * row_out + c * O::SIZE..]);
+            x.is_finite() && !v.is_finite()
+        })
+    });
+    debug_assert!(row.is_some());
+    row
+}
+
+/// The portable loops of [`merge_group`], from column `from` (a multiple of [`BLOCK`]) on;
+/// returns whether a finite weight became non-finite.
+fn merge_columns<I: Elem, O: Elem>(
     spec: &Rows<'_>,
     w: &[u8],
     out: &mut [u8],
-    s: &mut Scratch,
-) -> Option<usize> {
-    merge_rows_impl(spec, w, out, s)
-}
-
-#[inline(always)]
-fn merge_rows_impl(spec: &Rows<'_>, w: &[u8], out: &mut [u8], s: &mut Scratch) -> Option<usize> {
-    let cols = spec.cols;
-    let (row_in, row_out) = (cols * spec.src.size(), cols * spec.dst.size());
-    let n = w.len() / row_in;
-    let (wf, acc) = (&mut s.wf[..n * cols], &mut s.acc[..n * cols]);
-    for (d, w) in wf.chunks_exact_mut(cols).zip(w.chunks_exact(row_in)) {
-        decode_row(spec.src, w, d);
-    }
-    if spec.rank == 0 {
-        acc.copy_from_slice(wf);
-    } else if n == GROUP {
-        add_product_group(spec, wf, acc);
-    } else {
-        for (g, (x, a)) in wf
-            .chunks_exact(cols)
-            .zip(acc.chunks_exact_mut(cols))
-            .enumerate()
-        {
-            let l = &spec.left[g * spec.rank..(g + 1) * spec.rank];
-            for (c, (a, &x)) in a.iter_mut().zip(x).enumerate() {
-                *a = x + dot_column(l, spec.right, cols, c) * spec.scaling;
+    from: usize,
+    limit: f32,
+) -> bool {
+    let (cols, rank) = (spec.cols, spec.rank);
+    let (row_in, row_out) = (cols * I::SIZE, cols * O::SIZE);
+    let mut bad = false;
+    let blocks = cols / BLOCK * BLOCK;
+    for c0 in (from..blocks).step_by(BLOCK) {
+        let t = if rank == 0 {
+            [[0.0; BLOCK]; GROUP]
+        } else {
+            product_tile(spec.left, &spec.right[c0 * rank..(c0 + BLOCK) * rank], rank)
+        };
+        for (g, tg) in t.iter().enumerate() {
+            let x = I::decode_block(&w[g * row_in + c0 * I::SIZE..]);
+            let mut v = x;
+            if rank > 0 {
+                for ((v, &x), &p) in v.iter_mut().zip(&x).zip(tg) {
+                    *v = x + p * spec.scaling;
+                }
             }
+            let mut lanes = 0u32;
+            for (&x, &v) in x.iter().zip(&v) {
+                lanes |= overflows(x, v, limit) as u32;
+            }
+            bad |= lanes != 0;
+            O::encode_block(&v, &mut out[g * row_out + c0 * O::SIZE..]);
         }
     }
-    let limit = overflow_limit(spec.dst);
-    let mut first_bad = None;
-    for (g, ((a, x), o)) in acc
-        .chunks_exact(cols)
-        .zip(wf.chunks_exact(cols))
-        .zip(out.chunks_exact_mut(row_out))
-        .enumerate()
-    {
-        // A finite weight whose result does not fit (NaN compares false, so it counts too).
-        let mut bad = 0u32;
-        for (&v, &x) in a.iter().zip(x) {
-            let finite = x.to_bits() & 0x7f80_0000 != 0x7f80_0000;
-            let fits = v.abs() < limit;
-            bad |= (finite & !fits) as u32;
+    let tail = &spec.right[blocks * rank..];
+    for g in 0..GROUP {
+        let l = &spec.left[g * rank..(g + 1) * rank];
+        for c in blocks.max(from)..cols {
+            let x = I::decode(&w[g * row_in + c * I::SIZE..]);
+            let v = if rank == 0 {
+                x
+            } else {
+                x + dot_column(l, tail, cols - blocks, c - blocks) * spec.scaling
+            };
+            bad |= overflows(x, v, limit);
+            let at = g * row_out + c * O::SIZE;
+            O::encode(v, &mut out[at..at + O::SIZE]);
         }
-        if bad != 0 && first_bad.is_none() {
-            first_bad = Some(g);
-        }
-        encode_row(spec.dst, a, o, &mut s.half[..cols]);
     }
-    first_bad
+    bad
 }
 
-/// `Σ_k left[k] · right[k, c]`, summed over k in order.
+/// Whether a finite weight `x` became `v`, which does not fit below `limit` (NaN compares
+/// false, so it counts too).
+#[inline(always)]
+fn overflows(x: f32, v: f32, limit: f32) -> bool {
+    let finite = x.to_bits() & 0x7f80_0000 != 0x7f80_0000;
+    let fits = v.abs() < limit;
+    finite & !fits
+}
+
+/// `Σ_k left[k] · right[k, c]`, accumulated over k in order with fused multiply-adds.
 #[inline(always)]
 fn dot_column(left: &[f32], right: &[f32], cols: usize, c: usize) -> f32 {
     let mut sum = left[0] * right[c];
     for (k, &l) in left.iter().enumerate().skip(1) {
-        sum += l * right[k * cols + c];
+        sum = l.mul_add(right[k * cols + c], sum);
     }
     sum
 }
 
-/// `acc = wf + scaling · left · right` for a full group of rows, by blocks of columns whose
-/// partial sums stay in registers; within a column the sum runs over k in order, exactly as
-/// [`dot_column`] computes it.
+/// `left · block` for a group of rows (`left` is `[GROUP, rank]`, rank ≥ 1, `block` is
+/// `[rank, BLOCK]`); within a column the sum runs over k in order, exactly as [`dot_column`]
+/// computes it (without FMA in the CPU, `mul_add` is a library call: slow, but exact).
 #[inline(always)]
-fn add_product_group(spec: &Rows<'_>, wf: &[f32], acc: &mut [f32]) {
-    let (cols, rank, right) = (spec.cols, spec.rank, spec.right);
-    let left = |g: usize, k: usize| spec.left[g * rank + k];
-    let mut c0 = 0;
-    while c0 + BLOCK <= cols {
-        let mut t = [[0f32; BLOCK]; GROUP];
-        let r0: &[f32; BLOCK] = right[c0..c0 + BLOCK].try_into().expect("block");
+fn product_tile(left: &[f32], block: &[f32], rank: usize) -> [[f32; BLOCK]; GROUP] {
+    let mut t = [[0f32; BLOCK]; GROUP];
+    let r0: &[f32; BLOCK] = block[..BLOCK].try_into().expect("block");
+    for (g, tg) in t.iter_mut().enumerate() {
+        let l = left[g * rank];
+        for (tj, &r) in tg.iter_mut().zip(r0) {
+            *tj = l * r;
+        }
+    }
+    for k in 1..rank {
+        let rk: &[f32; BLOCK] = block[k * BLOCK..(k + 1) * BLOCK].try_into().expect("block");
         for (g, tg) in t.iter_mut().enumerate() {
-            let l = left(g, 0);
-            for (tj, &r) in tg.iter_mut().zip(r0) {
-                *tj = l * r;
+            let l = left[g * rank + k];
+            for (tj, &r) in tg.iter_mut().zip(rk) {
+                *tj = l.mul_add(r, *tj);
             }
         }
-        for k in 1..rank {
-            let rk: &[f32; BLOCK] = right[k * cols + c0..k * cols + c0 + BLOCK]
-                .try_into()
-                .expect("block");
+    }
+    t
+}
+
+/// The column blocks of [`merge_group`] with AVX2 and FMA intrinsics (8 floats a step; the
+/// compiler does not find the conversions by itself): the same operations in the same order,
+/// so the results are bit for bit those of the portable loops. Returns the columns done and
+/// whether a finite weight became non-finite.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; the sizes are those [`merge_group`] checks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn blocks_avx2<I: Elem, O: Elem>(
+    spec: &Rows<'_>,
+    w: &[u8],
+    out: &mut [u8],
+    limit: f32,
+) -> (usize, bool) {
+    let (cols, rank) = (spec.cols, spec.rank);
+    let (row_in, row_out) = (cols * I::SIZE, cols * O::SIZE);
+    let (wp, op) = (w.as_ptr(), out.as_mut_ptr());
+    let (lp, rp) = (spec.left.as_ptr(), spec.right.as_ptr());
+    let scaling = _mm256_set1_ps(spec.scaling);
+    let limit = _mm256_set1_ps(limit);
+    let inf = _mm256_set1_ps(f32::INFINITY);
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let mut ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    let blocks = cols / BLOCK * BLOCK;
+    for c0 in (0..blocks).step_by(BLOCK) {
+        let mut t = [[_mm256_setzero_ps(); 2]; GROUP];
+        if rank > 0 {
+            let r = rp.add(c0 * rank);
+            let (r0, r1) = (_mm256_loadu_ps(r), _mm256_loadu_ps(r.add(8)));
             for (g, tg) in t.iter_mut().enumerate() {
-                let l = left(g, k);
-                for (tj, &r) in tg.iter_mut().zip(rk) {
-                    *tj += l * r;
+                let l = _mm256_broadcast_ss(&*lp.add(g * rank));
+                *tg = [_mm256_mul_ps(l, r0), _mm256_mul_ps(l, r1)];
+            }
+            for k in 1..rank {
+                let r = rp.add(c0 * rank + k * BLOCK);
+                let (r0, r1) = (_mm256_loadu_ps(r), _mm256_loadu_ps(r.add(8)));
+                for (g, tg) in t.iter_mut().enumerate() {
+                    let l = _mm256_broadcast_ss(&*lp.add(g * rank + k));
+                    tg[0] = _mm256_fmadd_ps(l, r0, tg[0]);
+                    tg[1] = _mm256_fmadd_ps(l, r1, tg[1]);
                 }
             }
         }
         for (g, tg) in t.iter().enumerate() {
-            let at = g * cols + c0;
-            for ((a, &x), &tj) in acc[at..at + BLOCK]
-                .iter_mut()
-                .zip(&wf[at..at + BLOCK])
-                .zip(tg)
-            {
-                *a = x + tj * spec.scaling;
-            }
-        }
-        c0 += BLOCK;
-    }
-    for g in 0..GROUP {
-        let l = &spec.left[g * rank..(g + 1) * rank];
-        for c in c0..cols {
-            acc[g * cols + c] = wf[g * cols + c] + dot_column(l, right, cols, c) * spec.scaling;
-        }
-    }
-}
-
-#[inline(always)]
-fn decode_row(dtype: DType, w: &[u8], dst: &mut [f32]) {
-    match dtype {
-        DType::F32 => {
-            for (d, c) in dst.iter_mut().zip(w.chunks_exact(4)) {
-                *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
-        }
-        DType::BF16 => {
-            for (d, c) in dst.iter_mut().zip(w.chunks_exact(2)) {
-                *d = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
-            }
-        }
-        DType::F16 => decode_f32(DType::F16, w, dst),
-    }
-}
-
-#[inline(always)]
-fn encode_row(dtype: DType, src: &[f32], out: &mut [u8], half: &mut [half::f16]) {
-    match dtype {
-        DType::F32 => {
-            for (o, v) in out.chunks_exact_mut(4).zip(src) {
-                o.copy_from_slice(&v.to_le_bytes());
-            }
-        }
-        DType::BF16 => {
-            for (o, &v) in out.chunks_exact_mut(2).zip(src) {
-                o.copy_from_slice(&bf16_bits(v).to_le_bytes());
-            }
-        }
-        DType::F16 => {
-            use half::slice::HalfFloatSliceExt;
-            half.convert_from_f32_slice(src);
-            for (o, h) in out.chunks_exact_mut(2).zip(half.iter()) {
-                o.copy_from_slice(&h.to_le_bytes());
+            for (h, &p) in tg.iter().enumerate() {
+                let c = c0 + 8 * h;
+                let x = I::load8(wp.add(g * row_in + c * I::SIZE));
+                let v = if rank > 0 {
+                    _mm256_add_ps(x, _mm256_mul_ps(p, scaling))
+                } else {
+                    x
+                };
+                // Fine where the weight is not finite or the result fits (NaN does not).
+                let x_inf = _mm256_cmp_ps::<_CMP_NLT_UQ>(_mm256_and_ps(x, abs), inf);
+                let fits = _mm256_cmp_ps::<_CMP_LT_OQ>(_mm256_and_ps(v, abs), limit);
+                ok = _mm256_and_ps(ok, _mm256_or_ps(x_inf, fits));
+                O::store8(v, op.add(g * row_out + c * O::SIZE));
             }
         }
     }
+    (blocks, _mm256_movemask_ps(ok) != 0xff)
 }
 
 /// bfloat16 bits of `v`, rounded to nearest even as torch does (NaN stays a quiet NaN);
@@ -1146,21 +1350,20 @@ fn check_cancel(progress: &Progress) -> Result<()> {
     }
 }
 
-/// Copy `len` bytes of `src` from `start` to the end of `out` (flushed first), in pieces, in
-/// the kernel where the platform can.
+/// Copy `len` bytes of `src` from `start` to the end of `out`, in pieces, in the kernel where
+/// the platform can.
 fn copy_range(
     src: &File,
     src_path: &Path,
     start: u64,
     len: u64,
-    out: &mut BufWriter<File>,
+    out: &mut File,
     out_path: &Path,
     progress: &Progress,
 ) -> Result<()> {
     if len == 0 {
         return Ok(());
     }
-    out.flush().map_err(|e| Error::io(out_path, e))?;
     let mut reader = src;
     reader
         .seek(SeekFrom::Start(start))
@@ -1169,8 +1372,7 @@ fn copy_range(
     while left > 0 {
         check_cancel(progress)?;
         let piece = left.min(COPY_PIECE);
-        let n =
-            io::copy(&mut reader.take(piece), out.get_mut()).map_err(|e| Error::io(out_path, e))?;
+        let n = io::copy(&mut reader.take(piece), out).map_err(|e| Error::io(out_path, e))?;
         if n != piece {
             return Err(Error::dump(
                 src_path,
@@ -1187,17 +1389,102 @@ fn copy_range(
     Ok(())
 }
 
-/// Compute a target chunk by chunk (rows in parallel) while a writer thread writes the
-/// previous chunk: copying into the page cache costs about as much as the arithmetic, and the
-/// two overlap. Two chunk buffers circulate between the threads.
-fn write_merged(
+/// What the writer thread of a shard appends to it next.
+enum Piece {
+    /// Bytes `[start, start + len)` of the input shard, copied as they are.
+    Copy { start: u64, len: u64 },
+    /// The first `len` bytes of a computed buffer, which then goes back for reuse.
+    Merged(Vec<u8>, usize),
+}
+
+/// Chunk buffers circulating between the computing side and the writer: one being computed,
+/// one queued, one being written.
+const BUFFERS: usize = 3;
+
+/// Write one output shard: the writer thread appends the pieces in order (untouched ranges
+/// copied, merged chunks written) while this thread computes the next chunks, rows in
+/// parallel. Writing into the page cache costs about as much as the arithmetic, and the two
+/// overlap, across targets too (a copy between two targets overlaps the second's first chunks).
+fn write_shard(
+    shard: &Shard,
+    adapter: &Adapter,
+    targets: &[&Target],
+    dst: &Path,
+    progress: &Progress,
+) -> Result<()> {
+    let mut out = create_file(dst)?;
+    let (to_writer, pieces) = mpsc::sync_channel::<Piece>(BUFFERS);
+    let (to_compute, free) = mpsc::sync_channel::<Vec<u8>>(BUFFERS);
+    for _ in 0..BUFFERS {
+        to_compute.send(Vec::new()).expect("the receiver is here");
+    }
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> Result<File> {
+            for piece in pieces {
+                match piece {
+                    Piece::Copy { start, len } => copy_range(
+                        &shard.file,
+                        &shard.path,
+                        start,
+                        len,
+                        &mut out,
+                        dst,
+                        progress,
+                    )?,
+                    Piece::Merged(buf, len) => {
+                        out.write_all(&buf[..len]).map_err(|e| Error::io(dst, e))?;
+                        progress.done.fetch_add(len as u64, Ordering::Relaxed);
+                        // The computing side may have stopped (an error): nothing more to do.
+                        let _ = to_compute.send(buf);
+                    }
+                }
+            }
+            Ok(out)
+        });
+        let computed = (|| -> Result<()> {
+            let mut pos = 0u64;
+            for t in targets {
+                let start = t.tensor.offset as u64;
+                let copy = Piece::Copy {
+                    start: pos,
+                    len: start - pos,
+                };
+                // The writer stopped (an error, reported below).
+                if to_writer.send(copy).is_err()
+                    || !compute_merged(shard, adapter, t, &to_writer, &free, progress)?
+                {
+                    return Ok(());
+                }
+                pos = start + t.tensor.nbytes as u64;
+            }
+            let len = shard.map.len() as u64 - pos;
+            let _ = to_writer.send(Piece::Copy { start: pos, len });
+            Ok(())
+        })();
+        drop(to_writer);
+        let wrote = writer
+            .join()
+            .unwrap_or_else(|_| Err(Error::Invalid("internal error: the writer panicked".into())));
+        computed?;
+        let perms = shard
+            .file
+            .metadata()
+            .map_err(|e| Error::io(&shard.path, e))?
+            .permissions();
+        finish_file(wrote?, dst, perms)
+    })
+}
+
+/// Compute a target chunk by chunk of whole rows (in parallel, by groups of rows) and send the
+/// chunks to the writer. Returns false when the writer stopped.
+fn compute_merged(
     shard: &Shard,
     adapter: &Adapter,
     t: &Target,
-    out: &mut BufWriter<File>,
-    out_path: &Path,
+    to_writer: &mpsc::SyncSender<Piece>,
+    free: &mpsc::Receiver<Vec<u8>>,
     progress: &Progress,
-) -> Result<()> {
+) -> Result<bool> {
     let (map, base, src) = match t.from_adapter {
         None => (&shard.map, t.tensor.offset, t.dtype),
         Some((offset, dtype)) => (&*adapter.map, offset, dtype),
@@ -1205,7 +1492,7 @@ fn write_merged(
     let row_out = t.cols * t.dtype.size();
     let row_in = t.cols * src.size();
     if row_out == 0 || t.rows == 0 {
-        return Ok(());
+        return Ok(true);
     }
     // Whole groups of rows per chunk (only a tensor's last group may be short).
     let chunk_rows = (CHUNK_BYTES / row_out.max(row_in)).clamp(1, t.rows);
@@ -1214,82 +1501,55 @@ fn write_merged(
     } else {
         chunk_rows
     };
-    let (to_writer, written) = mpsc::sync_channel::<(Vec<u8>, usize)>(1);
-    let (to_compute, free) = mpsc::sync_channel::<Vec<u8>>(2);
-    for _ in 0..2 {
-        to_compute
-            .send(vec![0u8; chunk_rows * row_out])
-            .expect("the receiver is here");
-    }
-    std::thread::scope(|scope| {
-        let writer = scope.spawn(move || -> Result<()> {
-            for (buf, len) in written {
-                out.write_all(&buf[..len])
-                    .map_err(|e| Error::io(out_path, e))?;
-                progress.done.fetch_add(len as u64, Ordering::Relaxed);
-                // The computing side may have stopped (an error): nothing more to do.
-                let _ = to_compute.send(buf);
-            }
-            Ok(())
-        });
-        let computed = (|| -> Result<()> {
-            for r0 in (0..t.rows).step_by(chunk_rows) {
-                check_cancel(progress)?;
-                // The writer hands buffers back until it fails; its error is reported below.
-                let Ok(mut buf) = free.recv() else {
-                    return Ok(());
+    for r0 in (0..t.rows).step_by(chunk_rows) {
+        check_cancel(progress)?;
+        // The writer hands buffers back until it fails; its error is reported by the caller.
+        let Ok(mut buf) = free.recv() else {
+            return Ok(false);
+        };
+        let r1 = (r0 + chunk_rows).min(t.rows);
+        let (begin, end) = (base + r0 * row_in, base + r1 * row_in);
+        let len = (r1 - r0) * row_out;
+        if buf.len() < len {
+            buf.resize(len.max(CHUNK_BYTES), 0);
+        }
+        let overflow = buf[..len]
+            .par_chunks_mut(GROUP * row_out)
+            .zip(map[begin..end].par_chunks(GROUP * row_in))
+            .enumerate()
+            .map(|(i, (o, w))| {
+                let row = r0 + i * GROUP;
+                let n = w.len() / row_in;
+                let spec = Rows {
+                    src,
+                    dst: t.dtype,
+                    cols: t.cols,
+                    rank: t.rank,
+                    left: &t.left[row * t.rank..(row + n) * t.rank],
+                    right: &t.right,
+                    scaling: t.scaling,
                 };
-                let r1 = (r0 + chunk_rows).min(t.rows);
-                let (begin, end) = (base + r0 * row_in, base + r1 * row_in);
-                let len = (r1 - r0) * row_out;
-                let rows_in = GROUP * row_in;
-                let overflow = buf[..len]
-                    .par_chunks_mut(GROUP * row_out)
-                    .zip(map[begin..end].par_chunks(rows_in))
-                    .enumerate()
-                    .map(|(i, (o, w))| {
-                        let row = r0 + i * GROUP;
-                        let n = w.len() / row_in;
-                        let spec = Rows {
-                            src,
-                            dst: t.dtype,
-                            cols: t.cols,
-                            rank: t.rank,
-                            left: &t.left[row * t.rank..(row + n) * t.rank],
-                            right: &t.right,
-                            scaling: t.scaling,
-                        };
-                        SCRATCH.with_borrow_mut(|s| {
-                            s.fit(t.cols);
-                            merge_rows(&spec, w, o, s).map(|g| row + g)
-                        })
-                    })
-                    .flatten()
-                    .min();
-                release_pages(map, begin, end);
-                if let Some(row) = overflow {
-                    return Err(Error::Invalid(format!(
-                        "{} [{}]: W + scaling·B·A overflows {} in row {row} (module {}, \
-                         scaling {}); the adapter is too large for this checkpoint's dtype",
-                        shard.path.display(),
-                        t.tensor.name,
-                        t.dtype.name(),
-                        t.module,
-                        t.scaling_f64
-                    )));
-                }
-                if to_writer.send((buf, len)).is_err() {
-                    return Ok(());
-                }
-            }
-            Ok(())
-        })();
-        drop(to_writer);
-        let wrote = writer
-            .join()
-            .unwrap_or_else(|_| Err(Error::Invalid("internal error: the writer panicked".into())));
-        computed.and(wrote)
-    })
+                merge_rows(&spec, w, o).map(|g| row + g)
+            })
+            .flatten()
+            .min();
+        release_pages(map, begin, end);
+        if let Some(row) = overflow {
+            return Err(Error::Invalid(format!(
+                "{} [{}]: W + scaling·B·A overflows {} in row {row} (module {}, scaling {}); \
+                 the adapter is too large for this checkpoint's dtype",
+                shard.path.display(),
+                t.tensor.name,
+                t.dtype.name(),
+                t.module,
+                t.scaling_f64
+            )));
+        }
+        if to_writer.send(Piece::Merged(buf, len)).is_err() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Drop the whole pages of `[begin, end)` from the resident set (they stay in the page
@@ -1307,65 +1567,19 @@ fn release_pages(map: &Mmap, begin: usize, end: usize) {
     }
 }
 
-fn create_file(path: &Path) -> Result<BufWriter<File>> {
+fn create_file(path: &Path) -> Result<File> {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     }
-    let f = OpenOptions::new()
+    OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(path)
-        .map_err(|e| Error::io(path, e))?;
-    Ok(BufWriter::with_capacity(1 << 20, f))
+        .map_err(|e| Error::io(path, e))
 }
 
-fn finish_file(mut out: BufWriter<File>, path: &Path, perms: fs::Permissions) -> Result<()> {
-    out.flush().map_err(|e| Error::io(path, e))?;
-    let f = out
-        .into_inner()
-        .map_err(|e| Error::io(path, e.into_error()))?;
-    f.set_permissions(perms).map_err(|e| Error::io(path, e))
-}
-
-fn write_shard(
-    shard: &Shard,
-    adapter: &Adapter,
-    targets: &[&Target],
-    dst: &Path,
-    progress: &Progress,
-) -> Result<()> {
-    let len = shard.map.len() as u64;
-    let mut out = create_file(dst)?;
-    let mut pos = 0u64;
-    for t in targets {
-        let start = t.tensor.offset as u64;
-        copy_range(
-            &shard.file,
-            &shard.path,
-            pos,
-            start - pos,
-            &mut out,
-            dst,
-            progress,
-        )?;
-        write_merged(shard, adapter, t, &mut out, dst, progress)?;
-        pos = start + t.tensor.nbytes as u64;
-    }
-    copy_range(
-        &shard.file,
-        &shard.path,
-        pos,
-        len - pos,
-        &mut out,
-        dst,
-        progress,
-    )?;
-    let perms = shard
-        .file
-        .metadata()
-        .map_err(|e| Error::io(&shard.path, e))?
-        .permissions();
-    finish_file(out, dst, perms)
+fn finish_file(out: File, path: &Path, perms: fs::Permissions) -> Result<()> {
+    out.set_permissions(perms).map_err(|e| Error::io(path, e))
 }
 
 /// Every file and directory under `dir` except the shards and [`SKIPPED_ENTRIES`], relative
@@ -1742,7 +1956,8 @@ mod tests {
         )
     }
 
-    /// `W + s·B·A` (or its transpose), as the merge computes it in f32, then encoded.
+    /// `W + s·B·A` (or its transpose), as the merge computes it in f32 (the product accumulated
+    /// over the rank in order with fused multiply-adds), then encoded.
     fn expected(
         w: &[f32],
         a: &[f32],
@@ -1759,7 +1974,7 @@ mod tests {
             for j in 0..d_in {
                 let mut acc = b[i * r] * a[j];
                 for k in 1..r {
-                    acc += b[i * r + k] * a[k * d_in + j];
+                    acc = b[i * r + k].mul_add(a[k * d_in + j], acc);
                 }
                 let idx = if transposed {
                     j * d_out + i
@@ -2268,6 +2483,56 @@ mod tests {
             got(SHARD1, "model.layers.0.mlp.down_proj.weight"),
             read_tensor(&f.model.join(SHARD1), "model.layers.0.mlp.down_proj.weight").2
         );
+    }
+
+    /// The AVX2 loops (where the CPU has them) and the portable ones give the same bytes, for
+    /// every pair of dtypes, with and without a product, with and without overflow.
+    #[test]
+    fn kernel_paths_agree() {
+        fn check<I: Elem, O: Elem>(src: DType, dst: DType) {
+            let (cols, rank) = (3 * BLOCK + 5, 3);
+            let mut wf = values(GROUP * cols, 11);
+            wf[2 * cols + 7] = f32::INFINITY;
+            wf[cols + 1] = f32::NAN;
+            let w = enc(src, &wf);
+            let left = values(GROUP * rank, 12);
+            let right = pack_blocks(&values(rank * cols, 13), rank, cols);
+            for (rank, scaling, big) in [(rank, 0.5f32, false), (0, 0.0, false), (rank, 1e38, true)]
+            {
+                let spec = Rows {
+                    src,
+                    dst,
+                    cols,
+                    rank,
+                    left: &left[..GROUP * rank],
+                    right: &right[..rank * cols],
+                    scaling,
+                };
+                let mut fast = vec![0u8; GROUP * cols * O::SIZE];
+                let mut portable = fast.clone();
+                let bad = merge_rows(&spec, &w, &mut fast);
+                let limit = overflow_limit(dst);
+                let portable_bad = merge_columns::<I, O>(&spec, &w, &mut portable, 0, limit);
+                assert_eq!(fast, portable, "{src:?} -> {dst:?}, rank {rank}");
+                assert_eq!(
+                    bad.is_some(),
+                    portable_bad,
+                    "{src:?} -> {dst:?}, rank {rank}"
+                );
+                if !big || dst == DType::F16 {
+                    assert_eq!(bad.is_some(), big, "{src:?} -> {dst:?}, rank {rank}");
+                }
+            }
+        }
+        check::<F32, F32>(DType::F32, DType::F32);
+        check::<F32, Bf16>(DType::F32, DType::BF16);
+        check::<F32, F16>(DType::F32, DType::F16);
+        check::<Bf16, F32>(DType::BF16, DType::F32);
+        check::<Bf16, Bf16>(DType::BF16, DType::BF16);
+        check::<Bf16, F16>(DType::BF16, DType::F16);
+        check::<F16, F32>(DType::F16, DType::F32);
+        check::<F16, Bf16>(DType::F16, DType::BF16);
+        check::<F16, F16>(DType::F16, DType::F16);
     }
 
     #[test]
