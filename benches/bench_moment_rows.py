@@ -1,6 +1,6 @@
 """The price of capping the rows of the second moments at large widths (analyze moment_rows=).
 
-Usage: python benches/bench_moment_rows.py [--dim 4096] [--rows 32768] [--caps 4096,8192,16384]
+Usage: python benches/bench_moment_rows.py [--dim 2048] [--rows 32768] [--caps 2048,4096,8192]
 
 Writes a synthetic bf16 site (tests/synth.activations: a massive column, outliers, a low-rank
 part) of --rows rows and a held-out file of 8,192 rows, then analyses it with each cap and
@@ -27,9 +27,9 @@ from synth import activations, encode, write_safetensors  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--dim", type=int, default=4096)
+    ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--rows", type=int, default=32768)
-    ap.add_argument("--caps", default="4096,8192,16384")
+    ap.add_argument("--caps", default="2048,4096,8192")
     ap.add_argument("--dir", default=None, help="where to write the files (default: a temp dir)")
     args = ap.parse_args()
     tmp = tempfile.TemporaryDirectory(dir=args.dir)
