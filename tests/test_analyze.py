@@ -429,19 +429,26 @@ def test_site_without_finite_rows_is_an_error(tmp_path: Path) -> None:
 
 def test_ctrl_c_interrupts_within_a_second(tmp_path: Path) -> None:
     import _thread
+    import signal
     import threading
     import time
 
     x = np.random.default_rng(0).normal(size=(400_000, 512)).astype(np.float32)  # 800 MB
     np.save(tmp_path / "big.npy", x)
     del x
+    # A process started in the background by a shell without job control inherits SIGINT
+    # ignored, and interrupt_main() then does nothing: give it Python's own handler.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.5, _thread.interrupt_main)
-    start = time.perf_counter()
-    timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        rank1fast.analyze(tmp_path / "big.npy", threads=1, progress=False)
-    elapsed = time.perf_counter() - start
-    timer.cancel()
+    try:
+        start = time.perf_counter()
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            rank1fast.analyze(tmp_path / "big.npy", threads=1, progress=False)
+        elapsed = time.perf_counter() - start
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert elapsed < 1.5, elapsed  # 0.5 s until the interrupt + at most a second to stop
 
 
