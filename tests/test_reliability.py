@@ -123,9 +123,14 @@ def assert_valid(out: Path) -> Dump:
 
 def test_twenty_kill9_then_resume_equals_uninterrupted(server, tmp_path):
     whole_dir = tmp_path / "whole"
-    started = time.monotonic()
-    assert server.run(whole_dir) == 0
-    took = time.monotonic() - started
+    # Kill times are drawn from an uninterrupted run's duration: the faster of two, as the
+    # first run in a fresh server can take several times longer (caches, a loaded machine).
+    durations = []
+    for out in (whole_dir, tmp_path / "whole-again"):
+        started = time.monotonic()
+        assert server.run(out) == 0
+        durations.append(time.monotonic() - started)
+    took = min(durations)
     whole = Dump.open(whole_dir)
     assert whole.complete and len(whole.shards) >= 20
 
