@@ -105,7 +105,7 @@ pub fn analyze(path: &Path, opts: &AnalyzeOptions, progress: &Progress) -> Resul
                         srcs[0].dim
                     )))
                 }
-                None => rough_mean(srcs, chunk_rows(srcs[0].dim, opts), opts.skip_positions),
+                None => moment_shift(srcs, chunk_rows(srcs[0].dim, opts), opts.skip_positions),
             };
             let stats = analyze_site(srcs, opts, threads, shift, progress)?;
             if stats.count == 0 && stats.nonfinite > 0 {
@@ -135,7 +135,7 @@ pub fn second_moment_shifts(path: &Path, opts: &AnalyzeOptions) -> Result<Vec<(S
         .into_iter()
         .map(|(name, srcs)| {
             let rows = chunk_rows(srcs[0].dim, opts);
-            (name.clone(), rough_mean(srcs, rows, opts.skip_positions))
+            (name.clone(), moment_shift(srcs, rows, opts.skip_positions))
         })
         .collect())
 }
@@ -190,15 +190,17 @@ fn analyze_site(
         })
         .collect();
     let folded = folded_chunks(&chunks, chunk_rows, opts);
+    let bf16_rows = srcs.iter().all(|s| s.dtype == DType::BF16);
     let next = AtomicUsize::new(0);
     let failure: Mutex<Option<Error>> = Mutex::new(None);
     let workers = threads.min(chunks.len()).max(1);
-    let parts: Vec<SiteStats> = std::thread::scope(|scope| {
+    let parts: Vec<Accumulator> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|_| {
                 scope.spawn(|| {
                     let mut acc =
-                        Accumulator::new(dim, opts.folds, opts.second_moments, shift.clone());
+                        Accumulator::new(dim, opts.folds, opts.second_moments, shift.clone())
+                            .bf16_rows(bf16_rows);
                     let mut buf = vec![0f32; chunk_rows * dim];
                     let mut folds = Vec::with_capacity(chunk_rows);
                     loop {
@@ -216,7 +218,7 @@ fn analyze_site(
                             .done
                             .fetch_add(((r1 - r0) * src.row_bytes()) as u64, Ordering::Relaxed);
                     }
-                    acc.finish()
+                    acc
                 })
             })
             .collect();
@@ -228,7 +230,8 @@ fn analyze_site(
                     *failure.lock().expect("lock") = Some(Error::Invalid(
                         "internal error: a worker thread panicked".into(),
                     ));
-                    SiteStats::new(dim, opts.folds, opts.second_moments)
+                    Accumulator::new(dim, opts.folds, opts.second_moments, shift.clone())
+                        .bf16_rows(bf16_rows)
                 }
             })
             .collect()
@@ -242,9 +245,9 @@ fn analyze_site(
     let mut parts = parts.into_iter();
     let mut total = parts.next().expect("at least one worker");
     for p in parts {
-        total.merge(&p)?;
+        total.absorb(p)?;
     }
-    Ok(total)
+    Ok(total.finish())
 }
 
 /// Which chunks enter the folds and second moments under `opts.moment_rows` (`None`: all):
@@ -268,11 +271,15 @@ fn folded_chunks(
     Some(take)
 }
 
-/// The mean of the first rows of a site that pass the filters, used as the shift of its
-/// second moments (it only needs to be near the mean of the rows that are accumulated).
-fn rough_mean(srcs: &[SiteSource], rows: usize, skip_positions: i64) -> Vec<f32> {
+/// The shift of a site's second moments, from the first rows that pass the filters: their
+/// mean in the dimensions whose mean exceeds 8 standard deviations (the large, nearly constant
+/// ones, whose variation f32 products of uncentred values would lose), zero elsewhere (there,
+/// the f32 sums lose at most a factor 65 to cancellation, and zero keeps the bf16 kernel's
+/// shifted values exact: see [`crate::gram::Kernel::shift`]).
+fn moment_shift(srcs: &[SiteSource], rows: usize, skip_positions: i64) -> Vec<f32> {
     let d = srcs[0].dim;
     let mut sum = vec![0f64; d];
+    let mut sumsq = vec![0f64; d];
     let mut n = 0usize;
     let mut buf = vec![0f32; d];
     'outer: for src in srcs {
@@ -287,7 +294,10 @@ fn rough_mean(srcs: &[SiteSource], rows: usize, skip_positions: i64) -> Vec<f32>
                 &mut buf,
             );
             if buf.iter().all(|v| v.is_finite()) {
-                sum.iter_mut().zip(&buf).for_each(|(s, &x)| *s += x as f64);
+                for ((s, q), &x) in sum.iter_mut().zip(&mut sumsq).zip(&buf) {
+                    *s += x as f64;
+                    *q += x as f64 * x as f64;
+                }
                 n += 1;
                 if n == rows {
                     break 'outer;
@@ -295,8 +305,21 @@ fn rough_mean(srcs: &[SiteSource], rows: usize, skip_positions: i64) -> Vec<f32>
             }
         }
     }
+    if n == 0 {
+        return vec![0.0; d];
+    }
+    let n = n as f64;
     sum.iter()
-        .map(|s| if n > 0 { (s / n as f64) as f32 } else { 0.0 })
+        .zip(&sumsq)
+        .map(|(s, q)| {
+            let mean = s / n;
+            let var = (q / n - mean * mean).max(0.0);
+            if mean * mean > 64.0 * var {
+                mean as f32
+            } else {
+                0.0
+            }
+        })
         .collect()
 }
 

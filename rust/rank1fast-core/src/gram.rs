@@ -1,44 +1,186 @@
 //! The second-moment kernel: `G += (X − c)ᵀ (X − c)` for a block of rows, upper triangle,
 //! accumulated in f64.
 //!
-//! `X` is row-major (a row per token). Rows are taken [`KC`] at a time, shifted by `c` and
-//! packed twice, into panels of [`NR`] = 16 columns and panels of [`MR`] = 6 columns, each
-//! stored row after row, so the kernel reads both operands contiguously whatever the width
-//! (no cache-set aliasing at power-of-two widths). A 6 × 16 tile of `G` is accumulated over
-//! the block's rows in twelve AVX2 registers with FMA, then added to the f64 matrix: f32 sums
-//! never run over more than `KC` products, and no f32 copy of `G` is kept or flushed.
+//! `X` is row-major (a row per token). Up to [`Gram::super_rows`] rows at a time are shifted by
+//! `c` and packed into panels of `NR` columns, stored row after row; panels of `MR` columns
+//! are gathered from those (no second pass over `X`), so the kernel reads both operands
+//! contiguously whatever the width (no cache-set aliasing at power-of-two widths). For each
+//! `MR × NR` tile of `G` on or above the diagonal, the products of all packed rows are summed
+//! in vector registers, `KC` rows (or row pairs) at a time in f32, and each such sum is added to the f64
+//! matrix, so f32 sums never run over more than `KC` products and each tile of `G` is read
+//! and written while it sits in L1 (once per [`Gram::super_rows`] rows, not once per `KC`).
+//!
+//! Kernels, picked at run time from what the CPU has ([`Kernel::detect`]):
+//! - [`Kernel::Avx512Bf16`] (AVX-512 BF16, for rows that are bfloat16 values): the shifted
+//!   values are rounded to bfloat16 (exact whenever `x` lies between `c / 2` and `16 c`, or
+//!   `c = 0`: see [`Kernel::shift`]) and pairs of rows are
+//!   multiplied with `vdpbf16ps`: bf16 × bf16 products are exact in f32, at twice the f32
+//!   multiply-add rate; a 12 × 32 tile in 24 registers.
+//! - [`Kernel::Avx512`] (AVX-512F): f32 FMA, 12 × 32 tile in 24 registers.
+//! - [`Kernel::Avx2`] (AVX2 + FMA): f32 FMA, 6 × 16 tile in 12 registers.
+//! - [`Kernel::Portable`]: the same loops in portable Rust.
+//!
+//! `RANK1FAST_GRAM=portable|avx2|avx512|avx512-bf16` forces a kernel (one the CPU lacks is
+//! refused with a message on stderr and the best available one is used).
 //!
 //! Tiles wholly below the diagonal are skipped; tiles that cross it also write a few entries
 //! below it, which are not part of the result (only `i ≤ j` is; callers mirror it).
-//! CPUs without AVX2 + FMA (detected at run time) use the same loops in portable Rust.
 
-/// Rows of a register tile of `G` (broadcast operand).
-pub const MR: usize = 6;
-/// Columns of a register tile of `G` (two 8-float vectors).
-pub const NR: usize = 16;
-/// Rows of `X` per packed block: a 16-column panel (16 KiB) stays in L1.
+/// Packed steps per f32 partial sum: rows, or row pairs for the bf16 kernel (whose products
+/// are exact, so only the sums round).
 const KC: usize = 256;
-/// `MR`-panels multiplied against one `NR`-panel in turn (96 KiB of packed rows: stays in L2).
-const MC_PANELS: usize = 16;
+/// Bytes of packed operands per super-block (both panel sets): bounds [`Gram::super_rows`].
+const PACK_BYTES: usize = 8 << 20;
+
+/// A second-moment kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    Portable,
+    Avx2,
+    Avx512,
+    /// For rows whose values are bfloat16 numbers (decoded bf16 dumps).
+    Avx512Bf16,
+}
+
+impl Kernel {
+    /// Every kernel this CPU can run, slowest first.
+    pub fn available() -> Vec<Kernel> {
+        let mut k = vec![Kernel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") {
+                k.push(Kernel::Avx2);
+            }
+            if has!("avx512f") {
+                k.push(Kernel::Avx512);
+                if has!("avx512bf16") {
+                    k.push(Kernel::Avx512Bf16);
+                }
+            }
+        }
+        k
+    }
+
+    /// The fastest kernel for rows of this kind (`bf16_rows`: every value is a bfloat16
+    /// number), or the one `RANK1FAST_GRAM` names when the CPU has it.
+    pub fn detect(bf16_rows: bool) -> Kernel {
+        let avail = Kernel::available();
+        if let Ok(name) = std::env::var("RANK1FAST_GRAM") {
+            match Kernel::from_name(&name) {
+                Some(k) if avail.contains(&k) => return k,
+                Some(k) => eprintln!(
+                    "rank1fast: RANK1FAST_GRAM={name}: this CPU cannot run {k:?}; using the best kernel it has"
+                ),
+                None => eprintln!(
+                    "rank1fast: RANK1FAST_GRAM={name} is not one of portable, avx2, avx512, avx512-bf16; ignored"
+                ),
+            }
+        }
+        avail
+            .into_iter()
+            .rev()
+            .find(|&k| bf16_rows || k != Kernel::Avx512Bf16)
+            .unwrap_or(Kernel::Portable)
+    }
+
+    pub fn from_name(name: &str) -> Option<Kernel> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "portable" => Some(Kernel::Portable),
+            "avx2" => Some(Kernel::Avx2),
+            "avx512" => Some(Kernel::Avx512),
+            "avx512-bf16" | "avx512bf16" | "bf16" => Some(Kernel::Avx512Bf16),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Portable => "portable",
+            Kernel::Avx2 => "avx2",
+            Kernel::Avx512 => "avx512",
+            Kernel::Avx512Bf16 => "avx512-bf16",
+        }
+    }
+
+    /// (rows of a tile, columns of a tile, rows of `X` per packed step).
+    fn geometry(self) -> (usize, usize, usize) {
+        match self {
+            Kernel::Portable | Kernel::Avx2 => (6, 16, 1),
+            Kernel::Avx512 => (12, 32, 1),
+            Kernel::Avx512Bf16 => (12, 32, 2),
+        }
+    }
+
+    /// The shift this kernel accumulates about, given the requested one. The bf16 kernel
+    /// rounds it to bfloat16, so that for bfloat16 numbers `x`, `x − c` is exact in bfloat16
+    /// whenever `x` lies between `c / 2` and `2 c` (a multiple of the smaller last place of
+    /// the two, below 256 of them), and always when `c = 0`. With the analysis's shifts (a
+    /// mean more than 8 standard deviations from zero, else zero) that leaves only values
+    /// more than 4 standard deviations from a large mean to be rounded.
+    pub fn shift(self, shift: &[f32]) -> Vec<f32> {
+        match self {
+            Kernel::Avx512Bf16 => shift
+                .iter()
+                .map(|&c| f32::from_bits(bf16_bits(c) << 16))
+                .collect(),
+            _ => shift.to_vec(),
+        }
+    }
+}
+
+/// The bfloat16 nearest to a finite `x` (ties to even), as its 16 bits.
+#[inline(always)]
+fn bf16_bits(x: f32) -> u32 {
+    let b = x.to_bits();
+    (b.wrapping_add(0x7fff + ((b >> 16) & 1))) >> 16
+}
 
 /// Packing buffers of the kernel for one dimension; one per thread.
 pub struct Gram {
     dim: usize,
-    a: Vec<f32>,
-    b: Vec<f32>,
+    kernel: Kernel,
+    /// Packed operands: f32 bits, or two bf16 (rows k, k + 1) per word for the bf16 kernel.
+    a: Vec<u32>,
+    b: Vec<u32>,
 }
 
 impl Gram {
+    /// The fastest kernel for f32 rows.
     pub fn new(dim: usize) -> Self {
+        Gram::with_kernel(dim, Kernel::detect(false))
+    }
+
+    /// A given kernel (it must be in [`Kernel::available`]).
+    pub fn with_kernel(dim: usize, kernel: Kernel) -> Self {
+        assert!(
+            Kernel::available().contains(&kernel),
+            "this CPU cannot run the {kernel:?} kernel"
+        );
         Gram {
             dim,
-            a: vec![0.0; dim.div_ceil(MR) * KC * MR],
-            b: vec![0.0; dim.div_ceil(NR) * KC * NR],
+            kernel,
+            a: Vec::new(),
+            b: Vec::new(),
         }
     }
 
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+
+    /// Rows packed at a time: each tile of `G` is updated once per this many rows.
+    pub fn super_rows(&self) -> usize {
+        let (_, _, step) = self.kernel.geometry();
+        // Both panel sets hold about rows / step × dim words of 4 bytes each.
+        let rows = PACK_BYTES * step / (8 * self.dim.max(1));
+        (rows / KC * KC).clamp(KC, 8 * KC)
+    }
+
     /// Add the upper triangle (`i ≤ j`) of `Σ_rows (x − shift)(x − shift)ᵀ` to `g`
-    /// (`dim × dim`, row-major). `rows.len()` must be a multiple of `dim`.
+    /// (`dim × dim`, row-major). `rows.len()` must be a multiple of `dim`. With the bf16
+    /// kernel, `shift` should come from [`Kernel::shift`] and the rows should be bf16 numbers
+    /// (other values are rounded to bf16 after the shift).
     pub fn add(&mut self, rows: &[f32], shift: &[f32], g: &mut [f64]) {
         let d = self.dim;
         assert_eq!(shift.len(), d, "one shift per dimension");
@@ -47,175 +189,406 @@ impl Gram {
         if d == 0 {
             return;
         }
-        for block in rows.chunks(KC * d) {
-            let kb = block.len() / d;
-            pack(block, shift, d, MR, &mut self.a);
-            pack(block, shift, d, NR, &mut self.b);
-            self.multiply(kb, g);
+        let (mr, nr, step) = self.kernel.geometry();
+        let sr = self.super_rows();
+        for block in rows.chunks(sr * d) {
+            let nk = (block.len() / d).div_ceil(step);
+            let (na, nb) = (d.div_ceil(mr), d.div_ceil(nr));
+            self.b.resize(nb * nk * nr, 0);
+            self.a.resize(na * nk * mr, 0);
+            if step == 2 {
+                pack_bf16_pairs(block, shift, d, nr, nk, &mut self.b);
+            } else {
+                pack_f32(block, shift, d, nr, nk, &mut self.b);
+            }
+            gather_panels(&self.b, d, nr, mr, nk, &mut self.a);
+            self.multiply(nk, g);
         }
     }
 
-    fn multiply(&self, kb: usize, g: &mut [f64]) {
+    fn multiply(&self, nk: usize, g: &mut [f64]) {
         let d = self.dim;
-        let (na, nb) = (d.div_ceil(MR), d.div_ceil(NR));
-        #[cfg(target_arch = "x86_64")]
-        let fast = std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma");
-        for q0 in (0..na).step_by(MC_PANELS) {
-            let q1 = (q0 + MC_PANELS).min(na);
-            for p in 0..nb {
-                let j0 = p * NR;
-                let b = &self.b[p * KC * NR..][..kb * NR];
-                for q in q0..q1 {
-                    let i0 = q * MR;
-                    if i0 >= j0 + NR {
-                        break; // this tile and the rest of the block lie below the diagonal
-                    }
-                    let a = &self.a[q * KC * MR..][..kb * MR];
-                    let (rows, cols) = ((d - i0).min(MR), (d - j0).min(NR));
+        let (mr, nr, step) = self.kernel.geometry();
+        let kc = KC;
+        let (na, nb) = (d.div_ceil(mr), d.div_ceil(nr));
+        for p in 0..nb {
+            let j0 = p * nr;
+            let b = &self.b[p * nk * nr..][..nk * nr];
+            for q in 0..na {
+                let i0 = q * mr;
+                if i0 >= j0 + nr {
+                    break; // this tile and the rest of the column lie below the diagonal
+                }
+                let a = &self.a[q * nk * mr..][..nk * mr];
+                let t = Tile {
+                    i0,
+                    j0,
+                    rows: (d - i0).min(mr),
+                    cols: (d - j0).min(nr),
+                };
+                match self.kernel {
+                    // SAFETY (all three): the CPU has the features (checked in `with_kernel`),
+                    // `a` / `b` hold `nk` packed steps of `mr` / `nr` words, and the tile lies
+                    // inside `g` (`rows`, `cols` clip it).
                     #[cfg(target_arch = "x86_64")]
-                    if fast {
-                        // SAFETY: AVX2 and FMA are present (checked above); `a`, `b` hold `kb`
-                        // packed rows and the tile lies inside `g` (`rows`, `cols` clip it).
-                        unsafe { tile_avx2(kb, a, b, g, d, i0, j0, rows, cols) };
-                        continue;
-                    }
-                    tile_portable(kb, a, b, g, d, i0, j0, rows, cols);
+                    Kernel::Avx2 => unsafe { x86::tile_avx2(nk, kc, a, b, g, d, t) },
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx512 => unsafe { x86::tile_avx512(nk, kc, a, b, g, d, t) },
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx512Bf16 => unsafe { x86::tile_bf16(nk, kc, a, b, g, d, t) },
+                    _ => tile_portable(mr, nr, step, nk, kc, a, b, g, d, t),
                 }
             }
         }
     }
 }
 
-/// Pack `block` (rows of width `d`, minus `shift`) into panels of `w` columns, each panel
-/// `KC` rows of `w` floats; columns past `d` are zero.
-fn pack(block: &[f32], shift: &[f32], d: usize, w: usize, out: &mut [f32]) {
-    let panels = d.div_ceil(w);
-    for (k, row) in block.chunks_exact(d).enumerate() {
-        for p in 0..panels {
-            let c0 = p * w;
-            let n = (d - c0).min(w);
-            let dst = &mut out[p * KC * w + k * w..][..w];
-            for ((o, &x), &c) in dst[..n].iter_mut().zip(&row[c0..c0 + n]).zip(&shift[c0..]) {
-                *o = x - c;
-            }
-            dst[n..].fill(0.0);
-        }
-    }
-}
-
-/// Add the `rows × cols` top-left part of `t` to `g` at `(i0, j0)`.
-#[inline(always)]
-fn add_tile(
-    t: &[[f32; NR]; MR],
-    g: &mut [f64],
-    d: usize,
+/// Where a tile sits in `G` and how much of it is inside (`rows × cols`).
+#[derive(Clone, Copy)]
+struct Tile {
     i0: usize,
     j0: usize,
     rows: usize,
     cols: usize,
+}
+
+/// Pack `block` (rows of width `d`, minus `shift`) into panels of `w` columns, each panel
+/// `nk` rows of `w` f32 words; columns past `d` are zero.
+fn pack_f32(block: &[f32], shift: &[f32], d: usize, w: usize, nk: usize, out: &mut [u32]) {
+    for (k, row) in block.chunks_exact(d).enumerate() {
+        for p in 0..d.div_ceil(w) {
+            let c0 = p * w;
+            let n = (d - c0).min(w);
+            let dst = &mut out[(p * nk + k) * w..][..w];
+            for ((o, &x), &c) in dst[..n].iter_mut().zip(&row[c0..c0 + n]).zip(&shift[c0..]) {
+                *o = (x - c).to_bits();
+            }
+            dst[n..].fill(0);
+        }
+    }
+}
+
+/// Pack pairs of rows of `block` (minus `shift`, rounded to bf16) into panels of `w` columns,
+/// each panel `nk` steps of `w` words holding (row 2k, row 2k + 1) of a column in their low and
+/// high halves (the operand layout of `vdpbf16ps`); a missing last row and columns past `d`
+/// are zero.
+fn pack_bf16_pairs(block: &[f32], shift: &[f32], d: usize, w: usize, nk: usize, out: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present; the body is safe code compiled for it.
+        return unsafe { x86::pack_bf16_pairs_avx512(block, shift, d, w, nk, out) };
+    }
+    pack_bf16_pairs_body(block, shift, d, w, nk, out)
+}
+
+#[inline(always)]
+fn pack_bf16_pairs_body(
+    block: &[f32],
+    shift: &[f32],
+    d: usize,
+    w: usize,
+    nk: usize,
+    out: &mut [u32],
 ) {
-    for (r, tr) in t.iter().enumerate().take(rows) {
-        let dst = &mut g[(i0 + r) * d + j0..][..cols];
+    let zero = vec![0f32; d];
+    let mut rows = block.chunks_exact(d);
+    for k in 0..nk {
+        let lo = rows.next().expect("nk pairs");
+        let (hi, hshift) = match rows.next() {
+            Some(r) => (r, shift),
+            None => (&zero[..], &zero[..]),
+        };
+        for p in 0..d.div_ceil(w) {
+            let c0 = p * w;
+            let n = (d - c0).min(w);
+            let dst = &mut out[(p * nk + k) * w..][..w];
+            for (i, o) in dst[..n].iter_mut().enumerate() {
+                let j = c0 + i;
+                let l = bf16_bits(lo[j] - shift[j]);
+                let h = bf16_bits(hi[j] - hshift[j]);
+                *o = l | (h << 16);
+            }
+            dst[n..].fill(0);
+        }
+    }
+}
+
+/// Gather panels of `mr` columns (`nk` steps each) from the `nr`-column panels `b`.
+fn gather_panels(b: &[u32], d: usize, nr: usize, mr: usize, nk: usize, a: &mut [u32]) {
+    for q in 0..d.div_ceil(mr) {
+        let dst = &mut a[q * nk * mr..][..nk * mr];
+        for r in 0..mr {
+            let col = q * mr + r;
+            if col >= d {
+                for k in 0..nk {
+                    dst[k * mr + r] = 0;
+                }
+                continue;
+            }
+            let src = &b[((col / nr) * nk) * nr + col % nr..];
+            for k in 0..nk {
+                dst[k * mr + r] = src[k * nr];
+            }
+        }
+    }
+}
+
+/// Add the `rows × cols` top-left part of `t` (rows of `nr` floats) to `g` at the tile.
+#[inline(always)]
+fn add_tile(t: &[f32], nr: usize, g: &mut [f64], d: usize, tile: Tile) {
+    for (r, tr) in t.chunks_exact(nr).enumerate().take(tile.rows) {
+        let dst = &mut g[(tile.i0 + r) * d + tile.j0..][..tile.cols];
         for (o, &v) in dst.iter_mut().zip(tr) {
             *o += v as f64;
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn tile_portable(
-    kb: usize,
-    a: &[f32],
-    b: &[f32],
-    g: &mut [f64],
-    d: usize,
-    i0: usize,
-    j0: usize,
-    rows: usize,
-    cols: usize,
-) {
-    let mut t = [[0f32; NR]; MR];
-    for (ak, bk) in a.chunks_exact(MR).zip(b.chunks_exact(NR)).take(kb) {
-        for (tr, &x) in t.iter_mut().zip(ak) {
-            for (o, &y) in tr.iter_mut().zip(bk) {
-                *o += x * y;
-            }
-        }
-    }
-    add_tile(&t, g, d, i0, j0, rows, cols);
+/// Value of the `h`-th bf16 half of a packed word, as f32.
+#[inline(always)]
+fn half(w: u32, h: usize) -> f32 {
+    f32::from_bits(((w >> (16 * h)) & 0xffff) << 16)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_avx2(
-    kb: usize,
-    a: &[f32],
-    b: &[f32],
+fn tile_portable(
+    mr: usize,
+    nr: usize,
+    step: usize,
+    nk: usize,
+    kc: usize,
+    a: &[u32],
+    b: &[u32],
     g: &mut [f64],
     d: usize,
-    i0: usize,
-    j0: usize,
-    rows: usize,
-    cols: usize,
+    tile: Tile,
 ) {
-    use std::arch::x86_64::*;
-    debug_assert!(a.len() >= kb * MR && b.len() >= kb * NR);
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    // The f64 rows of the tile are far apart in memory (d × 8 bytes): fetch them while the
-    // products run, so the final update does not wait on memory.
-    for r in 0..rows {
-        let p = g[(i0 + r) * d + j0..].as_ptr();
-        // SAFETY: prefetching is a hint; the addresses lie inside `g` (cols >= 1).
-        unsafe {
-            _mm_prefetch::<_MM_HINT_T0>(p.cast());
-            _mm_prefetch::<_MM_HINT_T0>(p.add((cols - 1).min(8)).cast());
-            _mm_prefetch::<_MM_HINT_T0>(p.add(cols - 1).cast());
-        }
-    }
-    let mut c = [[_mm256_setzero_ps(); 2]; MR];
-    for k in 0..kb {
-        // SAFETY: k < kb, and `a` / `b` hold kb rows of MR / NR floats.
-        let (b0, b1, ak) = unsafe {
-            (
-                _mm256_loadu_ps(pb.add(k * NR)),
-                _mm256_loadu_ps(pb.add(k * NR + 8)),
-                pa.add(k * MR),
-            )
-        };
-        for (r, cr) in c.iter_mut().enumerate() {
-            // SAFETY: r < MR floats of row k of the MR-panel.
-            let x = unsafe { _mm256_broadcast_ss(&*ak.add(r)) };
-            cr[0] = _mm256_fmadd_ps(x, b0, cr[0]);
-            cr[1] = _mm256_fmadd_ps(x, b1, cr[1]);
-        }
-    }
-    if rows == MR && cols == NR {
-        for (r, cr) in c.iter().enumerate() {
-            let row = &mut g[(i0 + r) * d + j0..][..NR];
-            let p = row.as_mut_ptr();
-            for (h, &v) in cr.iter().enumerate() {
-                let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
-                let hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
-                // SAFETY: `row` holds NR = 16 doubles; h * 8 + 8 <= 16.
-                unsafe {
-                    let q = p.add(h * 8);
-                    _mm256_storeu_pd(q, _mm256_add_pd(_mm256_loadu_pd(q), lo));
-                    _mm256_storeu_pd(q.add(4), _mm256_add_pd(_mm256_loadu_pd(q.add(4)), hi));
+    let mut t = vec![0f32; mr * nr];
+    for k0 in (0..nk).step_by(kc) {
+        t.fill(0.0);
+        let k1 = (k0 + kc).min(nk);
+        for (ak, bk) in a[k0 * mr..k1 * mr]
+            .chunks_exact(mr)
+            .zip(b[k0 * nr..k1 * nr].chunks_exact(nr))
+        {
+            for (tr, &x) in t.chunks_exact_mut(nr).zip(ak) {
+                for (o, &y) in tr.iter_mut().zip(bk) {
+                    if step == 1 {
+                        *o += f32::from_bits(x) * f32::from_bits(y);
+                    } else {
+                        *o += half(x, 0) * half(y, 0);
+                        *o += half(x, 1) * half(y, 1);
+                    }
                 }
             }
         }
-    } else {
-        let mut t = [[0f32; NR]; MR];
-        for (tr, cr) in t.iter_mut().zip(&c) {
-            // SAFETY: tr holds 16 floats.
-            unsafe {
-                _mm256_storeu_ps(tr.as_mut_ptr(), cr[0]);
-                _mm256_storeu_ps(tr.as_mut_ptr().add(8), cr[1]);
+        add_tile(&t, nr, g, d, tile);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{add_tile, pack_bf16_pairs_body, Tile};
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn pack_bf16_pairs_avx512(
+        block: &[f32],
+        shift: &[f32],
+        d: usize,
+        w: usize,
+        nk: usize,
+        out: &mut [u32],
+    ) {
+        pack_bf16_pairs_body(block, shift, d, w, nk, out)
+    }
+
+    /// Fetch the f64 rows of a tile (far apart in memory: `d` × 8 bytes) while the products
+    /// run, so the update does not wait on memory.
+    #[inline(always)]
+    fn prefetch_rows(g: &[f64], d: usize, t: Tile) {
+        for r in 0..t.rows {
+            let row = &g[(t.i0 + r) * d + t.j0..][..t.cols];
+            for c in (0..t.cols).step_by(8) {
+                // SAFETY: prefetching is a hint; the address lies inside `g`.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().add(c).cast()) };
             }
         }
-        add_tile(&t, g, d, i0, j0, rows, cols);
+    }
+
+    /// Add a full tile of `MR` rows of `V` 16-float vectors to `g`.
+    #[target_feature(enable = "avx512f")]
+    fn flush512<const MR: usize, const V: usize>(
+        c: &[[__m512; V]; MR],
+        g: &mut [f64],
+        d: usize,
+        t: Tile,
+    ) {
+        if t.rows == MR && t.cols == 16 * V {
+            for (r, cr) in c.iter().enumerate() {
+                let row = &mut g[(t.i0 + r) * d + t.j0..][..16 * V];
+                let p = row.as_mut_ptr();
+                for (h, &v) in cr.iter().enumerate() {
+                    let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+                    let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                        _mm512_castps_pd(v),
+                    )));
+                    // SAFETY: `row` holds 16 V doubles; h * 16 + 16 <= 16 V.
+                    unsafe {
+                        let q = p.add(h * 16);
+                        _mm512_storeu_pd(q, _mm512_add_pd(_mm512_loadu_pd(q), lo));
+                        _mm512_storeu_pd(q.add(8), _mm512_add_pd(_mm512_loadu_pd(q.add(8)), hi));
+                    }
+                }
+            }
+        } else {
+            let mut tmp = [[0f32; 64]; MR];
+            for (tr, cr) in tmp.iter_mut().zip(c) {
+                for (h, &v) in cr.iter().enumerate() {
+                    // SAFETY: tr holds 64 >= 16 V floats.
+                    unsafe { _mm512_storeu_ps(tr.as_mut_ptr().add(16 * h), v) };
+                }
+            }
+            let flat: Vec<f32> = tmp
+                .iter()
+                .flat_map(|r| r[..16 * V].iter().copied())
+                .collect();
+            add_tile(&flat, 16 * V, g, d, t);
+        }
+    }
+
+    /// 12 × 32 tile, f32 FMA: `nk` packed rows, an f32 partial sum per `kc` rows.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn tile_avx512(
+        nk: usize,
+        kc: usize,
+        a: &[u32],
+        b: &[u32],
+        g: &mut [f64],
+        d: usize,
+        t: Tile,
+    ) {
+        const MR: usize = 12;
+        assert!(a.len() >= nk * MR && b.len() >= nk * 32);
+        prefetch_rows(g, d, t);
+        let (pa, pb) = (a.as_ptr().cast::<f32>(), b.as_ptr().cast::<f32>());
+        for k0 in (0..nk).step_by(kc) {
+            let mut c = [[_mm512_setzero_ps(); 2]; MR];
+            for k in k0..(k0 + kc).min(nk) {
+                // SAFETY: k < nk, and `a` / `b` hold nk steps of MR / 32 words (asserted).
+                unsafe {
+                    let b0 = _mm512_loadu_ps(pb.add(k * 32));
+                    let b1 = _mm512_loadu_ps(pb.add(k * 32 + 16));
+                    let ak = pa.add(k * MR);
+                    for (r, cr) in c.iter_mut().enumerate() {
+                        let x = _mm512_set1_ps(*ak.add(r));
+                        cr[0] = _mm512_fmadd_ps(x, b0, cr[0]);
+                        cr[1] = _mm512_fmadd_ps(x, b1, cr[1]);
+                    }
+                }
+            }
+            flush512(&c, g, d, t);
+        }
+    }
+
+    /// 12 × 32 tile, bf16 pairs with `vdpbf16ps`: `nk` packed row pairs, an f32 partial sum per
+    /// `kc` pairs.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) fn tile_bf16(
+        nk: usize,
+        kc: usize,
+        a: &[u32],
+        b: &[u32],
+        g: &mut [f64],
+        d: usize,
+        t: Tile,
+    ) {
+        const MR: usize = 12;
+        assert!(a.len() >= nk * MR && b.len() >= nk * 32);
+        prefetch_rows(g, d, t);
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        for k0 in (0..nk).step_by(kc) {
+            let mut c = [[_mm512_setzero_ps(); 2]; MR];
+            for k in k0..(k0 + kc).min(nk) {
+                // SAFETY: k < nk, and `a` / `b` hold nk steps of MR / 32 words (asserted);
+                // __m512i and __m512bh are both 64-byte vectors.
+                unsafe {
+                    let b0: __m512bh =
+                        std::mem::transmute(_mm512_loadu_si512(pb.add(k * 32).cast()));
+                    let b1: __m512bh =
+                        std::mem::transmute(_mm512_loadu_si512(pb.add(k * 32 + 16).cast()));
+                    let ak = pa.add(k * MR);
+                    for (r, cr) in c.iter_mut().enumerate() {
+                        let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ak.add(r) as i32));
+                        cr[0] = _mm512_dpbf16_ps(cr[0], x, b0);
+                        cr[1] = _mm512_dpbf16_ps(cr[1], x, b1);
+                    }
+                }
+            }
+            flush512(&c, g, d, t);
+        }
+    }
+
+    /// 6 × 16 tile, f32 FMA (AVX2).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn tile_avx2(
+        nk: usize,
+        kc: usize,
+        a: &[u32],
+        b: &[u32],
+        g: &mut [f64],
+        d: usize,
+        t: Tile,
+    ) {
+        const MR: usize = 6;
+        assert!(a.len() >= nk * MR && b.len() >= nk * 16);
+        prefetch_rows(g, d, t);
+        let (pa, pb) = (a.as_ptr().cast::<f32>(), b.as_ptr().cast::<f32>());
+        for k0 in (0..nk).step_by(kc) {
+            let mut c = [[_mm256_setzero_ps(); 2]; MR];
+            for k in k0..(k0 + kc).min(nk) {
+                // SAFETY: k < nk, and `a` / `b` hold nk steps of MR / 16 words (asserted).
+                unsafe {
+                    let b0 = _mm256_loadu_ps(pb.add(k * 16));
+                    let b1 = _mm256_loadu_ps(pb.add(k * 16 + 8));
+                    let ak = pa.add(k * MR);
+                    for (r, cr) in c.iter_mut().enumerate() {
+                        let x = _mm256_broadcast_ss(&*ak.add(r));
+                        cr[0] = _mm256_fmadd_ps(x, b0, cr[0]);
+                        cr[1] = _mm256_fmadd_ps(x, b1, cr[1]);
+                    }
+                }
+            }
+            if t.rows == MR && t.cols == 16 {
+                for (r, cr) in c.iter().enumerate() {
+                    let row = &mut g[(t.i0 + r) * d + t.j0..][..16];
+                    let p = row.as_mut_ptr();
+                    for (h, &v) in cr.iter().enumerate() {
+                        let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+                        let hi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v));
+                        // SAFETY: `row` holds 16 doubles; h * 8 + 8 <= 16.
+                        unsafe {
+                            let q = p.add(h * 8);
+                            _mm256_storeu_pd(q, _mm256_add_pd(_mm256_loadu_pd(q), lo));
+                            _mm256_storeu_pd(
+                                q.add(4),
+                                _mm256_add_pd(_mm256_loadu_pd(q.add(4)), hi),
+                            );
+                        }
+                    }
+                }
+            } else {
+                let mut tmp = [0f32; MR * 16];
+                for (tr, cr) in tmp.chunks_exact_mut(16).zip(&c) {
+                    // SAFETY: tr holds 16 floats.
+                    unsafe {
+                        _mm256_storeu_ps(tr.as_mut_ptr(), cr[0]);
+                        _mm256_storeu_ps(tr.as_mut_ptr().add(8), cr[1]);
+                    }
+                }
+                add_tile(&tmp, 16, g, d, t);
+            }
+        }
     }
 }
 
@@ -235,75 +608,152 @@ mod tests {
         g
     }
 
+    fn bf16(x: f32) -> f32 {
+        f32::from_bits(bf16_bits(x) << 16)
+    }
+
+    /// Every kernel this CPU has, against a float64 reference, at widths around the tile
+    /// sizes and row counts around the block sizes, in two calls (accumulation across calls).
     #[test]
-    fn matches_float64_reference_at_awkward_sizes() {
-        // Widths around the tile sizes, row counts around the block size.
-        for &(d, n) in &[
-            (1, 3),
-            (5, 7),
-            (6, 16),
-            (17, 255),
-            (23, 257),
-            (40, 600),
-            (97, 513),
-        ] {
-            let rows: Vec<f32> = (0..n * d)
-                .map(|i| ((i * 7919 % 1009) as f32 / 1009.0 - 0.3) * (1 + i % d) as f32)
-                .collect();
-            let shift: Vec<f32> = (0..d).map(|j| 0.1 * j as f32).collect();
-            let want = reference(&rows, &shift, d);
-            let mut gram = Gram::new(d);
-            let mut got = vec![0.0; d * d];
-            // In two calls, so accumulation across calls is covered too.
-            let half = n / 2 * d;
-            gram.add(&rows[..half], &shift, &mut got);
-            gram.add(&rows[half..], &shift, &mut got);
-            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
-            for i in 0..d {
-                for j in i..d {
-                    let err = (got[i * d + j] - want[i * d + j]).abs();
-                    assert!(err <= 1e-5 * scale, "d {d} n {n} ({i},{j}): {err:e}");
+    fn every_kernel_matches_float64_reference_at_awkward_sizes() {
+        for kernel in Kernel::available() {
+            for &(d, n) in &[
+                (1, 3),
+                (5, 7),
+                (6, 16),
+                (13, 33),
+                (17, 255),
+                (23, 257),
+                (33, 600),
+                (40, 1025),
+                (97, 513),
+            ] {
+                // bf16 numbers, and a shift of bf16 numbers within a factor of two of most of
+                // them, so the bf16 kernel's shifted values are exact too.
+                let rows: Vec<f32> = (0..n * d)
+                    .map(|i| {
+                        let j = i % d;
+                        bf16(((i * 7919 % 1009) as f32 / 1009.0 + 0.5) * (1 + j) as f32)
+                    })
+                    .collect();
+                let shift: Vec<f32> = (0..d).map(|j| bf16(0.75 * (1 + j) as f32)).collect();
+                let shift = kernel.shift(&shift);
+                let want = reference(&rows, &shift, d);
+                let mut gram = Gram::with_kernel(d, kernel);
+                let mut got = vec![0.0; d * d];
+                let half = n / 2 * d;
+                gram.add(&rows[..half], &shift, &mut got);
+                gram.add(&rows[half..], &shift, &mut got);
+                let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+                for i in 0..d {
+                    for j in i..d {
+                        let err = (got[i * d + j] - want[i * d + j]).abs();
+                        assert!(
+                            err <= 1e-5 * scale,
+                            "{kernel:?} d {d} n {n} ({i},{j}): {err:e}"
+                        );
+                    }
                 }
             }
         }
     }
 
+    /// Small integers: every product and sum is exact in f32 (and bf16), so all kernels agree
+    /// bit for bit, across several super-blocks.
     #[test]
-    fn portable_and_simd_tiles_agree() {
-        let (d, n) = (37, 300);
+    fn kernels_agree_exactly_on_small_integers() {
+        let (d, n) = (37, 2 * 8 * KC + 77);
         let rows: Vec<f32> = (0..n * d).map(|i| (i % 13) as f32 - 6.0).collect();
         let shift = vec![0.5f32; d];
-        let mut g = Gram::new(d);
-        pack(&rows[..KC * d], &shift, d, MR, &mut g.a);
-        pack(&rows[..KC * d], &shift, d, NR, &mut g.b);
-        let mut simd = vec![0.0; d * d];
-        g.multiply(KC, &mut simd);
-        let mut portable = vec![0.0; d * d];
-        for p in 0..d.div_ceil(NR) {
-            for q in 0..d.div_ceil(MR) {
-                let (i0, j0) = (q * MR, p * NR);
-                if i0 >= j0 + NR {
+        let mut results = Vec::new();
+        for kernel in Kernel::available() {
+            let mut g = Gram::with_kernel(d, kernel);
+            let mut out = vec![0.0; d * d];
+            g.add(&rows, &shift, &mut out);
+            let upper: Vec<f64> = (0..d)
+                .flat_map(|i| out[i * d + i..(i + 1) * d].to_vec())
+                .collect();
+            results.push((kernel, upper));
+        }
+        for (k, r) in &results[1..] {
+            assert_eq!(r, &results[0].1, "{k:?} differs from the portable kernel");
+        }
+    }
+
+    #[test]
+    fn bf16_shift_rounds_and_others_keep_it() {
+        let s = [1.0f32 + 1.0 / 512.0, 3.3, -1e4, 0.0];
+        assert_eq!(Kernel::Avx512.shift(&s), s.to_vec());
+        let r = Kernel::Avx512Bf16.shift(&s);
+        assert_eq!(r, vec![1.0, bf16(3.3), -9984.0, 0.0]);
+        assert_eq!(bf16(1.0 + 3.0 / 512.0), 1.0 + 4.0 / 512.0, "ties to even");
+        // x − c is exact in bf16 for bf16 x from c / 2 to 2 c, for shifts just above and just
+        // below a power of two.
+        for c in [3.3f32, 1.0, 1.99, 2.01, -7.7] {
+            let c = Kernel::Avx512Bf16.shift(&[c])[0];
+            let (lo, hi) = if c > 0.0 {
+                (c / 2.0, 2.0 * c)
+            } else {
+                (2.0 * c, c / 2.0)
+            };
+            let mut x = bf16(lo);
+            let mut n = 0;
+            while x <= hi {
+                assert_eq!(bf16(x - c), x - c, "x {x} c {c}");
+                x = f32::from_bits(x.to_bits() + if x > 0.0 { 1 << 16 } else { u32::MAX - 0xffff });
+                n += 1;
+            }
+            assert!(n >= 256, "{n} values checked");
+        }
+    }
+
+    #[test]
+    fn portable_bf16_path_matches_reference() {
+        // The portable tile reads bf16 pairs too (the kernels share the packing code).
+        let (d, n) = (19, 301);
+        let rows: Vec<f32> = (0..n * d)
+            .map(|i| bf16((i % 29) as f32 * 0.37 - 3.0))
+            .collect();
+        let shift = vec![0f32; d];
+        let (mr, nr, step) = Kernel::Avx512Bf16.geometry();
+        let nk = n.div_ceil(step);
+        let mut b = vec![0u32; d.div_ceil(nr) * nk * nr];
+        let mut a = vec![0u32; d.div_ceil(mr) * nk * mr];
+        pack_bf16_pairs_body(&rows, &shift, d, nr, nk, &mut b);
+        gather_panels(&b, d, nr, mr, nk, &mut a);
+        let mut got = vec![0.0; d * d];
+        for p in 0..d.div_ceil(nr) {
+            for q in 0..d.div_ceil(mr) {
+                let (i0, j0) = (q * mr, p * nr);
+                if i0 >= j0 + nr {
                     continue;
                 }
-                tile_portable(
-                    KC,
-                    &g.a[q * KC * MR..],
-                    &g.b[p * KC * NR..],
-                    &mut portable,
-                    d,
+                let t = Tile {
                     i0,
                     j0,
-                    (d - i0).min(MR),
-                    (d - j0).min(NR),
+                    rows: (d - i0).min(mr),
+                    cols: (d - j0).min(nr),
+                };
+                tile_portable(
+                    mr,
+                    nr,
+                    step,
+                    nk,
+                    KC,
+                    &a[q * nk * mr..],
+                    &b[p * nk * nr..],
+                    &mut got,
+                    d,
+                    t,
                 );
             }
         }
-        // Small integers: every product and sum is exact in f32, so both paths agree exactly.
+        let want = reference(&rows, &shift, d);
         for i in 0..d {
-            assert_eq!(
-                simd[i * d + i..(i + 1) * d],
-                portable[i * d + i..(i + 1) * d]
-            );
+            for j in i..d {
+                let err = (got[i * d + j] - want[i * d + j]).abs();
+                assert!(err <= 1e-5 * want[i * d + i].max(1.0), "({i},{j}) {err:e}");
+            }
         }
     }
 }
