@@ -2,7 +2,7 @@
 //! `cargo run --release --example gram_speed [DIM]`.
 use faer::linalg::matmul::triangular::{matmul as tri, BlockStructure};
 use faer::{Accum, MatMut, MatRef, Par};
-use rank1fast_core::gram::Gram;
+use rank1fast_core::gram::{Gram, Kernel};
 use std::time::Instant;
 
 /// CPU seconds of this process (user + system), which a busy machine distorts less than wall
@@ -37,7 +37,7 @@ fn main() {
             .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
             .collect();
         let shift = vec![0.25f32; d];
-        let reps = (16_000_000_000 / (k * d * d)).max(1);
+        let reps = (64_000_000_000 / (k * d * d)).max(1);
         // faer: shifted copy, then the lower triangle of the Gram matrix in f32.
         let mut g32 = vec![0f32; d * d];
         let skip_faer = std::env::args().nth(2).as_deref() == Some("gram");
@@ -60,15 +60,31 @@ fn main() {
                 Par::Seq,
             );
         });
-        // rank1fast: packed 6 x 16 tiles accumulated into f64.
-        let mut gram = Gram::new(d);
-        let mut g64 = vec![0f64; d * d];
-        let tg = time(reps, || gram.add(&x, &shift, &mut g64));
         let useful = (k * d * d) as f64; // flops of the upper triangle: k d (d+1) / 2 FMAs
-        println!(
-            "d={d} rows={k}: faer triangular {:.1} GFLOP/s, rank1fast gram {:.1} GFLOP/s (useful flops per CPU second, one thread)",
-            useful / tf / 1e9,
-            useful / tg / 1e9
-        );
+        if !skip_faer {
+            println!(
+                "d={d} rows={k}: faer triangular {:.1} GFLOP/s (useful flops per CPU second, one thread)",
+                useful / tf / 1e9
+            );
+        }
+        // rank1fast: every kernel this CPU has (the bf16 one rounds the rows to bf16 first).
+        for kernel in Kernel::available() {
+            let xs: Vec<f32> = if kernel == Kernel::Avx512Bf16 {
+                x.iter()
+                    .map(|&v| f32::from_bits((v.to_bits() + 0x8000) & 0xffff_0000))
+                    .collect()
+            } else {
+                x.clone()
+            };
+            let shift = kernel.shift(&shift);
+            let mut gram = Gram::with_kernel(d, kernel);
+            let mut g64 = vec![0f64; d * d];
+            let tg = time(reps, || gram.add(&xs, &shift, &mut g64));
+            println!(
+                "d={d} rows={k}: rank1fast gram, {:<12} {:.1} GFLOP/s",
+                kernel.name(),
+                useful / tg / 1e9
+            );
+        }
     }
 }

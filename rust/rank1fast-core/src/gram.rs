@@ -194,14 +194,19 @@ impl Gram {
         for block in rows.chunks(sr * d) {
             let nk = (block.len() / d).div_ceil(step);
             let (na, nb) = (d.div_ceil(mr), d.div_ceil(nr));
-            self.b.resize(nb * nk * nr, 0);
-            self.a.resize(na * nk * mr, 0);
-            if step == 2 {
-                pack_bf16_pairs(block, shift, d, nr, nk, &mut self.b);
-            } else {
-                pack_f32(block, shift, d, nr, nk, &mut self.b);
+            // Grown, never shrunk: every word used is written by the packing below.
+            for (buf, n) in [(&mut self.b, nb * nk * nr), (&mut self.a, na * nk * mr)] {
+                if buf.len() < n {
+                    buf.resize(n, 0);
+                }
             }
-            gather_panels(&self.b, d, nr, mr, nk, &mut self.a);
+            let b = &mut self.b[..nb * nk * nr];
+            if step == 2 {
+                pack_bf16_pairs(block, shift, d, nr, nk, b);
+            } else {
+                pack_f32(block, shift, d, nr, nk, b);
+            }
+            gather_panels(b, d, nr, mr, nk, &mut self.a[..na * nk * mr]);
             self.multiply(nk, g);
         }
     }
@@ -317,17 +322,17 @@ fn pack_bf16_pairs_body(
 fn gather_panels(b: &[u32], d: usize, nr: usize, mr: usize, nk: usize, a: &mut [u32]) {
     for q in 0..d.div_ceil(mr) {
         let dst = &mut a[q * nk * mr..][..nk * mr];
-        for r in 0..mr {
-            let col = q * mr + r;
-            if col >= d {
-                for k in 0..nk {
-                    dst[k * mr + r] = 0;
-                }
-                continue;
-            }
-            let src = &b[((col / nr) * nk) * nr + col % nr..];
-            for k in 0..nk {
-                dst[k * mr + r] = src[k * nr];
+        // The panel's columns are one run in a `nr`-panel, or two in neighbouring ones (the
+        // second maybe cut short by `d`; `b` is zero past `d` within its last panel).
+        let c0 = q * mr;
+        let split = (nr - c0 % nr).min(mr);
+        let first = &b[(c0 / nr) * nk * nr + c0 % nr..];
+        let rest = (split < mr && c0 + split < d).then(|| &b[((c0 + split) / nr) * nk * nr..]);
+        for (k, dk) in dst.chunks_exact_mut(mr).enumerate() {
+            dk[..split].copy_from_slice(&first[k * nr..][..split]);
+            match rest {
+                Some(r) => dk[split..].copy_from_slice(&r[k * nr..][..mr - split]),
+                None => dk[split..].fill(0),
             }
         }
     }
