@@ -241,7 +241,9 @@ def moments_case(args, dtype: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--gib", type=float, default=1.0, help="size of each statistics file")
-    ap.add_argument("--dims", default="2048", help="comma-separated widths (statistics)")
+    ap.add_argument(
+        "--dims", default="2048", help="comma-separated widths (statistics); none: skip them"
+    )
     ap.add_argument("--dtypes", default="bfloat16", help="comma-separated dtypes (statistics)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--moment-dim", type=int, default=1536, help="width for second moments")
@@ -255,10 +257,16 @@ def main() -> None:
         f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}; "
         f"numpy float32 GEMM on all cores: {sgemm_rate(args.moment_dim, 3):.0f} GFLOP/s"
     )
+    kernels, for_bf16, for_other = rank1fast._core.gram_kernels()
+    print(
+        f"second-moment kernels here: {', '.join(kernels)}; bf16 dumps use {for_bf16}, "
+        f"f16/f32 dumps {for_other}"
+    )
     results = [
         stats_case(args, int(dim), dtype)
         for dtype in args.dtypes.split(",")
         for dim in args.dims.split(",")
+        if dim != "none"
     ]
     results += [moments_case(args, dtype) for dtype in args.moment_dtypes.split(",")]
 

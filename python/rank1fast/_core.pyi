@@ -76,6 +76,8 @@ def second_moment_shifts(
     second_moments: bool = True,
 ) -> list[tuple[str, npt.NDArray[np.float32]]]: ...
 def default_ridges() -> list[float]: ...
+def gram_kernels() -> tuple[list[str], str, str]:
+    """(kernels this CPU can run, the one used for bf16 dumps, the one for f16/f32 dumps)."""
 
 # --- adapter writer (rust/rank1fast-core/src/adapter.rs) ---
 def write_lora(

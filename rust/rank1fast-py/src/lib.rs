@@ -352,6 +352,18 @@ fn second_moment_shifts<'py>(
         .collect())
 }
 
+/// The second-moment kernels this CPU can run (slowest first), and the one `analyze` uses for
+/// bf16 dumps and for f16/f32 dumps (after `RANK1FAST_GRAM`, if set).
+#[pyfunction]
+fn gram_kernels() -> (Vec<&'static str>, &'static str, &'static str) {
+    use core::gram::Kernel;
+    (
+        Kernel::available().into_iter().map(Kernel::name).collect(),
+        Kernel::detect(true).name(),
+        Kernel::detect(false).name(),
+    )
+}
+
 /// The default ridge grid (λ relative to tr(G)/d).
 #[pyfunction]
 fn default_ridges() -> Vec<f64> {
@@ -363,6 +375,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PySiteStats>()?;
     m.add_function(wrap_pyfunction!(analyze, m)?)?;
     m.add_function(wrap_pyfunction!(default_ridges, m)?)?;
+    m.add_function(wrap_pyfunction!(gram_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(second_moment_shifts, m)?)?;
     m.add_function(wrap_pyfunction!(write_lora, m)?)?;
     m.add_function(wrap_pyfunction!(merge, m)?)?;
