@@ -17,7 +17,7 @@ use crate::stats::{Accumulator, SiteStats};
 /// Rows of a bare 2-D tensor without document ids form folds in blocks of this many rows.
 pub const FOLD_BLOCK_ROWS: usize = 256;
 /// Target size of one decoded chunk.
-const CHUNK_FLOATS: usize = 1 << 19;
+const CHUNK_FLOATS: usize = 1 << 22;
 /// Target size of one decoded chunk when second moments are computed: more rows per fold
 /// segment keep the Gram kernel on long blocks (see `gram`), at 16 MiB per thread.
 const CHUNK_FLOATS_MOMENTS: usize = 1 << 22;
@@ -339,9 +339,49 @@ fn process_chunk(
     let rb = src.row_bytes();
     let bytes = &src.tensor.bytes()[r0 * rb..r1 * rb];
     let m = r1 - r0;
+    let fold_of = |row: usize| {
+        let k = opts.folds as i64;
+        let f = match src.document(row) {
+            Some(doc) => doc.rem_euclid(k),
+            None => ((row / FOLD_BLOCK_ROWS) as i64).rem_euclid(k),
+        };
+        f as usize
+    };
+    if !(opts.second_moments && full) {
+        // Statistics only: runs of rows of one fold, straight from the map (no decode buffer).
+        let skip = |row: usize| src.position(row).is_some_and(|p| p < opts.skip_positions);
+        let mut i = r0;
+        while i < r1 {
+            if skip(i) {
+                let row = &bytes[(i - r0) * rb..][..rb];
+                let x = &mut buf[..d];
+                decode_f32(src.dtype, row, x);
+                if x.iter().all(|v| v.is_finite()) {
+                    // Kept aside, not dropped: adapters pin b·x = 1 at the sink from this mean.
+                    acc.stats.skipped += 1;
+                    for (s, &v) in acc.stats.skipped_sum.iter_mut().zip(x.iter()) {
+                        *s += v as f64;
+                    }
+                } else {
+                    acc.stats.nonfinite += 1;
+                }
+                i += 1;
+                continue;
+            }
+            let k = fold_of(i);
+            let mut j = i + 1;
+            while j < r1 && !skip(j) && fold_of(j) == k {
+                j += 1;
+            }
+            let run = &bytes[(i - r0) * rb..(j - r0) * rb];
+            acc.add_run(full.then_some(k), src.dtype, run, j - i);
+            i = j;
+        }
+        release_pages(src, r0 * rb, r1 * rb);
+        return;
+    }
     decode_f32(src.dtype, bytes, &mut buf[..m * d]);
     folds.clear();
-    let k = opts.folds as i64;
     let mut kept = 0;
     for i in 0..m {
         let row = r0 + i;
@@ -365,11 +405,7 @@ fn process_chunk(
         if kept != i {
             buf.copy_within(i * d..(i + 1) * d, kept * d);
         }
-        let fold = match src.document(row) {
-            Some(doc) => doc.rem_euclid(k),
-            None => ((row / FOLD_BLOCK_ROWS) as i64).rem_euclid(k),
-        };
-        folds.push(fold as u32);
+        folds.push(fold_of(row) as u32);
         kept += 1;
     }
     if full {

@@ -8,6 +8,7 @@ pub mod dtype;
 pub mod error;
 pub mod gram;
 pub mod merge;
+pub mod rowstats;
 pub mod solve;
 pub mod source;
 pub mod stats;

@@ -4,8 +4,10 @@
 //! Chan's formula), so parts computed on different threads, files or machines merge into the
 //! same numbers in any order, up to float rounding.
 
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gram::{Gram, Kernel};
+use crate::rowstats::RunStats;
 
 /// Per-site sufficient statistics. Arrays are `[dim]`, `[folds]`, `[folds * dim]` or
 /// `[folds * dim * dim]` (each fold's `Σ x xᵀ`, symmetric, row-major) as named.
@@ -188,23 +190,29 @@ fn add<T: Copy + std::ops::AddAssign>(a: &mut [T], b: &[T]) {
     }
 }
 
-/// A thread's accumulator: statistics plus the scratch buffers of the chunk kernel.
+/// A thread's accumulator: statistics plus the scratch buffers of the chunk kernels.
 ///
-/// Rows are grouped by fold; each fold segment is reduced in two vectorised passes (sum and
-/// min/max, then the centred sum of squares) and merged with Chan's formula, so no per-element
-/// work is spent on bookkeeping.
+/// Per-dimension statistics are sums about a fixed `shift` (one per site, shared by every
+/// accumulator of the site: near the mean where the mean is large, else zero), kept per fold
+/// plus one slot for rows outside the folds: `Σ (x − c)` and `Σ (x − c)²` in f64, reduced one
+/// run of rows at a time by [`RunStats`] (straight from the dump's bytes when no second moments
+/// are needed). Sums about one shift add up in any order; `finish` turns them into means and
+/// centred sums of squares.
 ///
-/// Second moments are accumulated about a fixed `shift` (a rough mean shared by every
-/// accumulator of a site): activations reach 1e4 while the variation that matters is 1e-2, and
-/// f32 products of uncentred rows would lose it. The kernel ([`Gram`]) sums products in f32
-/// over at most a few hundred rows and accumulates in f64; `finish` turns the shifted moments
-/// back into raw `Σ x xᵀ`.
+/// Second moments are accumulated about the same shift: activations reach 1e4 while the
+/// variation that matters is 1e-2, and f32 products of uncentred rows would lose it. The kernel
+/// ([`Gram`]) sums products in f32 over at most a few hundred rows and accumulates in f64;
+/// `finish` turns the shifted moments back into raw `Σ x xᵀ`.
 pub struct Accumulator {
     pub stats: SiteStats,
     shift: Vec<f32>,
+    shift64: Vec<f64>,
+    /// `[folds + 1][dim]`: per fold, then the rows outside the folds.
+    slot_s1: Vec<f64>,
+    slot_s2: Vec<f64>,
+    slot_n: Vec<u64>,
+    run: RunStats,
     sorted: Vec<f32>,
-    seg_sum: Vec<f64>,
-    seg_m2: Vec<f64>,
     min32: Vec<f32>,
     max32: Vec<f32>,
     gram: Option<Gram>,
@@ -220,10 +228,13 @@ impl Accumulator {
         };
         Accumulator {
             stats: SiteStats::new(dim, folds, second_moments),
+            shift64: shift.iter().map(|&c| c as f64).collect(),
             shift,
+            slot_s1: vec![0.0; (folds + 1) * dim],
+            slot_s2: vec![0.0; (folds + 1) * dim],
+            slot_n: vec![0; folds + 1],
+            run: RunStats::new(dim),
             sorted: Vec::new(),
-            seg_sum: vec![0.0; dim],
-            seg_m2: vec![0.0; dim],
             min32: vec![f32::INFINITY; dim],
             max32: vec![f32::NEG_INFINITY; dim],
             gram,
@@ -240,6 +251,7 @@ impl Accumulator {
             if kernel != g.kernel() {
                 *g = Gram::with_kernel(self.stats.dim, kernel);
                 self.shift = kernel.shift(&self.shift);
+                self.shift64 = self.shift.iter().map(|&c| c as f64).collect();
             }
         }
         self
@@ -302,56 +314,63 @@ impl Accumulator {
         }
     }
 
-    /// Reduce `c` rows of fold `k` (or of no fold) and merge them into the running statistics.
+    /// Reduce `c` finite rows of fold `k` (or of no fold) into the statistics (and the
+    /// second moments, for a fold).
     fn add_segment(&mut self, fold: Option<usize>, seg: &[f32], c: usize) {
         let d = self.stats.dim;
-        // Pass 1: sum (f64), min, max.
-        self.seg_sum.iter_mut().for_each(|s| *s = 0.0);
-        for row in seg.chunks_exact(d) {
-            for ((s, (mn, mx)), &x) in self
-                .seg_sum
-                .iter_mut()
-                .zip(self.min32.iter_mut().zip(self.max32.iter_mut()))
-                .zip(row)
-            {
-                *s += x as f64;
-                *mn = if x < *mn { x } else { *mn };
-                *mx = if x > *mx { x } else { *mx };
-            }
-        }
-        // Pass 2: centred sum of squares about the segment mean.
-        let cf = c as f64;
-        let cmean: Vec<f64> = self.seg_sum.iter().map(|s| s / cf).collect();
-        self.seg_m2.iter_mut().for_each(|s| *s = 0.0);
-        for row in seg.chunks_exact(d) {
-            for ((q, &mu), &x) in self.seg_m2.iter_mut().zip(&cmean).zip(row) {
-                let e = x as f64 - mu;
-                *q += e * e;
-            }
-        }
-        let st = &mut self.stats;
-        let na = st.count as f64;
-        let n = na + cf;
-        for (j, &cm) in cmean.iter().enumerate() {
-            let delta = cm - st.mean[j];
-            st.mean[j] += delta * cf / n;
-            st.m2[j] += self.seg_m2[j] + delta * delta * na * cf / n;
-        }
-        st.count += c as u64;
-        let Some(k) = fold else {
-            return;
-        };
-        st.fold_count[k] += c as u64;
-        let fsum = &mut st.fold_sum[k * d..(k + 1) * d];
-        let fsq = &mut st.fold_sumsq[k * d..(k + 1) * d];
-        for j in 0..d {
-            fsum[j] += self.seg_sum[j];
-            fsq[j] += self.seg_m2[j] + cf * cmean[j] * cmean[j];
-        }
-
-        if let (Some(acc), Some(gram)) = (&mut st.fold_moment, &mut self.gram) {
+        #[cfg(target_endian = "little")]
+        // SAFETY: any f32 is 4 plain bytes; on a little-endian machine they are the F32
+        // encoding the kernel reads.
+        let bytes = unsafe { std::slice::from_raw_parts(seg.as_ptr().cast::<u8>(), seg.len() * 4) };
+        #[cfg(not(target_endian = "little"))]
+        let bytes: Vec<u8> = seg.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.run.reduce(DType::F32, &bytes, c, &self.shift64);
+        self.take_run(fold, c);
+        if let (Some(k), Some(acc), Some(gram)) =
+            (fold, &mut self.stats.fold_moment, &mut self.gram)
+        {
             // Upper triangle (row-major) of the shifted rows' Gram matrix; `finish` mirrors it.
             gram.add(seg, &self.shift, &mut acc[k * d * d..(k + 1) * d * d]);
+        }
+    }
+
+    /// Add `rows` rows of `dtype` values straight from a dump's bytes (`rows × dim` values) to
+    /// the per-dimension statistics of fold `fold` (or of no fold), dropping rows that hold a
+    /// NaN or an infinity (counted in `nonfinite`). No second moments: for those, decode the
+    /// rows and use [`Accumulator::add_rows`].
+    pub fn add_run(&mut self, fold: Option<usize>, dtype: DType, bytes: &[u8], rows: usize) {
+        if rows == 0 {
+            return;
+        }
+        if self.run.reduce(dtype, bytes, rows, &self.shift64) {
+            self.take_run(fold, rows);
+            return;
+        }
+        // Some row is not finite: row by row.
+        let rb = bytes.len() / rows;
+        for row in bytes.chunks_exact(rb) {
+            if self.run.reduce(dtype, row, 1, &self.shift64) {
+                self.take_run(fold, 1);
+            } else {
+                self.stats.nonfinite += 1;
+            }
+        }
+    }
+
+    /// Add the sums of the last [`RunStats::reduce`] (`c` rows) to a slot.
+    fn take_run(&mut self, fold: Option<usize>, c: usize) {
+        let d = self.stats.dim;
+        let slot = fold.unwrap_or(self.stats.folds);
+        add(&mut self.slot_s1[slot * d..(slot + 1) * d], &self.run.s1);
+        add(&mut self.slot_s2[slot * d..(slot + 1) * d], &self.run.s2);
+        for j in 0..d {
+            self.min32[j] = self.min32[j].min(self.run.min[j]);
+            self.max32[j] = self.max32[j].max(self.run.max[j]);
+        }
+        self.slot_n[slot] += c as u64;
+        self.stats.count += c as u64;
+        if let Some(k) = fold {
+            self.stats.fold_count[k] += c as u64;
         }
     }
 
@@ -365,6 +384,9 @@ impl Accumulator {
             ));
         }
         self.stats.merge(&other.stats)?;
+        add(&mut self.slot_s1, &other.slot_s1);
+        add(&mut self.slot_s2, &other.slot_s2);
+        add(&mut self.slot_n, &other.slot_n);
         for j in 0..self.stats.dim {
             self.min32[j] = self.min32[j].min(other.min32[j]);
             self.max32[j] = self.max32[j].max(other.max32[j]);
@@ -375,6 +397,34 @@ impl Accumulator {
     /// Finish accumulation: copy min/max out and turn the shifted moments into raw `Σ x xᵀ`.
     pub fn finish(mut self) -> SiteStats {
         let d = self.stats.dim;
+        let st = &mut self.stats;
+        // Means and centred sums of squares from the sums about the shift c:
+        // mean = c + S1 / n, m2 = S2 − S1² / n; per fold, Σ x and Σ x².
+        let n: u64 = self.slot_n.iter().sum();
+        let (mut s1, mut s2) = (vec![0f64; d], vec![0f64; d]);
+        for slot in 0..=st.folds {
+            add(&mut s1, &self.slot_s1[slot * d..(slot + 1) * d]);
+            add(&mut s2, &self.slot_s2[slot * d..(slot + 1) * d]);
+        }
+        if n > 0 {
+            let nf = n as f64;
+            for j in 0..d {
+                st.mean[j] = self.shift64[j] + s1[j] / nf;
+                st.m2[j] = (s2[j] - s1[j] * s1[j] / nf).max(0.0);
+            }
+        }
+        for k in 0..st.folds {
+            let nk = self.slot_n[k] as f64;
+            for j in 0..d {
+                let (c, a, b) = (
+                    self.shift64[j],
+                    self.slot_s1[k * d + j],
+                    self.slot_s2[k * d + j],
+                );
+                st.fold_sum[k * d + j] = nk * c + a;
+                st.fold_sumsq[k * d + j] = b + 2.0 * c * a + nk * c * c;
+            }
+        }
         for j in 0..d {
             if self.min32[j] <= self.max32[j] {
                 self.stats.min[j] = self.min32[j] as f64;
