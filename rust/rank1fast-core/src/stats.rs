@@ -323,8 +323,10 @@ impl Accumulator {
         // encoding the kernel reads.
         let bytes = unsafe { std::slice::from_raw_parts(seg.as_ptr().cast::<u8>(), seg.len() * 4) };
         #[cfg(not(target_endian = "little"))]
-        let bytes: Vec<u8> = seg.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.run.reduce(DType::F32, &bytes, c, &self.shift64);
+        let owned: Vec<u8> = seg.iter().flat_map(|v| v.to_le_bytes()).collect();
+        #[cfg(not(target_endian = "little"))]
+        let bytes: &[u8] = &owned;
+        self.run.reduce(DType::F32, bytes, c, &self.shift64);
         self.take_run(fold, c);
         if let (Some(k), Some(acc), Some(gram)) =
             (fold, &mut self.stats.fold_moment, &mut self.gram)
