@@ -142,6 +142,7 @@ mod x86 {
         shift: &[f64],
     ) -> bool {
         const PF: usize = 12;
+        const BR: usize = 16;
         let d = out.s1.len();
         let es = if K == 0 { 4 } else { 2 };
         let rb = d * es;
@@ -149,91 +150,108 @@ mod x86 {
         let exp = _mm512_set1_epi32(0x7f80_0000);
         let mut bad: __mmask16 = 0;
         let z = _mm512_setzero_pd();
-        for j0 in (0..d).step_by(32) {
-            let na = (d - j0).min(16);
-            let nb = (d - j0).saturating_sub(16).min(16);
-            let (ma, ma_lo, ma_hi) = masks(na);
-            let (mb, mb_lo, mb_hi) = masks(nb);
-            let sp = shift.as_ptr();
-            // SAFETY: the masks cover exactly the shifts j0..j0 + na + nb (< d); masked-off
-            // lanes are not read (wrapping_add: the address may lie past the end then).
-            let c = unsafe {
-                [
-                    _mm512_maskz_loadu_pd(ma_lo, sp.add(j0)),
-                    _mm512_maskz_loadu_pd(ma_hi, sp.wrapping_add(j0 + 8)),
-                    _mm512_maskz_loadu_pd(mb_lo, sp.wrapping_add(j0 + 16)),
-                    _mm512_maskz_loadu_pd(mb_hi, sp.wrapping_add(j0 + 24)),
-                ]
-            };
-            // Two rows at a time, each with its own sums (more loads in flight, shorter chains).
-            let (mut s1, mut s2) = ([[z; 4]; 2], [[z; 4]; 2]);
-            let mut mn = [_mm512_set1_ps(f32::INFINITY); 2];
-            let mut mx = [_mm512_set1_ps(f32::NEG_INFINITY); 2];
-            let p0 = base.wrapping_add(j0 * es);
-            macro_rules! row {
-                ($r:expr, $t:expr) => {{
-                    let p = p0.wrapping_add($r * rb);
-                    let ahead = p.wrapping_add(PF * rb);
-                    // SAFETY: prefetches are hints and never fault; row r holds na + nb
-                    // values from column j0.
-                    let x = unsafe {
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
-                        if K == 0 {
-                            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64).cast());
+        out.s1.fill(0.0);
+        out.s2.fill(0.0);
+        out.min.fill(f32::INFINITY);
+        out.max.fill(f32::NEG_INFINITY);
+        for b0 in (0..rows).step_by(BR) {
+            let rows = (rows - b0).min(BR);
+            let base = base.wrapping_add(b0 * rb);
+            for j0 in (0..d).step_by(32) {
+                let na = (d - j0).min(16);
+                let nb = (d - j0).saturating_sub(16).min(16);
+                let (ma, ma_lo, ma_hi) = masks(na);
+                let (mb, mb_lo, mb_hi) = masks(nb);
+                let sp = shift.as_ptr();
+                // SAFETY: the masks cover exactly the shifts j0..j0 + na + nb (< d); masked-off
+                // lanes are not read (wrapping_add: the address may lie past the end then).
+                let c = unsafe {
+                    [
+                        _mm512_maskz_loadu_pd(ma_lo, sp.add(j0)),
+                        _mm512_maskz_loadu_pd(ma_hi, sp.wrapping_add(j0 + 8)),
+                        _mm512_maskz_loadu_pd(mb_lo, sp.wrapping_add(j0 + 16)),
+                        _mm512_maskz_loadu_pd(mb_hi, sp.wrapping_add(j0 + 24)),
+                    ]
+                };
+                // Two rows at a time, each with its own sums (more loads in flight, shorter chains).
+                let (mut s1, mut s2) = ([[z; 4]; 2], [[z; 4]; 2]);
+                let mut mn = [_mm512_set1_ps(f32::INFINITY); 2];
+                let mut mx = [_mm512_set1_ps(f32::NEG_INFINITY); 2];
+                let p0 = base.wrapping_add(j0 * es);
+                macro_rules! row {
+                    ($r:expr, $t:expr) => {{
+                        let p = p0.wrapping_add($r * rb);
+                        let ahead = p.wrapping_add(PF * rb);
+                        // SAFETY: prefetches are hints and never fault; row r holds na + nb
+                        // values from column j0.
+                        let x = unsafe {
+                            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                            if K == 0 {
+                                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64).cast());
+                            }
+                            [load16::<K>(p, na), load16::<K>(p.wrapping_add(16 * es), nb)]
+                        };
+                        for h in 0..2 {
+                            let v = x[h];
+                            bad |= _mm512_cmpeq_epi32_mask(
+                                _mm512_and_si512(_mm512_castps_si512(v), exp),
+                                exp,
+                            );
+                            mn[h] = _mm512_min_ps(mn[h], v);
+                            mx[h] = _mm512_max_ps(mx[h], v);
+                            let lo =
+                                _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)), c[2 * h]);
+                            let hi = _mm512_sub_pd(
+                                _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                                    _mm512_castps_pd(v),
+                                ))),
+                                c[2 * h + 1],
+                            );
+                            let (a1, a2) = (&mut s1[$t], &mut s2[$t]);
+                            a1[2 * h] = _mm512_add_pd(a1[2 * h], lo);
+                            a1[2 * h + 1] = _mm512_add_pd(a1[2 * h + 1], hi);
+                            a2[2 * h] = _mm512_fmadd_pd(lo, lo, a2[2 * h]);
+                            a2[2 * h + 1] = _mm512_fmadd_pd(hi, hi, a2[2 * h + 1]);
                         }
-                        [load16::<K>(p, na), load16::<K>(p.wrapping_add(16 * es), nb)]
-                    };
-                    for h in 0..2 {
-                        let v = x[h];
-                        bad |= _mm512_cmpeq_epi32_mask(
-                            _mm512_and_si512(_mm512_castps_si512(v), exp),
-                            exp,
-                        );
-                        mn[h] = _mm512_min_ps(mn[h], v);
-                        mx[h] = _mm512_max_ps(mx[h], v);
-                        let lo =
-                            _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)), c[2 * h]);
-                        let hi = _mm512_sub_pd(
-                            _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
-                                _mm512_castps_pd(v),
-                            ))),
-                            c[2 * h + 1],
-                        );
-                        let (a1, a2) = (&mut s1[$t], &mut s2[$t]);
-                        a1[2 * h] = _mm512_add_pd(a1[2 * h], lo);
-                        a1[2 * h + 1] = _mm512_add_pd(a1[2 * h + 1], hi);
-                        a2[2 * h] = _mm512_fmadd_pd(lo, lo, a2[2 * h]);
-                        a2[2 * h + 1] = _mm512_fmadd_pd(hi, hi, a2[2 * h + 1]);
-                    }
-                }};
-            }
-            let mut r = 0;
-            while r + 2 <= rows {
-                row!(r, 0);
-                row!(r + 1, 1);
-                r += 2;
-            }
-            if r < rows {
-                row!(r, 0);
-            }
-            for q in 0..4 {
-                s1[0][q] = _mm512_add_pd(s1[0][q], s1[1][q]);
-                s2[0][q] = _mm512_add_pd(s2[0][q], s2[1][q]);
-            }
-            let (s1, s2) = (s1[0], s2[0]);
-            // SAFETY: the outputs hold d values; the masks cover j0..j0 + na + nb.
-            unsafe {
-                let (o1, o2) = (out.s1.as_mut_ptr(), out.s2.as_mut_ptr());
-                for (q, m) in [ma_lo, ma_hi, mb_lo, mb_hi].into_iter().enumerate() {
-                    if m != 0 {
-                        _mm512_mask_storeu_pd(o1.add(j0 + 8 * q), m, s1[q]);
-                        _mm512_mask_storeu_pd(o2.add(j0 + 8 * q), m, s2[q]);
-                    }
+                    }};
                 }
-                for (h, m) in [ma, mb].into_iter().enumerate() {
-                    if m != 0 {
-                        _mm512_mask_storeu_ps(out.min.as_mut_ptr().add(j0 + 16 * h), m, mn[h]);
-                        _mm512_mask_storeu_ps(out.max.as_mut_ptr().add(j0 + 16 * h), m, mx[h]);
+                let mut r = 0;
+                while r + 2 <= rows {
+                    row!(r, 0);
+                    row!(r + 1, 1);
+                    r += 2;
+                }
+                if r < rows {
+                    row!(r, 0);
+                }
+                for q in 0..4 {
+                    s1[0][q] = _mm512_add_pd(s1[0][q], s1[1][q]);
+                    s2[0][q] = _mm512_add_pd(s2[0][q], s2[1][q]);
+                }
+                let (s1, s2) = (s1[0], s2[0]);
+                // SAFETY: the outputs hold d values; the masks cover j0..j0 + na + nb.
+                unsafe {
+                    let (o1, o2) = (out.s1.as_mut_ptr(), out.s2.as_mut_ptr());
+                    for (q, m) in [ma_lo, ma_hi, mb_lo, mb_hi].into_iter().enumerate() {
+                        if m != 0 {
+                            let (p1, p2) = (o1.add(j0 + 8 * q), o2.add(j0 + 8 * q));
+                            let t1 = _mm512_add_pd(_mm512_maskz_loadu_pd(m, p1), s1[q]);
+                            let t2 = _mm512_add_pd(_mm512_maskz_loadu_pd(m, p2), s2[q]);
+                            _mm512_mask_storeu_pd(p1, m, t1);
+                            _mm512_mask_storeu_pd(p2, m, t2);
+                        }
+                    }
+                    for (h, m) in [ma, mb].into_iter().enumerate() {
+                        if m != 0 {
+                            let (pn, px) = (
+                                out.min.as_mut_ptr().add(j0 + 16 * h),
+                                out.max.as_mut_ptr().add(j0 + 16 * h),
+                            );
+                            let tn = _mm512_min_ps(_mm512_maskz_loadu_ps(m, pn), mn[h]);
+                            let tx = _mm512_max_ps(_mm512_maskz_loadu_ps(m, px), mx[h]);
+                            _mm512_mask_storeu_ps(pn, m, tn);
+                            _mm512_mask_storeu_ps(px, m, tx);
+                        }
                     }
                 }
             }
