@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use crate::dtype::{decode_f32, DType};
+use crate::dtype::{any_nonfinite, decode_f32, DType};
 use crate::error::{Error, Result};
 use crate::source::{self, SiteSource};
 use crate::stats::{Accumulator, SiteStats};
@@ -381,39 +381,53 @@ fn process_chunk(
         release_pages(src, r0 * rb, r1 * rb);
         return;
     }
-    decode_f32(src.dtype, bytes, &mut buf[..m * d]);
+    // Second moments: the kept rows decoded to f32 straight into fold order (the Gram kernel
+    // takes a fold's rows together); `folds` holds each row's fold, or DROP.
+    const DROP: u32 = u32::MAX;
     folds.clear();
-    let mut kept = 0;
+    let mut counts = vec![0usize; opts.folds];
     for i in 0..m {
         let row = r0 + i;
-        let x = &buf[i * d..(i + 1) * d];
-        // Branch-free (vectorisable) test: exponent bits all ones means NaN or ±inf.
-        let nonfinite = x.iter().fold(false, |acc, v| {
-            acc | (v.to_bits() & 0x7f80_0000 == 0x7f80_0000)
-        });
-        if nonfinite {
+        let raw = &bytes[i * rb..(i + 1) * rb];
+        if any_nonfinite(src.dtype, raw) {
             acc.stats.nonfinite += 1;
-            continue;
-        }
-        if src.position(row).is_some_and(|p| p < opts.skip_positions) {
+            folds.push(DROP);
+        } else if src.position(row).is_some_and(|p| p < opts.skip_positions) {
             // Kept aside, not dropped: adapters pin b·x = 1 at the sink from this mean.
+            let x = &mut buf[..d];
+            decode_f32(src.dtype, raw, x);
             acc.stats.skipped += 1;
-            for (s, &v) in acc.stats.skipped_sum.iter_mut().zip(x) {
+            for (s, &v) in acc.stats.skipped_sum.iter_mut().zip(x.iter()) {
                 *s += v as f64;
             }
-            continue;
+            folds.push(DROP);
+        } else {
+            let k = fold_of(row);
+            counts[k] += 1;
+            folds.push(k as u32);
         }
-        if kept != i {
-            buf.copy_within(i * d..(i + 1) * d, kept * d);
+    }
+    let mut next: Vec<usize> = counts
+        .iter()
+        .scan(0, |acc, &c| {
+            let start = *acc;
+            *acc += c;
+            Some(start)
+        })
+        .collect();
+    for (i, &k) in folds.iter().enumerate() {
+        if k != DROP {
+            let slot = next[k as usize];
+            next[k as usize] += 1;
+            decode_f32(
+                src.dtype,
+                &bytes[i * rb..(i + 1) * rb],
+                &mut buf[slot * d..(slot + 1) * d],
+            );
         }
-        folds.push(fold_of(row) as u32);
-        kept += 1;
     }
-    if full {
-        acc.add_rows(&buf[..kept * d], folds);
-    } else {
-        acc.add_rows_unfolded(&buf[..kept * d]);
-    }
+    let kept: usize = counts.iter().sum();
+    acc.add_sorted_rows(&buf[..kept * d], &counts);
     release_pages(src, r0 * rb, r1 * rb);
 }
 

@@ -265,44 +265,45 @@ impl Accumulator {
     /// Add `m` finite rows (`rows.len() == m * dim`, row-major) whose folds are `fold[i]`.
     pub fn add_rows(&mut self, rows: &[f32], fold: &[u32]) {
         let d = self.stats.dim;
-        let m = fold.len();
-        debug_assert_eq!(rows.len(), m * d);
-        if m == 0 {
-            return;
-        }
+        debug_assert_eq!(rows.len(), fold.len() * d);
         let mut counts = vec![0usize; self.stats.folds];
         for &f in fold {
             counts[f as usize] += 1;
         }
-        // Group rows by fold (a copy only when the chunk spans several folds).
+        if fold.windows(2).all(|w| w[0] <= w[1]) {
+            return self.add_sorted_rows(rows, &counts);
+        }
+        // Group rows by fold.
         let mut sorted = std::mem::take(&mut self.sorted);
-        let rows: &[f32] = if counts.iter().filter(|&&c| c > 0).count() == 1 {
-            rows
-        } else {
-            let mut start = vec![0usize; self.stats.folds];
-            let mut acc = 0;
-            for (k, c) in counts.iter().enumerate() {
-                start[k] = acc;
-                acc += c;
-            }
-            sorted.resize(rows.len(), 0.0);
-            for (i, &f) in fold.iter().enumerate() {
-                let dst = start[f as usize];
-                start[f as usize] += 1;
-                sorted[dst * d..(dst + 1) * d].copy_from_slice(&rows[i * d..(i + 1) * d]);
-            }
-            &sorted
-        };
+        sorted.resize(rows.len(), 0.0);
+        let mut next: Vec<usize> = counts
+            .iter()
+            .scan(0, |acc, &c| {
+                let start = *acc;
+                *acc += c;
+                Some(start)
+            })
+            .collect();
+        for (row, &f) in rows.chunks_exact(d).zip(fold) {
+            let dst = next[f as usize];
+            next[f as usize] += 1;
+            sorted[dst * d..(dst + 1) * d].copy_from_slice(row);
+        }
+        self.add_sorted_rows(&sorted, &counts);
+        self.sorted = sorted;
+    }
+
+    /// Add finite rows grouped by fold: `counts[k]` rows of fold `k`, fold after fold.
+    pub fn add_sorted_rows(&mut self, rows: &[f32], counts: &[usize]) {
+        let d = self.stats.dim;
+        debug_assert_eq!(rows.len(), counts.iter().sum::<usize>() * d);
         let mut row0 = 0;
         for (k, &c) in counts.iter().enumerate() {
-            if c == 0 {
-                continue;
+            if c > 0 {
+                self.add_segment(Some(k), &rows[row0 * d..(row0 + c) * d], c);
+                row0 += c;
             }
-            let seg = &rows[row0 * d..(row0 + c) * d];
-            row0 += c;
-            self.add_segment(Some(k), seg, c);
         }
-        self.sorted = sorted;
     }
 
     /// Add finite rows to the per-dimension statistics only (`mean`, `m2`, `min`, `max`,
