@@ -260,6 +260,16 @@ struct Tile {
 /// Pack `block` (rows of width `d`, minus `shift`) into panels of `w` columns, each panel
 /// `nk` rows of `w` f32 words; columns past `d` are zero.
 fn pack_f32(block: &[f32], shift: &[f32], d: usize, w: usize, nk: usize, out: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present; the body is safe code compiled for it.
+        return unsafe { x86::pack_f32_avx512(block, shift, d, w, nk, out) };
+    }
+    pack_f32_body(block, shift, d, w, nk, out)
+}
+
+#[inline(always)]
+fn pack_f32_body(block: &[f32], shift: &[f32], d: usize, w: usize, nk: usize, out: &mut [u32]) {
     for (k, row) in block.chunks_exact(d).enumerate() {
         for p in 0..d.div_ceil(w) {
             let c0 = p * w;
@@ -268,7 +278,9 @@ fn pack_f32(block: &[f32], shift: &[f32], d: usize, w: usize, nk: usize, out: &m
             for ((o, &x), &c) in dst[..n].iter_mut().zip(&row[c0..c0 + n]).zip(&shift[c0..]) {
                 *o = (x - c).to_bits();
             }
-            dst[n..].fill(0);
+            if n < w {
+                dst[n..].fill(0);
+            }
         }
     }
 }
@@ -313,7 +325,9 @@ fn pack_bf16_pairs_body(
                 let h = bf16_bits(hi[j] - hshift[j]);
                 *o = l | (h << 16);
             }
-            dst[n..].fill(0);
+            if n < w {
+                dst[n..].fill(0);
+            }
         }
     }
 }
@@ -332,7 +346,8 @@ fn gather_panels(b: &[u32], d: usize, nr: usize, mr: usize, nk: usize, a: &mut [
             dk[..split].copy_from_slice(&first[k * nr..][..split]);
             match rest {
                 Some(r) => dk[split..].copy_from_slice(&r[k * nr..][..mr - split]),
-                None => dk[split..].fill(0),
+                None if split < mr => dk[split..].fill(0),
+                None => {}
             }
         }
     }
@@ -393,8 +408,20 @@ fn tile_portable(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{add_tile, pack_bf16_pairs_body, Tile};
+    use super::{add_tile, pack_bf16_pairs_body, pack_f32_body, Tile};
     use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn pack_f32_avx512(
+        block: &[f32],
+        shift: &[f32],
+        d: usize,
+        w: usize,
+        nk: usize,
+        out: &mut [u32],
+    ) {
+        pack_f32_body(block, shift, d, w, nk, out)
+    }
 
     #[target_feature(enable = "avx512f")]
     pub(super) fn pack_bf16_pairs_avx512(
