@@ -14,7 +14,8 @@ use criterion::{
 };
 use rank1fast_core::adapter::{write_safetensors, TensorSpec};
 use rank1fast_core::dtype::{decode_f32, encode_f32};
-use rank1fast_core::gram::Gram;
+use rank1fast_core::gram::{Gram, Kernel};
+use rank1fast_core::rowstats::RunStats;
 use rank1fast_core::stats::{Accumulator, SiteStats};
 use rank1fast_core::{
     analyze, best_onehot, constant_direction, default_ridges, AnalyzeOptions, DType, Progress,
@@ -84,21 +85,46 @@ fn add_rows(c: &mut Criterion) {
     black_box(acc.finish());
 }
 
+fn run_stats(c: &mut Criterion) {
+    // The statistics pass straight from a dump's bytes (rowstats), 256 rows of d = 2048.
+    let (d, n) = (2048, 256);
+    let mut g = c.benchmark_group("run_stats");
+    let shift = vec![0f64; d];
+    let mut out = RunStats::new(d);
+    for dtype in [DType::BF16, DType::F16, DType::F32] {
+        let mut bytes = Vec::new();
+        encode_f32(dtype, &activations(n, d, 5), &mut bytes);
+        g.throughput(Throughput::Bytes(bytes.len() as u64));
+        g.bench_function(dtype.name(), |b| {
+            b.iter(|| out.reduce(dtype, black_box(&bytes), n, &shift))
+        });
+    }
+    g.finish();
+}
+
 fn gram(c: &mut Criterion) {
     let mut g = c.benchmark_group("gram_add");
     g.sampling_mode(SamplingMode::Flat);
-    for d in [576, 1536] {
-        let shift = vec![0.25f32; d];
-        let mut kernel = Gram::new(d);
-        let mut out = vec![0f64; d * d];
-        for n in [256, 1024] {
-            let rows = activations(n, d, 3);
+    for kernel in Kernel::available() {
+        for d in [576, 1536] {
+            let shift = kernel.shift(&vec![0.25f32; d]);
+            let mut gram = Gram::with_kernel(d, kernel);
+            let mut out = vec![0f64; d * d];
+            let n = 1024;
+            let mut rows = activations(n, d, 3);
+            if kernel == Kernel::Avx512Bf16 {
+                // The bf16 kernel is for rows of bf16 numbers.
+                for v in &mut rows {
+                    *v = f32::from_bits((v.to_bits() + 0x8000) & 0xffff_0000);
+                }
+            }
             // Multiply-adds of the upper triangle including the diagonal: n · d(d+1)/2.
             // (Tiles crossing the diagonal do a little more work than this counts.)
             g.throughput(Throughput::Elements((n * d * (d + 1) / 2) as u64));
-            g.bench_function(BenchmarkId::new(format!("d{d}"), format!("rows{n}")), |b| {
-                b.iter(|| kernel.add(black_box(&rows), &shift, black_box(&mut out)))
-            });
+            g.bench_function(
+                BenchmarkId::new(kernel.name(), format!("d{d}_rows{n}")),
+                |b| b.iter(|| gram.add(black_box(&rows), &shift, black_box(&mut out))),
+            );
         }
     }
     g.finish();
@@ -165,6 +191,6 @@ criterion_group! {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
         .without_plots();
-    targets = decode, add_rows, gram, solve, analyze_file
+    targets = decode, run_stats, add_rows, gram, solve, analyze_file
 }
 criterion_main!(kernels);
