@@ -479,3 +479,46 @@ def test_well_conditioned_site_does_not_warn(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert s.direction is not None
+
+
+KERNEL_ENVS = {
+    "default": {},
+    "no AVX-512": {"RANK1FAST_NO_AVX512": "1"},
+    "portable": {"RANK1FAST_NO_AVX512": "1", "RANK1FAST_GRAM": "portable"},
+}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_every_kernel_path_agrees(tmp_path: Path, dtype: str) -> None:
+    """The code picked for this CPU (AVX-512 statistics and second moments, bf16 dot products
+    for bf16 dumps where present), the AVX2 code and the portable code give the same report:
+    statistics to float64 rounding, second moments to the bf16 kernel's accuracy, each against
+    numpy float64 (run in child processes: the switches are read once per process)."""
+    x = activations(3000, 70, seed=7)
+    data, stored = encode(x, dtype)
+    write_safetensors(tmp_path / "a.safetensors", {"h": (dtype, (30, 100, 70), data)})
+    keep = (np.arange(3000) % 100) >= 1
+    ref = stored[keep].astype(np.float64)
+    code = (
+        "import sys, numpy as np, rank1fast; s = rank1fast.analyze(sys.argv[1], progress=False)"
+        "['h']; np.savez(sys.argv[2], mean=s.mean, var=s.var, min=s.stats.min(), "
+        "max=s.stats.max(), m=s.second_moment, k=rank1fast._core.gram_kernels()[1:])"
+    )
+    got = {}
+    for name, env in KERNEL_ENVS.items():
+        out = tmp_path / f"{len(got)}.npz"
+        subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / "a.safetensors"), str(out)],
+            check=True,
+            env={**__import__("os").environ, **env},
+        )
+        got[name] = np.load(out)
+    assert str(got["portable"]["k"][1]) == "portable"
+    for name, r in got.items():
+        np.testing.assert_allclose(r["mean"], ref.mean(0), rtol=1e-12, atol=1e-9, err_msg=name)
+        np.testing.assert_allclose(r["var"], ref.var(0), rtol=1e-9, err_msg=name)
+        np.testing.assert_array_equal(r["min"], ref.min(0), err_msg=name)
+        np.testing.assert_array_equal(r["max"], ref.max(0), err_msg=name)
+        cov = r["m"] - np.outer(r["mean"], r["mean"])
+        want = np.cov(ref, rowvar=False, bias=True)
+        assert_moments_close(cov, want, np.diag(want), ref.T @ ref / len(ref))

@@ -21,7 +21,8 @@
 //! - [`Kernel::Portable`]: the same loops in portable Rust.
 //!
 //! `RANK1FAST_GRAM=portable|avx2|avx512|avx512-bf16` forces a kernel (one the CPU lacks is
-//! refused with a message on stderr and the best available one is used).
+//! refused with a message on stderr and the best available one is used);
+//! `RANK1FAST_NO_AVX512=1` hides AVX-512 from these kernels and the statistics pass.
 //!
 //! Tiles wholly below the diagonal are skipped; tiles that cross it also write a few entries
 //! below it, which are not part of the result (only `i ≤ j` is; callers mirror it).
@@ -52,7 +53,7 @@ impl Kernel {
             if has!("avx2") && has!("fma") {
                 k.push(Kernel::Avx2);
             }
-            if has!("avx512f") {
+            if has!("avx512f") && !avx512_disabled() {
                 k.push(Kernel::Avx512);
                 if has!("avx512bf16") {
                     k.push(Kernel::Avx512Bf16);
@@ -127,6 +128,15 @@ impl Kernel {
             _ => shift.to_vec(),
         }
     }
+}
+
+/// `RANK1FAST_NO_AVX512=1` (read once): run the AVX2 / portable code on an AVX-512 machine, as
+/// a CPU without AVX-512 would (for tests and comparisons).
+pub fn avx512_disabled() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| {
+        std::env::var("RANK1FAST_NO_AVX512").is_ok_and(|v| !v.is_empty() && v != "0")
+    })
 }
 
 /// The bfloat16 nearest to a finite `x` (ties to even), as its 16 bits.
@@ -261,7 +271,7 @@ struct Tile {
 /// `nk` rows of `w` f32 words; columns past `d` are zero.
 fn pack_f32(block: &[f32], shift: &[f32], d: usize, w: usize, nk: usize, out: &mut [u32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if std::arch::is_x86_feature_detected!("avx512f") && !avx512_disabled() {
         // SAFETY: AVX-512F is present; the body is safe code compiled for it.
         return unsafe { x86::pack_f32_avx512(block, shift, d, w, nk, out) };
     }
@@ -291,7 +301,7 @@ fn pack_f32_body(block: &[f32], shift: &[f32], d: usize, w: usize, nk: usize, ou
 /// are zero.
 fn pack_bf16_pairs(block: &[f32], shift: &[f32], d: usize, w: usize, nk: usize, out: &mut [u32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if std::arch::is_x86_feature_detected!("avx512f") && !avx512_disabled() {
         // SAFETY: AVX-512F is present; the body is safe code compiled for it.
         return unsafe { x86::pack_bf16_pairs_avx512(block, shift, d, w, nk, out) };
     }

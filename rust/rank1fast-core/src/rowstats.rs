@@ -80,7 +80,7 @@ impl RunStats {
 #[cfg(target_arch = "x86_64")]
 fn avx512() -> bool {
     use std::arch::is_x86_feature_detected as has;
-    has!("avx512f") && has!("avx512bw") && has!("avx512vl")
+    has!("avx512f") && has!("avx512bw") && has!("avx512vl") && !crate::gram::avx512_disabled()
 }
 
 #[cfg(target_arch = "x86_64")]
