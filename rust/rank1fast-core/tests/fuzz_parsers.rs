@@ -114,7 +114,7 @@ fn safetensors_seed() -> Vec<u8> {
 
 fn npy_seed() -> Vec<u8> {
     let mut h = b"{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }".to_vec();
-    while (10 + h.len() + 1) % 64 != 0 {
+    while !(10 + h.len() + 1).is_multiple_of(64) {
         h.push(b' ');
     }
     h.push(b'\n');
