@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use crate::dtype::{any_nonfinite, decode_f32, DType};
 use crate::error::{Error, Result};
 use crate::source::{self, SiteSource};
-use crate::stats::{Accumulator, SiteStats};
+use crate::stats::{starts, Accumulator, SiteStats};
 
 /// Rows of a bare 2-D tensor without document ids form folds in blocks of this many rows.
 pub const FOLD_BLOCK_ROWS: usize = 256;
@@ -407,14 +407,7 @@ fn process_chunk(
             folds.push(k as u32);
         }
     }
-    let mut next: Vec<usize> = counts
-        .iter()
-        .scan(0, |acc, &c| {
-            let start = *acc;
-            *acc += c;
-            Some(start)
-        })
-        .collect();
+    let mut next = starts(&counts);
     for (i, &k) in folds.iter().enumerate() {
         if k != DROP {
             let slot = next[k as usize];

@@ -499,77 +499,74 @@ mod x86 {
         }
     }
 
-    /// 12 × 32 tile, f32 FMA: `nk` packed rows, an f32 partial sum per `kc` rows.
+    /// `c + x·b` lane by lane, f32.
+    #[inline]
     #[target_feature(enable = "avx512f")]
-    pub(super) fn tile_avx512(
-        nk: usize,
-        kc: usize,
-        a: &[u32],
-        b: &[u32],
-        g: &mut [f64],
-        d: usize,
-        t: Tile,
-    ) {
-        const MR: usize = 12;
-        assert!(a.len() >= nk * MR && b.len() >= nk * 32);
-        prefetch_rows(g, d, t);
-        let (pa, pb) = (a.as_ptr().cast::<f32>(), b.as_ptr().cast::<f32>());
-        for k0 in (0..nk).step_by(kc) {
-            let mut c = [[_mm512_setzero_ps(); 2]; MR];
-            for k in k0..(k0 + kc).min(nk) {
-                // SAFETY: k < nk, and `a` / `b` hold nk steps of MR / 32 words (asserted).
-                unsafe {
-                    let b0 = _mm512_loadu_ps(pb.add(k * 32));
-                    let b1 = _mm512_loadu_ps(pb.add(k * 32 + 16));
-                    let ak = pa.add(k * MR);
-                    for (r, cr) in c.iter_mut().enumerate() {
-                        let x = _mm512_set1_ps(*ak.add(r));
-                        cr[0] = _mm512_fmadd_ps(x, b0, cr[0]);
-                        cr[1] = _mm512_fmadd_ps(x, b1, cr[1]);
-                    }
-                }
-            }
-            flush512(&c, g, d, t);
-        }
+    fn madd_f32(c: __m512, x: __m512i, b: __m512i) -> __m512 {
+        _mm512_fmadd_ps(_mm512_castsi512_ps(x), _mm512_castsi512_ps(b), c)
     }
 
-    /// 12 × 32 tile, bf16 pairs with `vdpbf16ps`: `nk` packed row pairs, an f32 partial sum per
-    /// `kc` pairs.
+    /// `c + x.lo·b.lo + x.hi·b.hi` per lane, for lanes holding two bf16 (`vdpbf16ps`).
+    #[inline]
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) fn tile_bf16(
-        nk: usize,
-        kc: usize,
-        a: &[u32],
-        b: &[u32],
-        g: &mut [f64],
-        d: usize,
-        t: Tile,
-    ) {
-        const MR: usize = 12;
-        assert!(a.len() >= nk * MR && b.len() >= nk * 32);
-        prefetch_rows(g, d, t);
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        for k0 in (0..nk).step_by(kc) {
-            let mut c = [[_mm512_setzero_ps(); 2]; MR];
-            for k in k0..(k0 + kc).min(nk) {
-                // SAFETY: k < nk, and `a` / `b` hold nk steps of MR / 32 words (asserted);
-                // __m512i and __m512bh are both 64-byte vectors.
-                unsafe {
-                    let b0: __m512bh =
-                        std::mem::transmute(_mm512_loadu_si512(pb.add(k * 32).cast()));
-                    let b1: __m512bh =
-                        std::mem::transmute(_mm512_loadu_si512(pb.add(k * 32 + 16).cast()));
-                    let ak = pa.add(k * MR);
-                    for (r, cr) in c.iter_mut().enumerate() {
-                        let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ak.add(r) as i32));
-                        cr[0] = _mm512_dpbf16_ps(cr[0], x, b0);
-                        cr[1] = _mm512_dpbf16_ps(cr[1], x, b1);
+    fn madd_bf16(c: __m512, x: __m512i, b: __m512i) -> __m512 {
+        // SAFETY: __m512i and __m512bh are both 64-byte vectors of plain bits.
+        unsafe { _mm512_dpbf16_ps(c, std::mem::transmute(x), std::mem::transmute(b)) }
+    }
+
+    /// A 12 × 32 tile over `nk` packed steps (rows of f32, or pairs of bf16 rows), an f32
+    /// partial sum per `kc` steps; `$madd` multiplies and adds one step.
+    macro_rules! tile512 {
+        ($(#[$doc:meta])* $name:ident, $features:literal, $madd:ident) => {
+            $(#[$doc])*
+            #[target_feature(enable = $features)]
+            pub(super) fn $name(
+                nk: usize,
+                kc: usize,
+                a: &[u32],
+                b: &[u32],
+                g: &mut [f64],
+                d: usize,
+                t: Tile,
+            ) {
+                const MR: usize = 12;
+                assert!(a.len() >= nk * MR && b.len() >= nk * 32);
+                prefetch_rows(g, d, t);
+                let (pa, pb) = (a.as_ptr(), b.as_ptr());
+                for k0 in (0..nk).step_by(kc) {
+                    let mut c = [[_mm512_setzero_ps(); 2]; MR];
+                    for k in k0..(k0 + kc).min(nk) {
+                        // SAFETY: k < nk, and `a` / `b` hold nk steps of MR / 32 words
+                        // (asserted).
+                        unsafe {
+                            let b0 = _mm512_loadu_si512(pb.add(k * 32).cast());
+                            let b1 = _mm512_loadu_si512(pb.add(k * 32 + 16).cast());
+                            let ak = pa.add(k * MR);
+                            for (r, cr) in c.iter_mut().enumerate() {
+                                let x = _mm512_set1_epi32(*ak.add(r) as i32);
+                                cr[0] = $madd(cr[0], x, b0);
+                                cr[1] = $madd(cr[1], x, b1);
+                            }
+                        }
                     }
+                    flush512(&c, g, d, t);
                 }
             }
-            flush512(&c, g, d, t);
-        }
+        };
     }
+
+    tile512!(
+        /// 12 × 32 tile, f32 FMA.
+        tile_avx512,
+        "avx512f",
+        madd_f32
+    );
+    tile512!(
+        /// 12 × 32 tile, pairs of bf16 rows with `vdpbf16ps`.
+        tile_bf16,
+        "avx512f,avx512bf16",
+        madd_bf16
+    );
 
     /// 6 × 16 tile, f32 FMA (AVX2).
     #[target_feature(enable = "avx2,fma")]

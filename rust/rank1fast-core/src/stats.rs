@@ -184,6 +184,18 @@ pub(crate) fn zeroed_large(n: usize) -> Vec<f64> {
     v
 }
 
+/// Where each group starts when groups of `counts[k]` items are laid out one after another.
+pub(crate) fn starts(counts: &[usize]) -> Vec<usize> {
+    counts
+        .iter()
+        .scan(0, |acc, &c| {
+            let start = *acc;
+            *acc += c;
+            Some(start)
+        })
+        .collect()
+}
+
 fn add<T: Copy + std::ops::AddAssign>(a: &mut [T], b: &[T]) {
     for (x, y) in a.iter_mut().zip(b) {
         *x += *y;
@@ -276,14 +288,7 @@ impl Accumulator {
         // Group rows by fold.
         let mut sorted = std::mem::take(&mut self.sorted);
         sorted.resize(rows.len(), 0.0);
-        let mut next: Vec<usize> = counts
-            .iter()
-            .scan(0, |acc, &c| {
-                let start = *acc;
-                *acc += c;
-                Some(start)
-            })
-            .collect();
+        let mut next = starts(&counts);
         for (row, &f) in rows.chunks_exact(d).zip(fold) {
             let dst = next[f as usize];
             next[f as usize] += 1;
