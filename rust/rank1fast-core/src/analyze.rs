@@ -407,6 +407,34 @@ fn process_chunk(
             folds.push(k as u32);
         }
     }
+    // f32 dumps: the rows straight from the map, as runs of consecutive rows of one fold.
+    #[cfg(target_endian = "little")]
+    if src.dtype == DType::F32 {
+        // SAFETY: any 4 bytes are an f32; `align_to` only yields aligned items.
+        let (pre, rows, post) = unsafe { bytes.align_to::<f32>() };
+        if pre.is_empty() && post.is_empty() {
+            let mut runs: Vec<Vec<&[f32]>> = vec![Vec::new(); opts.folds];
+            let mut i = 0;
+            while i < m {
+                let k = folds[i];
+                let mut j = i + 1;
+                while j < m && folds[j] == k {
+                    j += 1;
+                }
+                if k != DROP {
+                    runs[k as usize].push(&rows[i * d..j * d]);
+                }
+                i = j;
+            }
+            for (k, r) in runs.iter().enumerate() {
+                if !r.is_empty() {
+                    acc.add_fold_runs(k, r);
+                }
+            }
+            release_pages(src, r0 * rb, r1 * rb);
+            return;
+        }
+    }
     let mut next = starts(&counts);
     for (i, &k) in folds.iter().enumerate() {
         if k != DROP {

@@ -192,17 +192,24 @@ impl Gram {
     /// kernel, `shift` should come from [`Kernel::shift`] and the rows should be bf16 numbers
     /// (other values are rounded to bf16 after the shift).
     pub fn add(&mut self, rows: &[f32], shift: &[f32], g: &mut [f64]) {
+        assert_eq!(rows.len() % self.dim.max(1), 0, "whole rows");
+        let rows: Vec<&[f32]> = rows.chunks_exact(self.dim.max(1)).collect();
+        self.add_rows(&rows, shift, g)
+    }
+
+    /// [`Gram::add`] for rows wherever they lie (each `dim` values).
+    pub fn add_rows(&mut self, rows: &[&[f32]], shift: &[f32], g: &mut [f64]) {
         let d = self.dim;
         assert_eq!(shift.len(), d, "one shift per dimension");
         assert_eq!(g.len(), d * d, "g must be dim × dim");
-        assert_eq!(rows.len() % d.max(1), 0, "whole rows");
+        assert!(rows.iter().all(|r| r.len() == d), "rows of dim values");
         if d == 0 {
             return;
         }
         let (mr, nr, step) = self.kernel.geometry();
         let sr = self.super_rows();
-        for block in rows.chunks(sr * d) {
-            let nk = (block.len() / d).div_ceil(step);
+        for block in rows.chunks(sr) {
+            let nk = block.len().div_ceil(step);
             let (na, nb) = (d.div_ceil(mr), d.div_ceil(nr));
             // Grown, never shrunk: every word used is written by the packing below.
             for (buf, n) in [(&mut self.b, nb * nk * nr), (&mut self.a, na * nk * mr)] {
@@ -269,18 +276,18 @@ struct Tile {
 
 /// Pack `block` (rows of width `d`, minus `shift`) into panels of `w` columns, each panel
 /// `nk` rows of `w` f32 words; columns past `d` are zero.
-fn pack_f32(block: &[f32], shift: &[f32], d: usize, w: usize, nk: usize, out: &mut [u32]) {
+fn pack_f32(rows: &[&[f32]], shift: &[f32], d: usize, w: usize, nk: usize, out: &mut [u32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") && !avx512_disabled() {
         // SAFETY: AVX-512F is present; the body is safe code compiled for it.
-        return unsafe { x86::pack_f32_avx512(block, shift, d, w, nk, out) };
+        return unsafe { x86::pack_f32_avx512(rows, shift, d, w, nk, out) };
     }
-    pack_f32_body(block, shift, d, w, nk, out)
+    pack_f32_body(rows, shift, d, w, nk, out)
 }
 
 #[inline(always)]
-fn pack_f32_body(block: &[f32], shift: &[f32], d: usize, w: usize, nk: usize, out: &mut [u32]) {
-    for (k, row) in block.chunks_exact(d).enumerate() {
+fn pack_f32_body(rows: &[&[f32]], shift: &[f32], d: usize, w: usize, nk: usize, out: &mut [u32]) {
+    for (k, row) in rows.iter().enumerate() {
         for p in 0..d.div_ceil(w) {
             let c0 = p * w;
             let n = (d - c0).min(w);
@@ -299,18 +306,18 @@ fn pack_f32_body(block: &[f32], shift: &[f32], d: usize, w: usize, nk: usize, ou
 /// each panel `nk` steps of `w` words holding (row 2k, row 2k + 1) of a column in their low and
 /// high halves (the operand layout of `vdpbf16ps`); a missing last row and columns past `d`
 /// are zero.
-fn pack_bf16_pairs(block: &[f32], shift: &[f32], d: usize, w: usize, nk: usize, out: &mut [u32]) {
+fn pack_bf16_pairs(rows: &[&[f32]], shift: &[f32], d: usize, w: usize, nk: usize, out: &mut [u32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") && !avx512_disabled() {
         // SAFETY: AVX-512F is present; the body is safe code compiled for it.
-        return unsafe { x86::pack_bf16_pairs_avx512(block, shift, d, w, nk, out) };
+        return unsafe { x86::pack_bf16_pairs_avx512(rows, shift, d, w, nk, out) };
     }
-    pack_bf16_pairs_body(block, shift, d, w, nk, out)
+    pack_bf16_pairs_body(rows, shift, d, w, nk, out)
 }
 
 #[inline(always)]
 fn pack_bf16_pairs_body(
-    block: &[f32],
+    rows: &[&[f32]],
     shift: &[f32],
     d: usize,
     w: usize,
@@ -318,7 +325,7 @@ fn pack_bf16_pairs_body(
     out: &mut [u32],
 ) {
     let zero = vec![0f32; d];
-    let mut rows = block.chunks_exact(d);
+    let mut rows = rows.iter().copied();
     for k in 0..nk {
         let lo = rows.next().expect("nk pairs");
         let (hi, hshift) = match rows.next() {
@@ -423,26 +430,26 @@ mod x86 {
 
     #[target_feature(enable = "avx512f")]
     pub(super) fn pack_f32_avx512(
-        block: &[f32],
+        rows: &[&[f32]],
         shift: &[f32],
         d: usize,
         w: usize,
         nk: usize,
         out: &mut [u32],
     ) {
-        pack_f32_body(block, shift, d, w, nk, out)
+        pack_f32_body(rows, shift, d, w, nk, out)
     }
 
     #[target_feature(enable = "avx512f")]
     pub(super) fn pack_bf16_pairs_avx512(
-        block: &[f32],
+        rows: &[&[f32]],
         shift: &[f32],
         d: usize,
         w: usize,
         nk: usize,
         out: &mut [u32],
     ) {
-        pack_bf16_pairs_body(block, shift, d, w, nk, out)
+        pack_bf16_pairs_body(rows, shift, d, w, nk, out)
     }
 
     /// Fetch the f64 rows of a tile (far apart in memory: `d` × 8 bytes) while the products
@@ -758,7 +765,8 @@ mod tests {
         let nk = n.div_ceil(step);
         let mut b = vec![0u32; d.div_ceil(nr) * nk * nr];
         let mut a = vec![0u32; d.div_ceil(mr) * nk * mr];
-        pack_bf16_pairs_body(&rows, &shift, d, nr, nk, &mut b);
+        let slices: Vec<&[f32]> = rows.chunks_exact(d).collect();
+        pack_bf16_pairs_body(&slices, &shift, d, nr, nk, &mut b);
         gather_panels(&b, d, nr, mr, nk, &mut a);
         let mut got = vec![0.0; d * d];
         for p in 0..d.div_ceil(nr) {

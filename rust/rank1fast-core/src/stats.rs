@@ -323,7 +323,29 @@ impl Accumulator {
     /// Reduce `c` finite rows of fold `k` (or of no fold) into the statistics (and the
     /// second moments, for a fold).
     fn add_segment(&mut self, fold: Option<usize>, seg: &[f32], c: usize) {
-        let d = self.stats.dim;
+        match fold {
+            Some(k) => self.add_fold_runs(k, &[seg]),
+            None => self.reduce_f32(None, seg, c),
+        }
+    }
+
+    /// Add finite rows of fold `k` given as runs (each a slice of whole rows, back to back
+    /// in memory: rows of a dump's memory map, say), to the statistics and second moments.
+    pub fn add_fold_runs(&mut self, k: usize, runs: &[&[f32]]) {
+        let d = self.stats.dim.max(1);
+        for run in runs {
+            self.reduce_f32(Some(k), run, run.len() / d);
+        }
+        if let (Some(acc), Some(gram)) = (&mut self.stats.fold_moment, &mut self.gram) {
+            // Upper triangle (row-major) of the shifted rows' Gram matrix; `finish` mirrors it.
+            let rows: Vec<&[f32]> = runs.iter().flat_map(|r| r.chunks_exact(d)).collect();
+            let dd = self.stats.dim * self.stats.dim;
+            gram.add_rows(&rows, &self.shift, &mut acc[k * dd..(k + 1) * dd]);
+        }
+    }
+
+    /// The per-dimension statistics of `c` finite f32 rows (`seg`), into a slot.
+    fn reduce_f32(&mut self, fold: Option<usize>, seg: &[f32], c: usize) {
         #[cfg(target_endian = "little")]
         // SAFETY: any f32 is 4 plain bytes; on a little-endian machine they are the F32
         // encoding the kernel reads.
@@ -334,12 +356,6 @@ impl Accumulator {
         let bytes: &[u8] = &owned;
         self.run.reduce(DType::F32, bytes, c, &self.shift64);
         self.take_run(fold, c);
-        if let (Some(k), Some(acc), Some(gram)) =
-            (fold, &mut self.stats.fold_moment, &mut self.gram)
-        {
-            // Upper triangle (row-major) of the shifted rows' Gram matrix; `finish` mirrors it.
-            gram.add(seg, &self.shift, &mut acc[k * d * d..(k + 1) * d * d]);
-        }
     }
 
     /// Add `rows` rows of `dtype` values straight from a dump's bytes (`rows × dim` values) to
