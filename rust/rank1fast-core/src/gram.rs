@@ -518,7 +518,13 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bf16")]
     fn madd_bf16(c: __m512, x: __m512i, b: __m512i) -> __m512 {
         // SAFETY: __m512i and __m512bh are both 64-byte vectors of plain bits.
-        unsafe { _mm512_dpbf16_ps(c, std::mem::transmute(x), std::mem::transmute(b)) }
+        unsafe {
+            _mm512_dpbf16_ps(
+                c,
+                std::mem::transmute::<__m512i, __m512bh>(x),
+                std::mem::transmute::<__m512i, __m512bh>(b),
+            )
+        }
     }
 
     /// A 12 × 32 tile over `nk` packed steps (rows of f32, or pairs of bf16 rows), an f32
