@@ -34,6 +34,7 @@ bench: install
 	$(PY) benches/bench_write_adapters.py --repeat 3
 	$(PY) benches/bench_merge.py --repeat 3
 	$(PY) benches/bench_moment_rows.py
+	$(PY) benches/bench_kernel_accuracy.py
 	$(PY) benches/bench_ray.py --gib 2 --shards 16 --repeat 2
 
 # Criterion benches of the Rust kernels (decode, statistics, Gram, solve, analyze), ~2-3 min.
