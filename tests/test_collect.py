@@ -604,3 +604,18 @@ def test_read_texts_formats(tmp_path):
         read_texts(csv)
     assert list(read_texts(["x", "y"])) == ["x", "y"]
     assert next(read_texts(None)) == default_corpus()[0]
+
+
+def test_quiet_collect_of_the_default_model_prints_no_loading_bars(tmp_path, capsys):
+    """`--quiet` silences transformers' GGUF dequantization and weight-loading bars too."""
+    from rank1fast.cli import main
+
+    out = tmp_path / "d"
+    assert main(["collect", "--sites", "resid_mid.1", "--tokens", "40", "--out", str(out), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "GGUF" not in captured.err and "Loading weights" not in captured.err, captured.err[-500:]
+    assert Dump.open(out).tokens == 40
+    # Not quiet: transformers' own switch is back on.
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()

@@ -422,7 +422,7 @@ def collect(
         raise InvalidArgumentError(f"storage_dtype {storage_dtype!r}: use bfloat16/float16/float32")
 
     is_default = model is None or (isinstance(model, str) and model == "default")
-    net, tokenizer = load_model(model, device=device, dtype=dtype)
+    net, tokenizer = load_model(model, device=device, dtype=dtype, quiet=progress is False)
     site_map = resolve_sites(net, sites)
     modules = {name: get_module(net, path) for name, path in site_map.items()}
     dims = {name: module_dims(m) for name, m in modules.items()}

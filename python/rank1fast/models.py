@@ -18,10 +18,11 @@ torch and transformers are imported by this module; ``import rank1fast`` does no
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,7 @@ def load_model(
     *,
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = None,
+    quiet: bool = False,
 ) -> tuple[nn.Module, Any]:
     """Load a model and its tokenizer the same way everywhere rank1fast needs one.
 
@@ -228,6 +230,7 @@ def load_model(
             moved.
         dtype: None keeps the checkpoint's own dtype; else ``"float32"``, ``"bfloat16"``,
             ``"float16"`` or a ``torch.dtype`` (an already loaded model is cast in place).
+        quiet: hide transformers' loading progress bars (GGUF dequantization, weights).
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode; the tokenizer pads on the right and has
@@ -254,7 +257,8 @@ def load_model(
         if tokenizer is None:
             tokenizer = _tokenizer_for(model)
     else:
-        model, tokenizer = _load_pretrained(model, torch_dtype)
+        with _no_loading_bars(quiet):
+            model, tokenizer = _load_pretrained(model, torch_dtype)
 
     if torch_dtype is not None and _model_dtype(model) != torch_dtype:
         model.to(torch_dtype)
@@ -267,6 +271,35 @@ def load_model(
     model.eval()
     _prepare_tokenizer(tokenizer)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _no_loading_bars(quiet: bool) -> Iterator[None]:
+    """Within the block, no transformers loading bars when ``quiet`` (its GGUF bar ignores
+    transformers' own switch, so that module's ``tqdm`` is swapped for a disabled one)."""
+    if not quiet:
+        yield
+        return
+    import functools
+
+    from transformers.utils import logging as hf_logging
+
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # an older or newer layout: only transformers' switch then
+        gguf_utils = None
+    bar = getattr(gguf_utils, "tqdm", None)
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _load_pretrained(source: Any, dtype: torch.dtype | None) -> tuple[nn.Module, Any]:
