@@ -1,9 +1,11 @@
 //! One streaming pass per site over every file that holds it, on all cores.
 //!
-//! Rows are read from the memory map in chunks of a few MiB, decoded to f32, filtered
-//! (position < skip, non-finite) and handed to a per-thread [`Accumulator`]; the per-thread
-//! statistics are merged at the end. Memory is `threads × (chunk + folds × dim²)`, whatever the
-//! number of tokens.
+//! Rows are read from the memory map in chunks of 16 MiB, filtered (position < skip,
+//! non-finite) and handed to a per-thread [`Accumulator`]: straight from the map for the
+//! per-dimension statistics (runs of one fold's rows), and for the second moments of f32
+//! dumps; bf16/f16 rows are decoded to f32 in fold order for the second moments. The threads'
+//! accumulators are merged at the end. Memory is `threads × (chunk + folds × dim²)`, whatever
+//! the number of tokens.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

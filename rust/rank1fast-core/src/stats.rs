@@ -269,11 +269,6 @@ impl Accumulator {
         self
     }
 
-    /// The second-moment kernel in use, if second moments are kept.
-    pub fn kernel(&self) -> Option<Kernel> {
-        self.gram.as_ref().map(Gram::kernel)
-    }
-
     /// Add `m` finite rows (`rows.len() == m * dim`, row-major) whose folds are `fold[i]`.
     pub fn add_rows(&mut self, rows: &[f32], fold: &[u32]) {
         let d = self.stats.dim;
@@ -305,27 +300,9 @@ impl Accumulator {
         let mut row0 = 0;
         for (k, &c) in counts.iter().enumerate() {
             if c > 0 {
-                self.add_segment(Some(k), &rows[row0 * d..(row0 + c) * d], c);
+                self.add_fold_runs(k, &[&rows[row0 * d..(row0 + c) * d]]);
                 row0 += c;
             }
-        }
-    }
-
-    /// Add finite rows to the per-dimension statistics only (`mean`, `m2`, `min`, `max`,
-    /// `count`): rows left out of the folds and second moments by a row cap.
-    pub fn add_rows_unfolded(&mut self, rows: &[f32]) {
-        let c = rows.len() / self.stats.dim.max(1);
-        if c > 0 {
-            self.add_segment(None, rows, c);
-        }
-    }
-
-    /// Reduce `c` finite rows of fold `k` (or of no fold) into the statistics (and the
-    /// second moments, for a fold).
-    fn add_segment(&mut self, fold: Option<usize>, seg: &[f32], c: usize) {
-        match fold {
-            Some(k) => self.add_fold_runs(k, &[seg]),
-            None => self.reduce_f32(None, seg, c),
         }
     }
 
