@@ -13,6 +13,7 @@ use std::sync::Mutex;
 
 use crate::dtype::{any_nonfinite, decode_f32, DType};
 use crate::error::{Error, Result};
+use crate::gram::Kernel;
 use crate::source::{self, SiteSource};
 use crate::stats::{starts, Accumulator, SiteStats};
 
@@ -273,13 +274,20 @@ fn folded_chunks(
     Some(take)
 }
 
-/// The shift of a site's second moments, from the first rows that pass the filters: their
-/// mean in the dimensions whose mean exceeds 8 standard deviations (the large, nearly constant
-/// ones, whose variation f32 products of uncentred values would lose), zero elsewhere (there,
-/// the f32 sums lose at most a factor 65 to cancellation, and zero keeps the bf16 kernel's
-/// shifted values exact: see [`crate::gram::Kernel::shift`]).
+/// The shift of a site's statistics and second moments, from the first rows that pass the
+/// filters: their mean in the dimensions whose mean exceeds one standard deviation (whose
+/// variation f32 products of uncentred values would lose), zero elsewhere. For the bf16
+/// kernel, only where the mean exceeds 8 standard deviations: zero keeps its shifted values
+/// exact (see [`crate::gram::Kernel::shift`]), at the price of f32 sums that lose up to a
+/// factor 65 to cancellation in the dimensions between.
 fn moment_shift(srcs: &[SiteSource], rows: usize, skip_positions: i64) -> Vec<f32> {
     let d = srcs[0].dim;
+    let bf16 = srcs.iter().all(|s| s.dtype == DType::BF16);
+    let sigmas: f64 = if Kernel::detect(bf16) == Kernel::Avx512Bf16 {
+        8.0
+    } else {
+        1.0
+    };
     let mut sum = vec![0f64; d];
     let mut sumsq = vec![0f64; d];
     let mut n = 0usize;
@@ -316,7 +324,7 @@ fn moment_shift(srcs: &[SiteSource], rows: usize, skip_positions: i64) -> Vec<f3
         .map(|(s, q)| {
             let mean = s / n;
             let var = (q / n - mean * mean).max(0.0);
-            if mean * mean > 64.0 * var {
+            if mean * mean > sigmas * sigmas * var {
                 mean as f32
             } else {
                 0.0

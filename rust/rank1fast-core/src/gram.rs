@@ -28,7 +28,7 @@
 //! below it, which are not part of the result (only `i ≤ j` is; callers mirror it).
 
 /// Rows of `X` per f32 partial sum (256 row pairs for the bf16 kernel). 512 rather than 256:
-/// 2% faster at d = 1536 (fewer f64 updates of `G`), for f32 sums of 512 products.
+/// fewer f64 updates of `G` (2% at d = 1536, f32), for f32 sums of 512 products.
 const KC: usize = 512;
 /// Bytes of packed operands per super-block (both panel sets): bounds [`Gram::super_rows`].
 const PACK_BYTES: usize = 8 << 20;

@@ -86,6 +86,107 @@ fn eigen(g: &[f64], d: usize, scale: f64) -> Result<Eigen> {
     })
 }
 
+/// `G = Q T Qᵀ` (Householder tridiagonalisation, about a quarter of an eigendecomposition's
+/// work): enough to solve `(G + r I) b = m` for many ridges `r`, each in O(d) plus two
+/// applications of `Q` shared by all of them.
+struct Tridiag {
+    /// The Householder vectors below the subdiagonal (faer's layout).
+    a: Mat<f64>,
+    /// The block Householder factors.
+    h: Mat<f64>,
+    diag: Vec<f64>,
+    off: Vec<f64>,
+}
+
+fn tridiag(g: &[f64], d: usize, scale: f64) -> Tridiag {
+    use faer::dyn_stack::{MemBuffer, MemStack};
+    use faer::linalg::evd::tridiag::{tridiag_in_place, tridiag_in_place_scratch};
+    let mut a = Mat::from_fn(d, d, |i, j| g[i * d + j] * scale);
+    let bs = faer::linalg::qr::no_pivoting::factor::recommended_block_size::<f64>(d, d);
+    let mut h = Mat::<f64>::zeros(bs, d.saturating_sub(1));
+    let par = Par::rayon(0);
+    let mut mem = MemBuffer::new(tridiag_in_place_scratch::<f64>(d, par, Default::default()));
+    tridiag_in_place(
+        a.as_mut(),
+        h.as_mut(),
+        par,
+        MemStack::new(&mut mem),
+        Default::default(),
+    );
+    let diag = (0..d).map(|i| a[(i, i)]).collect();
+    let off = (0..d.saturating_sub(1)).map(|i| a[(i + 1, i)]).collect();
+    Tridiag { a, h, diag, off }
+}
+
+/// Column l of the result is `(G + λ_l t I)⁻¹ m`, with `G` given by its tridiagonalisation;
+/// a column whose system is not positive definite (a ridge too small for `G`'s rank) is NaN.
+fn ridge_solutions_tridiag(tr: &Tridiag, m: &[f64], ridges: &[f64], t: f64) -> Mat<f64> {
+    use faer::dyn_stack::{MemBuffer, MemStack};
+    use faer::linalg::householder as hh;
+    use faer::Conj;
+    let d = m.len();
+    let par = Par::rayon(0);
+    let cols = ridges.len().max(1);
+    let mut mem = MemBuffer::new(
+        hh::apply_block_householder_sequence_on_the_left_in_place_scratch::<f64>(
+            d.saturating_sub(1),
+            tr.h.nrows(),
+            cols,
+        ),
+    );
+    let mut c = Mat::from_fn(d, 1, |i, _| m[i]);
+    if d > 1 {
+        hh::apply_block_householder_sequence_transpose_on_the_left_in_place_with_conj(
+            tr.a.as_ref().submatrix(1, 0, d - 1, d - 1),
+            tr.h.as_ref(),
+            Conj::No,
+            c.as_mut().subrows_mut(1, d - 1),
+            par,
+            MemStack::new(&mut mem),
+        );
+    }
+    // (T + r I) y = c by LDLᵀ without pivoting (stable for positive definite T + r I).
+    let mut y = Mat::<f64>::zeros(d, ridges.len());
+    let mut piv = vec![0f64; d];
+    for (l, &lam) in ridges.iter().enumerate() {
+        let r = lam * t;
+        let mut ok = true;
+        for i in 0..d {
+            let (p, z) = if i == 0 {
+                (tr.diag[0] + r, c[(0, 0)])
+            } else {
+                let e = tr.off[i - 1];
+                let p = tr.diag[i] + r - e * e / piv[i - 1];
+                (p, c[(i, 0)] - e / piv[i - 1] * y[(i - 1, l)])
+            };
+            ok &= p > 0.0;
+            piv[i] = p;
+            y[(i, l)] = z;
+        }
+        if !ok {
+            for i in 0..d {
+                y[(i, l)] = f64::NAN;
+            }
+            continue;
+        }
+        y[(d - 1, l)] /= piv[d - 1];
+        for i in (0..d - 1).rev() {
+            y[(i, l)] = (y[(i, l)] - tr.off[i] * y[(i + 1, l)]) / piv[i];
+        }
+    }
+    if d > 1 {
+        hh::apply_block_householder_sequence_on_the_left_in_place_with_conj(
+            tr.a.as_ref().submatrix(1, 0, d - 1, d - 1),
+            tr.h.as_ref(),
+            Conj::No,
+            y.as_mut().subrows_mut(1, d - 1),
+            par,
+            MemStack::new(&mut mem),
+        );
+    }
+    y
+}
+
 /// Ridge solutions for every λ at once: column l of the result is `(A + λ_l t I)⁻¹ m`.
 fn ridge_solutions(e: &Eigen, m: &[f64], ridges: &[f64], t: f64) -> Mat<f64> {
     let d = m.len();
@@ -202,9 +303,13 @@ pub fn constant_direction(st: &SiteStats, ridges: &[f64]) -> Result<DirectionFit
         let mtrain: Vec<f64> = (0..d)
             .map(|j| (sum[j] - st.fold_sum[k * d + j]) / ntrain)
             .collect();
-        let e = eigen(&train, d, 1.0 / ntrain)?;
         let t = trace(&train, d) / ntrain / d as f64;
-        let b = ridge_solutions(&e, &mtrain, ridges, t);
+        let mut b = ridge_solutions_tridiag(&tridiag(&train, d, 1.0 / ntrain), &mtrain, ridges, t);
+        if b.col_iter().any(|col| col.iter().any(|v| !v.is_finite())) {
+            // Some ridge leaves the system indefinite (G rank-deficient): the eigendecomposition
+            // clamps G's eigenvalues at zero.
+            b = ridge_solutions(&eigen(&train, d, 1.0 / ntrain)?, &mtrain, ridges, t);
+        }
         let mu_k: Vec<f64> = (0..d).map(|j| st.fold_sum[k * d + j] / nk).collect();
         for (acc, err) in cv_mse.iter_mut().zip(mse(gk, 1.0 / nk, &mu_k, &b)) {
             *acc += err * nk;
