@@ -364,18 +364,7 @@ fn process_chunk(
         let mut i = r0;
         while i < r1 {
             if skip(i) {
-                let row = &bytes[(i - r0) * rb..][..rb];
-                let x = &mut buf[..d];
-                decode_f32(src.dtype, row, x);
-                if x.iter().all(|v| v.is_finite()) {
-                    // Kept aside, not dropped: adapters pin b·x = 1 at the sink from this mean.
-                    acc.stats.skipped += 1;
-                    for (s, &v) in acc.stats.skipped_sum.iter_mut().zip(x.iter()) {
-                        *s += v as f64;
-                    }
-                } else {
-                    acc.stats.nonfinite += 1;
-                }
+                set_aside(src.dtype, &bytes[(i - r0) * rb..][..rb], &mut buf[..d], acc);
                 i += 1;
                 continue;
             }
@@ -403,13 +392,7 @@ fn process_chunk(
             acc.stats.nonfinite += 1;
             folds.push(DROP);
         } else if src.position(row).is_some_and(|p| p < opts.skip_positions) {
-            // Kept aside, not dropped: adapters pin b·x = 1 at the sink from this mean.
-            let x = &mut buf[..d];
-            decode_f32(src.dtype, raw, x);
-            acc.stats.skipped += 1;
-            for (s, &v) in acc.stats.skipped_sum.iter_mut().zip(x.iter()) {
-                *s += v as f64;
-            }
+            set_aside(src.dtype, raw, &mut buf[..d], acc);
             folds.push(DROP);
         } else {
             let k = fold_of(row);
@@ -460,6 +443,20 @@ fn process_chunk(
     let kept: usize = counts.iter().sum();
     acc.add_sorted_rows(&buf[..kept * d], &counts);
     release_pages(src, r0 * rb, r1 * rb);
+}
+
+/// A row the position filter skips: kept aside, not dropped (adapters pin b·x = 1 at the sink
+/// from the mean of these rows), unless it holds a NaN or an infinity.
+fn set_aside(dtype: DType, raw: &[u8], x: &mut [f32], acc: &mut Accumulator) {
+    decode_f32(dtype, raw, x);
+    if x.iter().all(|v| v.is_finite()) {
+        acc.stats.skipped += 1;
+        for (s, &v) in acc.stats.skipped_sum.iter_mut().zip(x.iter()) {
+            *s += v as f64;
+        }
+    } else {
+        acc.stats.nonfinite += 1;
+    }
 }
 
 /// Map this chunk's pages in one call (Linux 5.14+; a no-op elsewhere) instead of a page
