@@ -204,7 +204,9 @@ fn analyze_site(
                     let mut acc =
                         Accumulator::new(dim, opts.folds, opts.second_moments, shift.clone())
                             .bf16_rows(bf16_rows);
-                    let mut buf = vec![0f32; chunk_rows * dim];
+                    // Decoded rows: a chunk's for the second moments, else one row at a time.
+                    let buf_rows = if opts.second_moments { chunk_rows } else { 1 };
+                    let mut buf = vec![0f32; buf_rows * dim];
                     let mut folds = Vec::with_capacity(chunk_rows);
                     loop {
                         if progress.cancel.load(Ordering::Relaxed) {

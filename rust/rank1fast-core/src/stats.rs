@@ -435,7 +435,7 @@ impl Accumulator {
         let st = &mut self.stats;
         if let Some(acc) = &mut st.fold_moment {
             // Σ x xᵀ = Σ (x−c)(x−c)ᵀ + c sᵀ + s cᵀ − n c cᵀ, with s = Σ x; then mirror.
-            let c: Vec<f64> = self.shift.iter().map(|&v| v as f64).collect();
+            let c = &self.shift64;
             // In 64 × 64 blocks, so the mirrored writes (a column each) stay in cache.
             const B: usize = 64;
             for k in 0..st.folds {
