@@ -1,7 +1,8 @@
 """rank1fast: steering vectors as rank-1 LoRA adapters, with a fast Rust analyzer.
 
 The pipeline: :func:`collect` activations to a dump, :func:`analyze` the dump (Rust core),
-write adapters from steering vectors, and verify them against hook-based steering.
+write adapters from steering vectors, and verify them against hook-based steering
+(:func:`steering`). :func:`convert` does it all in one call: vector in, verified adapter out.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from . import (
 from .adapter import write_adapter, write_adapters
 from .analysis import analyze
 from .collect import Dump, collect  # light: torch is imported only when collect() runs
+from .convert import convert  # light: torch is imported when convert() runs
 from .errors import (
     AdapterError,
     DumpError,
@@ -27,6 +29,7 @@ from .errors import (
 )
 from .merging import merge_adapter
 from .report import Direction, OneHot, Outlier, Report, SiteReport, merge
+from .steering import steering  # light: torch is imported when a block is entered
 from .verify import Fidelity, verify  # light: torch/peft are imported when verify() runs
 
 __version__ = "0.1.0"
@@ -65,6 +68,8 @@ __all__ = [
     "write_adapters",
     "serving",
     "verify",
+    "steering",
+    "convert",
     "vectors",
     "distributed",
     "llamacpp",

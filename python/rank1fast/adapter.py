@@ -69,6 +69,9 @@ __all__ = [
     "write_adapter",
     "write_adapters",
     "read_adapter_info",
+    "update_adapter_info",
+    "check_destination",
+    "move_adapter",
     "METHODS",
     "DTYPES",
     "CONFIG_FILE",
@@ -320,6 +323,38 @@ def read_adapter_info(adapter: str | os.PathLike[str]) -> dict[str, Any] | None:
     if not isinstance(doc, dict) or doc.get("format") != _INFO_FORMAT:
         raise AdapterError(f"{path}: not a rank1fast adapter description")
     return doc
+
+
+def update_adapter_info(adapter: str | os.PathLike[str], fields: Mapping[str, Any]) -> None:
+    """Add ``fields`` to an adapter's ``rank1fast.json`` (written anew, then renamed).
+
+    Used by :func:`rank1fast.convert` to store the fit and the fidelity it measured.
+
+    Raises:
+        AdapterError: not an adapter rank1fast wrote (no ``rank1fast.json``).
+    """
+    adapter = Path(adapter)
+    doc = read_adapter_info(adapter)
+    if doc is None:
+        raise AdapterError(f"{adapter}: no {INFO_FILE}; not an adapter rank1fast wrote")
+    doc.update(fields)
+    tmp = adapter / f".{INFO_FILE}.tmp"
+    _write_json(tmp, doc)
+    os.replace(tmp, adapter / INFO_FILE)
+
+
+def check_destination(out: str | os.PathLike[str], overwrite: bool) -> None:
+    """Raise :class:`AdapterError` unless an adapter may be written to ``out``: it does not
+    exist, or ``overwrite`` is set and it is an adapter directory (or an empty one)."""
+    _check_out(Path(out), overwrite)
+
+
+def move_adapter(src: str | os.PathLike[str], out: str | os.PathLike[str], overwrite: bool) -> Path:
+    """Move the finished adapter directory ``src`` to ``out`` in one rename (an old adapter at
+    ``out`` is replaced only with ``overwrite``; see :func:`check_destination`)."""
+    out = Path(out)
+    _replace_dir(Path(src), out, overwrite)
+    return out
 
 
 # --------------------------------------------------------------------------- sites

@@ -25,6 +25,7 @@ _COMMAND_MODULES: list[str] = [
     "serving",
     "merging",
     "verify",
+    "convert",
     "demo",
     "llamacpp",
 ]

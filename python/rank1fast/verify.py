@@ -45,6 +45,7 @@ __all__ = [
     "steering_kl",
     "calibrate_scale",
     "default_eval_texts",
+    "unload_adapters",
     "add_cli",
 ]
 
@@ -63,12 +64,16 @@ class AdapterFidelity:
             adapter gets wrong (0 is perfect).
         output_error: rms over tokens of ``‖out_adapter − out_hook‖ / ‖scale·v‖`` at the
             site module(s).
+        top1_agreement: the share of the tokens of greedy hook-steered continuations that
+            the adapter, teacher-forced on them, also ranks first (NaN when not measured;
+            see ``generate`` of :func:`verify`).
     """
 
     kl_mean: float
     kl_p99: float
     ratio: float
     output_error: float
+    top1_agreement: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,9 @@ class SiteFidelity:
         steering_kl_p99: its 99th percentile.
         adapters: per adapter label (e.g. ``"least-squares"``, ``"one-hot"``) its
             :class:`AdapterFidelity`.
+        base_top1_agreement: the same agreement for the unsteered model (how much the
+            steering changes the continuations; NaN when not measured).
+        generated_tokens: the hook-steered tokens the agreements count.
     """
 
     site: str
@@ -90,6 +98,8 @@ class SiteFidelity:
     steering_kl_mean: float
     steering_kl_p99: float
     adapters: dict[str, AdapterFidelity]
+    base_top1_agreement: float = math.nan
+    generated_tokens: int = 0
 
 
 @dataclass
@@ -141,12 +151,15 @@ class Fidelity:
                     "modules": s.modules,
                     "steering_kl_mean": num(s.steering_kl_mean),
                     "steering_kl_p99": num(s.steering_kl_p99),
+                    "base_top1_agreement": num(s.base_top1_agreement),
+                    "generated_tokens": s.generated_tokens,
                     "adapters": {
                         k: {
                             "kl_mean": num(a.kl_mean),
                             "kl_p99": num(a.kl_p99),
                             "ratio": num(a.ratio),
                             "output_error": num(a.output_error),
+                            "top1_agreement": num(a.top1_agreement),
                         }
                         for k, a in s.adapters.items()
                     },
@@ -155,13 +168,54 @@ class Fidelity:
             ],
         }
 
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> Fidelity:
+        """The inverse of :meth:`to_json` (e.g. the ``"fidelity"`` :func:`rank1fast.convert`
+        stores in an adapter's ``rank1fast.json``)."""
+
+        def num(x: Any) -> float:
+            return math.nan if x is None else float(x)
+
+        sites = [
+            SiteFidelity(
+                site=s["site"],
+                modules=list(s["modules"]),
+                steering_kl_mean=num(s["steering_kl_mean"]),
+                steering_kl_p99=num(s["steering_kl_p99"]),
+                adapters={
+                    k: AdapterFidelity(
+                        kl_mean=num(a["kl_mean"]),
+                        kl_p99=num(a["kl_p99"]),
+                        ratio=num(a["ratio"]),
+                        output_error=num(a["output_error"]),
+                        top1_agreement=num(a.get("top1_agreement")),
+                    )
+                    for k, a in s["adapters"].items()
+                },
+                base_top1_agreement=num(s.get("base_top1_agreement")),
+                generated_tokens=int(s.get("generated_tokens") or 0),
+            )
+            for s in doc["sites"]
+        ]
+        return cls(
+            model=doc["model"],
+            adapters=dict(doc["adapters"]),
+            scale=float(doc["scale"]),
+            texts=int(doc["texts"]),
+            tokens=int(doc["tokens"]),
+            sites=sites,
+        )
+
     def __str__(self) -> str:
-        head = ["site", "KL(hook||base)", "p99"]
+        gen = any(s.generated_tokens for s in self.sites)
+        head = ["site", "KL(hook||base)", "p99"] + (["top1 base"] if gen else [])
         for label in self.labels:
             head += [f"{label}: KL(hook||adapter)", "p99", "ratio", "out err"]
+            head += ["top1"] if gen else []
         rows = [head]
         for s in self.sites:
             row = [s.site, f"{s.steering_kl_mean:.4f}", f"{s.steering_kl_p99:.4f}"]
+            row += [_pct(s.base_top1_agreement)] if gen else []
             for label in self.labels:
                 a = s.adapters[label]
                 row += [
@@ -170,6 +224,7 @@ class Fidelity:
                     _pct(a.ratio),
                     f"{a.output_error:.4f}",
                 ]
+                row += [_pct(a.top1_agreement)] if gen else []
             rows.append(row)
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines = [
@@ -181,7 +236,9 @@ class Fidelity:
         lines.insert(1, "  ".join("-" * w for w in widths))
         title = (
             f"fidelity on {self.tokens:,} tokens of {self.texts} texts, scale {self.scale:g}"
-            f" (KL in nats; ratio = KL(hook||adapter) / KL(hook||base))"
+            f" (KL in nats; ratio = KL(hook||adapter) / KL(hook||base)"
+            + ("; top1 = agreement with greedy hook-steered continuations" if gen else "")
+            + ")"
         )
         return "\n".join([title, *lines])
 
@@ -231,6 +288,8 @@ def verify(
     batch_size: int = 4,
     device: str | None = "auto",
     combined: bool = True,
+    generate: int = 0,
+    prompts: Sequence[str] | None = None,
     progress: bool | None = None,
 ) -> Fidelity:
     """Compare adapter steering (through PEFT) with hook steering on ``texts``.
@@ -255,6 +314,16 @@ def verify(
         batch_size: texts per forward pass.
         device: where to run a model loaded here.
         combined: also evaluate all sites steered together (the row ``"all"``).
+        generate: with ``n > 0``, also a generation check per row: greedy continuations of
+            ``n`` tokens of each prompt under hook steering, then teacher-forced through each
+            adapter and through the unsteered model: the share of those tokens each ranks
+            first (``top1_agreement``, ``base_top1_agreement``). Counted up to the first end
+            of sequence.
+        prompts: the prompts of the generation check (texts the tokenizer encodes as they
+            are). Default: the user turns of the held-out built-in chat conversations with
+            the model's chat template and its assistant header
+            (:func:`rank1fast.corpus.chat_conversations`), or the first 24 tokens of each
+            evaluation text for a model without a chat template.
         progress: a progress bar (None: on a terminal).
 
     Returns:
@@ -275,18 +344,12 @@ def verify(
     from ._progress import iter_progress
     from .corpus import read_texts
     from .models import get_module, load_model, resolve_sites, unwrap_model
-    from .vectors import load as load_vectors
+    from .steering import steered_vectors, steering
 
     adapters = _labelled(adapter)
-    if not isinstance(vectors, Mapping):
-        vectors = load_vectors(vectors)
-    vecs = {str(k): np.asarray(v, dtype=np.float64) for k, v in vectors.items()}
-    if not vecs:
-        raise InvalidArgumentError("no steering vectors to verify")
-    text_list = default_eval_texts() if texts is None else list(read_texts(texts))
-    text_list = [t for t in text_list if t.strip()]
-    if not text_list:
-        raise InvalidArgumentError("no evaluation texts")
+    vecs = steered_vectors(vectors)
+    if generate < 0:
+        raise InvalidArgumentError(f"generate must be at least 0, got {generate}")
 
     infos = {label: read_adapter_info(path) for label, path in adapters.items()}
     scale = _agreed_scale(scale, infos)
@@ -314,6 +377,10 @@ def verify(
 
         base, tokenizer = load_model(model, device=device)
         was_loaded = isinstance(model, tuple) or isinstance(model, torch.nn.Module)
+        text_list = default_eval_texts() if texts is None else list(read_texts(texts, tokenizer))
+        text_list = [t for t in text_list if t.strip()]
+        if not text_list:
+            raise InvalidArgumentError("no evaluation texts")
         name = str(getattr(unwrap_model(base), "name_or_path", "") or model or "default")
 
         # Which module each site steers: the adapter's own record, else the model's naming.
@@ -364,7 +431,8 @@ def verify(
         acc = {u: _Acc(labels) for u, _ in units}
         total_tokens = 0
         batches = [text_list[i : i + batch_size] for i in range(0, len(text_list), batch_size)]
-        bar = iter_progress(progress, len(batches) * len(units), "verify", unit="pass")
+        passes = (len(batches) + (1 if generate else 0)) * len(units)
+        bar = iter_progress(progress, passes, "verify", unit="pass")
         try:
             for chunk in batches:
                 enc = tokenizer(
@@ -381,7 +449,8 @@ def verify(
                     with (
                         peft_model.disable_adapter(),
                         torch.no_grad(),
-                        _capture(peft_model, unit_modules, steer) as hook_out,
+                        steering(peft_model, {modules[s]: vecs[s] for s in sites}, scale),
+                        _capture(peft_model, unit_modules) as hook_out,
                     ):
                         logp_hook = _logprobs(peft_model, enc)
                     a = acc[unit]
@@ -390,7 +459,7 @@ def verify(
                         with (
                             torch.no_grad(),
                             _only(peft_model, lora_layers, label, set(unit_modules.values())),
-                            _capture(peft_model, unit_modules, None) as lora_out,
+                            _capture(peft_model, unit_modules) as lora_out,
                         ):
                             logp = _logprobs(peft_model, enc)
                         a.kl[label].append(_kl(logp_hook, logp, mask))
@@ -400,6 +469,23 @@ def verify(
                     del logp_hook
                     bar.update(1)
                 del logp_base
+            gen_prompts = None
+            if generate:
+                gen_prompts = _generation_prompts(tokenizer, prompts, text_list)
+            for unit, sites in units if generate else []:
+                acc[unit].agree = _agreement(
+                    peft_model,
+                    tokenizer,
+                    gen_prompts,
+                    generate,
+                    {modules[s]: vecs[s] for s in sites},
+                    scale,
+                    labels,
+                    lora_layers,
+                    {modules[s] for s in sites},
+                    batch_size,
+                )
+                bar.update(1)
         finally:
             bar.close()
 
@@ -408,6 +494,8 @@ def verify(
         a = acc[unit]
         steer_kl = np.concatenate(a.steer)
         per_label = {}
+        agree = a.agree or {}
+        count = agree.get("tokens", 0)
         for label in labels:
             kl = np.concatenate(a.kl[label])
             err = np.concatenate(a.err[label])
@@ -416,6 +504,7 @@ def verify(
                 kl_p99=float(np.percentile(kl, 99)),
                 ratio=float(kl.mean() / steer_kl.mean()) if steer_kl.mean() > 0 else math.nan,
                 output_error=float(np.sqrt(np.mean(err**2))),
+                top1_agreement=agree[label] / count if count else math.nan,
             )
         results.append(
             SiteFidelity(
@@ -424,6 +513,8 @@ def verify(
                 steering_kl_mean=float(steer_kl.mean()),
                 steering_kl_p99=float(np.percentile(steer_kl, 99)),
                 adapters=per_label,
+                base_top1_agreement=agree["base"] / count if count else math.nan,
+                generated_tokens=int(count),
             )
         )
     return Fidelity(
@@ -496,26 +587,28 @@ class _SteeringProbe:
         self.count = sum(int(m.sum()) for _, m, _ in self.batches)
 
     def kl(
-        self, vectors: Mapping[str, Any], scale: float | Mapping[str, float]
+        self,
+        vectors: Mapping[str, Any],
+        scale: float | Mapping[str, float],
+        together: bool = False,
     ) -> dict[str, float]:
+        """Mean KL per site steered alone; ``together``: all sites at once (the same value
+        for every site)."""
         import torch
 
-        from .models import resolve_sites
+        from .steering import steering
 
-        modules = resolve_sites(self.model, list(vectors))
+        groups = [list(vectors)] if together else [[site] for site in vectors]
         out = {}
-        for site, v in vectors.items():
-            s = scale[site] if isinstance(scale, Mapping) else scale
-            steer = {
-                site: torch.as_tensor(
-                    s * np.asarray(v, dtype=np.float64), dtype=self.dtype, device=self.device
-                )
-            }
+        for group in groups:
             total = 0.0
             for enc, mask, base in self.batches:
-                with torch.no_grad(), _capture(self.model, {site: modules[site]}, steer):
+                with (
+                    torch.no_grad(),
+                    steering(self.model, {site: vectors[site] for site in group}, scale),
+                ):
                     total += float(_kl(_logprobs(self.model, enc), base, mask).sum())
-            out[site] = total / max(self.count, 1)
+            out.update(dict.fromkeys(group, total / max(self.count, 1)))
         return out
 
 
@@ -529,9 +622,11 @@ def calibrate_scale(
     tolerance: float = 0.1,
     max_length: int = 64,
     batch_size: int = 4,
+    together: bool = False,
 ) -> dict[str, float]:
     """Per site, the scale at which hook steering reaches a mean KL(p_hook || p_base) of
-    about ``target_kl`` nats on ``texts``.
+    about ``target_kl`` nats on ``texts``; with ``together``, one scale for every site at
+    which steering all of them at once reaches it (a control vector's coefficient).
 
     KL grows like ``scale²`` for weak steering and faster or slower for strong steering; each
     step fits ``KL ∝ scale^p`` through the last two measurements (``p = 2`` at first) and solves
@@ -548,9 +643,10 @@ def calibrate_scale(
         tolerance: stop once ``|log(KL / target_kl)|`` is below this.
         max_length: tokens per text.
         batch_size: texts per forward pass.
+        together: calibrate one coefficient for all sites steered together.
 
     Returns:
-        ``{site: scale}``.
+        ``{site: scale}`` (with ``together``, the same scale for every site).
 
     Raises:
         InvalidArgumentError: ``target_kl`` is not positive, or a vector is zero.
@@ -571,7 +667,7 @@ def calibrate_scale(
     for _ in range(iterations + 1):
         if not todo:
             break
-        measured = probe.kl({s: vectors[s] for s in todo}, current)
+        measured = probe.kl({s: vectors[s] for s in todo}, current, together)
         still = []
         for site in todo:
             s, kl = current[site], measured[site]
@@ -603,6 +699,7 @@ class _Acc:
         self.steer: list[np.ndarray] = []
         self.kl: dict[str, list[np.ndarray]] = {k: [] for k in labels}
         self.err: dict[str, list[np.ndarray]] = {k: [] for k in labels}
+        self.agree: dict[str, int] | None = None
 
 
 def _labelled(adapter: Any) -> dict[str, Path]:
@@ -689,15 +786,17 @@ def _load_peft(
                 )
     except BaseException:
         if peft_model is not None and restore:
-            _unload(peft_model, base)
+            unload_adapters(peft_model, base)
         raise
     if restore:
-        stack.callback(_unload, peft_model, base)
+        stack.callback(unload_adapters, peft_model, base)
     peft_model.eval()
     return peft_model
 
 
-def _unload(peft_model: Any, base: Any) -> None:
+def unload_adapters(peft_model: Any, base: Any) -> None:
+    """Remove every LoRA layer PEFT put into ``base`` (returning it to the model it was before
+    ``PeftModel.from_pretrained(base, ...)``) and its ``peft_config``."""
     peft_model.unload()
     for obj in (base, getattr(base, "model", None)):
         if obj is not None and "peft_config" in getattr(obj, "__dict__", {}):
@@ -734,21 +833,17 @@ def _only(peft_model: Any, layers: Mapping[str, Any], label: str, keep: set[str]
 
 
 @contextlib.contextmanager
-def _capture(
-    model: Any, modules: Mapping[str, str], steer: Mapping[str, Any] | None
-) -> Iterator[dict[str, Any]]:
-    """Record the output of each site's module; with ``steer``, add ``steer[site]`` first."""
+def _capture(model: Any, modules: Mapping[str, str]) -> Iterator[dict[str, Any]]:
+    """Record the output of each site's module (after hooks registered before this one, such
+    as :func:`rank1fast.steering`'s)."""
     from .models import get_module
 
     outputs: dict[str, Any] = {}
     handles = []
     for site, path in modules.items():
 
-        def hook(_m: Any, _i: Any, out: Any, site: str = site) -> Any:
-            if steer is not None:
-                out = out + steer[site]
+        def hook(_m: Any, _i: Any, out: Any, site: str = site) -> None:
             outputs[site] = out.detach()
-            return out if steer is not None else None
 
         handles.append(get_module(model, path).register_forward_hook(hook))
     try:
@@ -756,6 +851,103 @@ def _capture(
     finally:
         for h in handles:
             h.remove()
+
+
+#: Prompts of the generation check for a model without a chat template: this many tokens.
+_PROMPT_TOKENS = 24
+
+
+def _generation_prompts(
+    tokenizer: Any, prompts: Sequence[str] | None, texts: Sequence[str]
+) -> list[list[int]]:
+    """Token ids of the generation check's prompts (see ``prompts`` of :func:`verify`)."""
+    from .corpus import chat_conversations, has_chat_template, render_chat
+
+    if prompts is not None:
+        ids = [tokenizer(p)["input_ids"] for p in prompts]
+    elif has_chat_template(tokenizer):
+        ids = []
+        for conv in chat_conversations("eval"):
+            first = next(i for i, m in enumerate(conv) if m["role"] == "user")
+            text = render_chat(tokenizer, conv[: first + 1], add_generation_prompt=True)
+            ids.append(tokenizer(text)["input_ids"])
+    else:
+        ids = [tokenizer(t)["input_ids"][:_PROMPT_TOKENS] for t in texts]
+    ids = [i for i in ids if i]
+    if not ids:
+        raise InvalidArgumentError("no prompts for the generation check")
+    return ids
+
+
+def _agreement(
+    peft_model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    new_tokens: int,
+    vectors: Mapping[str, np.ndarray],
+    scale: float,
+    labels: list[str],
+    lora_layers: Mapping[str, Any],
+    keep: set[str],
+    batch_size: int,
+) -> dict[str, int]:
+    """Greedy hook-steered continuations, and how many of their tokens each adapter (and the
+    unsteered model) ranks first when teacher-forced on them."""
+    import torch
+
+    from .steering import steering
+
+    device = next(peft_model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos = tokenizer.eos_token_id
+    counts = dict.fromkeys(["tokens", "base", *labels], 0)
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        att = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, p in enumerate(chunk):  # left padding for generate
+            ids[i, width - len(p) :] = torch.tensor(p)
+            att[i, width - len(p) :] = 1
+        with peft_model.disable_adapter(), torch.no_grad(), steering(peft_model, vectors, scale):
+            out = peft_model.generate(
+                input_ids=ids.to(device),
+                attention_mask=att.to(device),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+        gen = out[:, width:].cpu()
+        # Teacher forcing on prompt + continuation, right-padded, as the KL passes run.
+        seqs, spans = [], []
+        for i, p in enumerate(chunk):
+            g = gen[i].tolist()
+            if eos is not None and eos in g:
+                g = g[: g.index(eos) + 1]
+            seqs.append(p + g)
+            spans.append((len(p), len(g)))
+        n = max(len(q) for q in seqs)
+        full = torch.full((len(seqs), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), n), dtype=torch.long)
+        for i, q in enumerate(seqs):
+            full[i, : len(q)] = torch.tensor(q)
+            mask[i, : len(q)] = 1
+        enc = {"input_ids": full.to(device), "attention_mask": mask.to(device)}
+
+        def hits(argmax: Any, spans: list = spans, full: Any = full) -> int:
+            total = 0
+            for i, (p_len, g_len) in enumerate(spans):
+                pred = argmax[i, p_len - 1 : p_len - 1 + g_len]
+                total += int((pred == full[i, p_len : p_len + g_len]).sum())
+            return total
+
+        counts["tokens"] += sum(g for _, g in spans)
+        with peft_model.disable_adapter(), torch.no_grad():
+            counts["base"] += hits(peft_model(**enc).logits.argmax(-1).cpu())
+        for label in labels:
+            with torch.no_grad(), _only(peft_model, lora_layers, label, keep):
+                counts[label] += hits(peft_model(**enc).logits.argmax(-1).cpu())
+    return counts
 
 
 def _logprobs(model: Any, enc: Mapping[str, Any]) -> Any:

@@ -1,0 +1,161 @@
+"""``rank1fast.steering``: hook-based activation steering, the reference every adapter matches.
+
+Inside ``with rank1fast.steering(model, {site: v}, scale=s):`` every forward pass of ``model``
+adds ``s·v`` to the output of each site's module (``resid_mid.L``: the attention output
+projection of layer L, whose output joins the residual stream; ``resid_post.L``: the MLP
+output projection, so the residual stream after block L moves by ``s·v``; a raw module path:
+that module's output). This is how repeng's ``ControlModel`` and llama.cpp's control vectors
+steer, and it is what :func:`rank1fast.verify`, :func:`rank1fast.verify.calibrate_scale` and
+:func:`rank1fast.convert` compare adapters against.
+
+The hooks are plain ``register_forward_hook`` hooks, removed on exit (also on an exception);
+they work on a PEFT-wrapped model too (the LoRA layer's output is steered). Several
+``steering`` blocks nest: their vectors add up.
+
+torch is imported when a block is entered; ``import rank1fast`` does not import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidArgumentError, SiteError
+
+__all__ = ["steering", "Steering"]
+
+
+class Steering:
+    """What a :func:`steering` block applies (returned by ``with ... as s``).
+
+    Attributes:
+        modules: ``{site: module path}`` steered.
+        vectors: ``{site: float64 [d_out] array}``: the vector added at each site, scale
+            included.
+    """
+
+    def __init__(self, modules: dict[str, str], vectors: dict[str, np.ndarray]) -> None:
+        self.modules = modules
+        self.vectors = vectors
+
+    def __repr__(self) -> str:
+        norms = ", ".join(f"{s}: |v|={np.linalg.norm(v):.3g}" for s, v in self.vectors.items())
+        return f"Steering({norms})"
+
+
+def steered_vectors(
+    vectors: Mapping[str, Any] | str | os.PathLike[str],
+    scale: float | Mapping[str, float] = 1.0,
+) -> dict[str, np.ndarray]:
+    """``{site: scale·v}`` as float64 arrays, from a dict or a vector file.
+
+    Args:
+        vectors: ``{site: vector}`` (numpy, torch or lists), or a file for
+            :func:`rank1fast.vectors.load`.
+        scale: one multiplier, or ``{site: multiplier}`` (missing sites: 1).
+
+    Returns:
+        ``{site: float64 [d] array}``.
+
+    Raises:
+        InvalidArgumentError: no vectors, a vector that is not 1-D or not finite, or a scale
+            that is not finite.
+    """
+    if not isinstance(vectors, Mapping):
+        from .vectors import load
+
+        vectors = load(vectors)
+    if not vectors:
+        raise InvalidArgumentError("no steering vectors given")
+    out = {}
+    for site, v in vectors.items():
+        if hasattr(v, "detach"):
+            v = v.detach().float().cpu().numpy()
+        arr = np.asarray(v, dtype=np.float64)
+        s = float(scale.get(site, 1.0)) if isinstance(scale, Mapping) else float(scale)
+        if arr.ndim != 1 or arr.size == 0:
+            raise InvalidArgumentError(f"site {site}: the vector must be 1-D, got {arr.shape}")
+        if not (np.isfinite(arr).all() and np.isfinite(s)):
+            raise InvalidArgumentError(f"site {site}: the vector or its scale is not finite")
+        out[str(site)] = s * arr
+    return out
+
+
+@contextlib.contextmanager
+def steering(
+    model: Any,
+    vectors: Mapping[str, Any] | str | os.PathLike[str],
+    scale: float | Mapping[str, float] = 1.0,
+) -> Iterator[Steering]:
+    """Add ``scale·v`` to each site's module output for every forward pass in the block.
+
+    Args:
+        model: a transformers model (PEFT wrappers allowed) or a ``(model, tokenizer)`` pair.
+        vectors: ``{site: vector}`` with ``resid_mid.L``/``resid_post.L``/module-path sites
+            and vectors of the module's output size (the residual width for resid_* sites),
+            or a vector file (:func:`rank1fast.vectors.load`: .npy, .pt, .safetensors,
+            control-vector GGUF).
+        scale: one multiplier for every vector, or ``{site: multiplier}``.
+
+    Yields:
+        A :class:`Steering` naming the modules and the vectors added (scale included).
+
+    Raises:
+        SiteError: a site that does not resolve on this model.
+        InvalidArgumentError: a vector whose size is not the module's output size, or one that
+            is not 1-D / finite.
+
+    Example:
+        >>> model, tok = rank1fast.load_model(None)                        # doctest: +SKIP
+        >>> with rank1fast.steering(model, {"resid_post.15": v}, scale=4.0):  # doctest: +SKIP
+        ...     out = model.generate(**tok("Hi", return_tensors="pt"), max_new_tokens=20)
+    """
+    import torch
+
+    from .models import get_module, module_dims, resolve_sites
+
+    if isinstance(model, tuple):
+        model = model[0]
+    vecs = steered_vectors(vectors, scale)
+    modules: dict[str, str] = {}
+    for site in vecs:
+        resolved = resolve_sites(model, [site])
+        if len(resolved) != 1:
+            raise SiteError(
+                f"site {site!r} names {len(resolved)} modules; give one site per vector"
+            )
+        modules[site] = next(iter(resolved.values()))
+    if len(set(modules.values())) != len(modules):
+        raise SiteError(f"two sites name the same module: {modules}")
+    handles = []
+    try:
+        for site, path in modules.items():
+            module = get_module(model, path)
+            try:
+                d_out = module_dims(module)[1]
+            except SiteError:
+                d_out = None
+            v = vecs[site]
+            if d_out is not None and v.size != d_out:
+                raise InvalidArgumentError(
+                    f"site {site} ({path}): the vector has {v.size} values, the module outputs "
+                    f"{d_out}"
+                )
+            cache: dict[tuple[Any, Any], torch.Tensor] = {}
+
+            def hook(_m: Any, _i: Any, out: Any, v: np.ndarray = v, cache: dict = cache) -> Any:
+                key = (out.device, out.dtype)
+                t = cache.get(key)
+                if t is None:
+                    t = cache[key] = torch.as_tensor(v, dtype=out.dtype, device=out.device)
+                return out + t
+
+            handles.append(module.register_forward_hook(hook))
+        yield Steering(dict(modules), vecs)
+    finally:
+        for h in handles:
+            h.remove()
