@@ -1,17 +1,18 @@
 """``rank1fast demo``: the whole pipeline on the built-in model and corpus, on a CPU.
 
-1. collect the inputs of ``resid_mid.L`` and ``resid_post.L`` (layers 5, 15, 25) over the
-   default corpus (the documents :func:`rank1fast.verify.default_eval_texts` holds out are
-   left out);
-2. analyze the dump (the constant directions ``b``);
-3. a contrastive steering vector per site from built-in prompt pairs (cheerful vs gloomy);
-4. per site, the scale at which hook steering moves the next-token distribution by about
-   ``target_kl`` nats, so every site is steered noticeably;
-5. write the least-squares adapter for all six sites (and, inside verify, the one-hot one);
-6. verify both against hook steering on held-out documents and print the fidelity table;
-7. generate a short continuation unsteered, hook-steered, and with the adapter through PEFT.
-
-About 6-10 minutes on a 2-core CPU with the defaults.
+1. load the default model (SmolLM2-135M-Instruct, float32, CPU);
+2. collect the inputs of ``resid_mid.L`` and ``resid_post.L`` (layers 5, 15, 25) over the
+   served corpus (the built-in chat conversations in the model's template, with prose) into a
+   dump, and analyze it with the Rust core: outlier dimensions and constant directions;
+3. a contrastive steering vector per site from built-in prompt pairs (cheerful vs gloomy),
+   each scaled so that hook steering moves the next-token distribution by about
+   ``target_kl`` nats on held-out conversations;
+4. :func:`rank1fast.convert`: one adapter for all six sites, fitted on the served corpus with
+   the steering applied, written, verified against hook steering on held-out texts (each site
+   alone and all six together, the one-hot adapter side by side, greedy continuations
+   teacher-forced), the fidelity table printed and stored in its ``rank1fast.json``;
+5. a greedy continuation of a chat prompt: unsteered, hook-steered at all six sites, and with
+   the adapter through PEFT.
 """
 
 from __future__ import annotations
@@ -51,24 +52,22 @@ def run_demo(
     layers: tuple[int, ...] = DEFAULT_LAYERS,
     target_kl: float = 0.35,
     eval_texts: int = 16,
-    max_length: int = 128,
+    max_length: int = 256,
     prompt: str = "Tell me about your weekend.",
-    generate_site: str = "resid_post.15",
     new_tokens: int = 24,
     log: Any = print,
 ) -> dict[str, Any]:
     """Run the demo pipeline and print each step.
 
     Args:
-        out: working directory for the dump and the adapters (default: a temporary
+        out: working directory for the dump and the adapter (default: a temporary
             directory, removed at the end).
-        tokens: tokens to collect (20k gives errors close to the large-corpus values).
+        tokens: tokens to collect for the dump, and to fit the adapter on.
         layers: the layers whose resid_mid and resid_post sites are steered.
         target_kl: per site, hook steering is scaled to about this mean KL(hook||base).
-        eval_texts: held-out documents to verify on.
-        max_length: tokens per document, for collection and evaluation alike.
-        prompt: the prompt of the generation example.
-        generate_site: the site steered in the generation example.
+        eval_texts: held-out texts to verify on.
+        max_length: tokens per text, for collection and evaluation alike.
+        prompt: the user prompt of the generation example.
         new_tokens: tokens generated per continuation.
         log: where progress lines go.
 
@@ -79,10 +78,11 @@ def run_demo(
     Example:
         >>> result = run_demo(tokens=10_000)          # doctest: +SKIP
     """
-    from .adapter import write_adapter
+    from .adapter import read_adapter_info
     from .analysis import analyze
     from .collect import collect
-    from .corpus import default_corpus
+    from .convert import convert
+    from .corpus import served_corpus
 
     try:  # the GGUF loader's progress bars would drown the demo's output
         from transformers.utils import logging as hf_logging
@@ -92,7 +92,7 @@ def run_demo(
         pass
     from .models import load_model, num_layers
     from .vectors import contrastive
-    from .verify import EVAL_OFFSET, EVAL_STRIDE, calibrate_scale, default_eval_texts, verify
+    from .verify import Fidelity, calibrate_scale
 
     timings: dict[str, float] = {}
     tmp = None
@@ -110,7 +110,7 @@ def run_demo(
     try:
         t0 = time.perf_counter()
         log("1. loading the default model (SmolLM2-135M-Instruct, CPU)")
-        model, tokenizer = load_model(None, device="cpu", dtype="float32")
+        model, tokenizer = load_model(None, device="cpu", dtype="float32", quiet=True)
         n = num_layers(model)
         bad = [layer for layer in layers if not 0 <= layer < n]
         if bad:
@@ -119,79 +119,62 @@ def run_demo(
         step("load", t0)
 
         t0 = time.perf_counter()
-        docs = [d for i, d in enumerate(default_corpus()) if i % EVAL_STRIDE != EVAL_OFFSET]
-        # A stride spreads the documents over the whole corpus (it is sorted by source).
-        train = docs[::4] + docs[1::4] + docs[2::4] + docs[3::4]
-        log(f"2. collecting {tokens:,} tokens at {', '.join(sites)}")
+        train = served_corpus(tokenizer, "fit")
+        held = served_corpus(tokenizer, "eval")[:eval_texts]
+        log(
+            f"2. collecting {tokens:,} tokens of chat conversations and prose at "
+            f"{', '.join(sites)}, then analyzing the dump (Rust core)"
+        )
         dump = collect(
             (model, tokenizer),
             train,
             sites,
             work / "dump",
             max_tokens=tokens,
-            # Fitted on contexts as long as the evaluated ones: early positions fit b worst,
-            # and long training documents under-weight them (resid_mid.5: KL ratio 1.26 %
-            # fitted on 256-token contexts, 0.83 % on 96, evaluated on 96).
             max_length=max_length,
             progress=False,
         )
-        step("collect", t0)
-
-        t0 = time.perf_counter()
-        log("3. analyzing the dump (Rust core)")
         report = analyze(dump.path, skip_positions=1, progress=False)
         log(_indent(str(report)))
-        step("analyze", t0)
+        step("collect+analyze", t0)
 
         t0 = time.perf_counter()
         positive, negative = steering_pairs()
-        log(f"4. contrastive steering vectors from {len(positive)} built-in prompt pairs")
-        vectors = contrastive((model, tokenizer), positive, negative, sites)
-        texts = default_eval_texts()[:eval_texts]
-        # Calibrated on half of the evaluation documents, so the table's KL(hook||base) is
-        # close to target_kl.
-        calib = texts[:8]
+        log(f"3. contrastive steering vectors from {len(positive)} built-in prompt pairs")
+        raw = contrastive((model, tokenizer), positive, negative, sites)
         scales = calibrate_scale(
             (model, tokenizer),
-            vectors,
-            calib,
+            raw,
+            held[:8],
             target_kl=target_kl,
             tolerance=0.05,
             max_length=max_length,
         )
-        vectors = {s: scales[s] * v for s, v in vectors.items()}
+        vectors = {s: scales[s] * v for s, v in raw.items()}
         per_site = ", ".join(f"{s} {scales[s]:.1f}" for s in sites)
         log(f"   scale per site (to reach ~{target_kl:.2f} nats): {per_site}")
         step("vectors", t0)
 
         t0 = time.perf_counter()
         adapter_dir = work / "adapter"
-        log(f"5. writing the least-squares adapter for all {len(sites)} sites -> {adapter_dir}")
-        write_adapter(report, vectors, adapter_dir, overwrite=True)
-        step("write", t0)
-
-        t0 = time.perf_counter()
-        log(
-            f"6. verifying against hook steering on {len(texts)} held-out documents "
-            f"(one-hot adapter side by side)"
-        )
-        fidelity = verify(
+        log(f"4. rank1fast.convert: one adapter for all {len(sites)} sites -> {adapter_dir}")
+        convert(
             (model, tokenizer),
-            adapter_dir,
             vectors,
-            texts,
-            onehot=report,
+            adapter_dir,
+            tokens=tokens,
+            eval_texts=held,
             max_length=max_length,
+            overwrite=True,
             progress=False,
+            log=lambda line: log(_indent(line)),
         )
-        log(_indent(str(fidelity)))
-        step("verify", t0)
+        fidelity = Fidelity.from_json(read_adapter_info(adapter_dir)["convert"]["fidelity"])
+        step("convert", t0)
 
         t0 = time.perf_counter()
-        log(f"7. generation, steering {generate_site} only")
-        generations = _generate(
-            model, tokenizer, report, vectors, generate_site, work, prompt, new_tokens
-        )
+        log(f"5. generation, steering all {len(sites)} sites")
+        generations = _generate(model, tokenizer, vectors, adapter_dir, prompt, new_tokens)
         for k, v in generations.items():
             log(f"   {k:>9}: {v!r}")
         step("generate", t0)
@@ -212,25 +195,20 @@ def run_demo(
 def _generate(
     model: Any,
     tokenizer: Any,
-    report: Any,
     vectors: dict[str, Any],
-    site: str,
-    work: Path,
+    adapter: Path,
     prompt: str,
     new_tokens: int,
 ) -> dict[str, str]:
-    """Greedy continuations: unsteered, with the steering hook, with the adapter (PEFT)."""
+    """Greedy continuations: unsteered, with the steering hooks, with the adapter (PEFT)."""
     import torch
     from peft import PeftModel
 
-    from .adapter import write_adapter
-    from .models import get_module, resolve_sites
-    from .verify import _unload
+    from .corpus import render_chat
+    from .steering import steering
+    from .verify import unload_adapters
 
-    if site not in vectors:
-        raise InvalidArgumentError(f"generate_site {site!r} is not one of {list(vectors)}")
-    chat = [{"role": "user", "content": prompt}]
-    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    text = render_chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
     enc = tokenizer(text, return_tensors="pt")
 
     def gen(m: Any) -> str:
@@ -244,19 +222,13 @@ def _generate(
         return tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
     out = {"base": gen(model)}
-    v = torch.as_tensor(vectors[site], dtype=next(model.parameters()).dtype)
-    module = get_module(model, resolve_sites(model, [site])[site])
-    handle = module.register_forward_hook(lambda _m, _i, o: o + v)
-    try:
+    with steering(model, vectors):
         out["hook"] = gen(model)
-    finally:
-        handle.remove()
-    one = write_adapter(report, {site: vectors[site]}, work / f"adapter-{site}", overwrite=True)
-    peft_model = PeftModel.from_pretrained(model, os.fspath(one))
+    peft_model = PeftModel.from_pretrained(model, os.fspath(adapter))
     try:
         out["adapter"] = gen(peft_model)
     finally:
-        _unload(peft_model, model)
+        unload_adapters(peft_model, model)
     return out
 
 
@@ -271,10 +243,12 @@ def add_cli(sub: Any) -> None:
         help="collect, analyze, write and verify adapters on the built-in model (CPU, minutes)",
         description="The whole pipeline on the built-in SmolLM2-135M-Instruct and corpus: "
         "collect, analyze, contrastive vectors, adapters for resid_mid and resid_post at "
-        "several layers, verification against hook steering, and a generation example.",
+        "several layers fitted and verified by rank1fast.convert, and a generation example.",
     )
     p.add_argument("--out", default=None, help="keep the dump and adapters here")
-    p.add_argument("--tokens", type=int, default=20_000, help="tokens to collect (default 20000)")
+    p.add_argument(
+        "--tokens", type=int, default=20_000, help="tokens to collect and fit on (default 20000)"
+    )
     p.add_argument(
         "--layers",
         default=",".join(map(str, DEFAULT_LAYERS)),
@@ -287,7 +261,7 @@ def add_cli(sub: Any) -> None:
         help="steering strength per site, KL(hook||base) in nats (default %(default)s)",
     )
     p.add_argument("--eval-texts", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the fidelity as JSON")
     p.set_defaults(func=_run_demo_cli)

@@ -1,0 +1,364 @@
+"""``rank1fast.convert``: a steering vector in, a verified LoRA adapter out.
+
+The adapter of a site adds ``scale·v·(b·x)`` where ``b`` is the site's constant direction,
+fitted so that ``b·x ≈ 1`` on the module inputs ``x``. How faithful it is depends on which
+inputs ``b`` was fitted on, so convert fits each site on the inputs it will see when served:
+
+1. **The served distribution.** For a model with a chat template the fit texts are chat
+   conversations rendered with that template (:func:`rank1fast.corpus.served_corpus`: the
+   built-in conversations, answered by the default model, with a prose document after every
+   fourth), else the default prose corpus; or the user's ``texts``.
+2. **Under the steering.** The statistics are collected with the hook steering of every site
+   applied (:func:`rank1fast.steering`), so a site's inputs already carry the steering of the
+   sites upstream of it, as they will when the adapter is served. Online statistics
+   (:func:`rank1fast.collect` with ``statistics=True``): no dump is written.
+
+Then the adapter is written (:func:`rank1fast.write_adapter`, least squares with the sink
+pinned), verified against hook steering on held-out texts (:func:`rank1fast.verify`, the
+one-hot adapter side by side, with the generation check on chat prompts), the fidelity
+table is stored in the adapter's ``rank1fast.json`` (``"convert"``) and printed. The
+directory appears at ``out`` only when all of this has succeeded.
+
+Measured on the default model (``python benches/bench_fidelity.py``; BENCHMARKS.md has the
+table and the command).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidArgumentError
+
+__all__ = ["convert", "fit_report", "add_cli"]
+
+#: Held-out texts verify uses by default (chat conversations and prose interleaved).
+DEFAULT_EVAL_TEXTS = 24
+#: Prompts of the generation check, and tokens generated per prompt.
+DEFAULT_GENERATE_PROMPTS, DEFAULT_GENERATE_TOKENS = 16, 24
+
+
+def fit_report(
+    model: Any,
+    vectors: Mapping[str, Any],
+    texts: Sequence[str],
+    *,
+    scale: float | Mapping[str, float] = 1.0,
+    under_steering: bool = True,
+    tokens: int | None = 40_000,
+    max_length: int = 256,
+    batch_size: int = 8,
+    progress: Any = None,
+) -> Any:
+    """The analysis convert fits adapters from: statistics of every site's module input over
+    ``texts``, collected with the steering applied (``under_steering``) or without.
+
+    Args:
+        model: a loaded ``(model, tokenizer)``.
+        vectors: ``{site: vector}``.
+        texts: the fit texts (already rendered).
+        scale: the steering scale (one, or per site).
+        under_steering: collect with :func:`rank1fast.steering` of all sites active.
+        tokens: stop after this many tokens (None: all texts).
+        max_length: tokens per text.
+        batch_size: texts per forward pass.
+        progress: as for :func:`rank1fast.collect`.
+
+    Returns:
+        A :class:`~rank1fast.Report` (online statistics, second moments included).
+    """
+    import contextlib
+
+    from .collect import collect
+    from .steering import steering
+
+    ctx = steering(model, vectors, scale) if under_steering else contextlib.nullcontext()
+    with ctx:
+        return collect(
+            model,
+            list(texts),
+            list(vectors),
+            statistics=True,
+            max_tokens=tokens,
+            max_length=max_length,
+            batch_size=batch_size,
+            progress=progress,
+        )
+
+
+def convert(
+    model: Any,
+    vectors: Mapping[str, Any] | str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    texts: Any = None,
+    eval_texts: Any = None,
+    scale: float = 1.0,
+    tokens: int = 40_000,
+    target: str = "peft",
+    rank: int | None = None,
+    dtype: str = "float32",
+    under_steering: bool = True,
+    verify: bool = True,
+    generate: int = DEFAULT_GENERATE_TOKENS,
+    max_length: int = 256,
+    batch_size: int = 8,
+    device: str | None = "auto",
+    overwrite: bool = False,
+    progress: Any = None,
+    log: Callable[[str], Any] | None = print,
+) -> Path:
+    """Turn steering vectors into a LoRA adapter fitted for the served workload, verified.
+
+    Args:
+        model: the base model: None for the built-in default, a Hugging Face id, a local
+            checkpoint, a ``.gguf`` file, or a loaded ``(model, tokenizer)``.
+        vectors: ``{site: vector}`` (each in the site module's output space: the residual
+            stream for ``resid_mid.L``/``resid_post.L``), or any file
+            :func:`rank1fast.vectors.load` reads (control-vector GGUF, .safetensors, .npy,
+            .pt). Several sites make one adapter, fitted jointly (each under the steering of
+            the others).
+        out: the adapter directory to create.
+        texts: the fit corpus: None for :func:`rank1fast.corpus.served_corpus` (chat
+            conversations in the model's template plus prose, or prose for a model without
+            a chat template), or anything :func:`rank1fast.corpus.read_texts` takes (chat
+            JSONL with ``"messages"`` is rendered with the model's template).
+        eval_texts: the held-out texts verify runs on: None for the ``"eval"`` split of the
+            served corpus when ``texts`` is None, else every 8th of ``texts`` (left out of
+            the fit).
+        scale: the hook steering adds ``scale·v``; ``lora_B = scale·v``.
+        tokens: fit tokens (the online statistics stop there).
+        target: the server profile (:data:`rank1fast.serving.PROFILES`: ``peft``, ``vllm``,
+            ``fireworks``, ``together``, ``cloudflare``); the rank is padded for it.
+        rank: the LoRA rank (None: 1, or the target's smallest).
+        dtype: the adapter's tensor dtype (``float32``, ``bfloat16``, ``float16``).
+        under_steering: fit on inputs collected with the steering applied (True) or on
+            unsteered inputs (False: what ``write_adapter`` on a plain dump gives).
+        verify: measure the fidelity and store it (False: write only).
+        generate: tokens per prompt of verify's generation check (0: none).
+        max_length: tokens per text, for fitting and verifying.
+        batch_size: texts per forward pass.
+        device: where a model loaded here runs (``"auto"``: CUDA, then MPS, then CPU).
+        overwrite: replace an existing adapter at ``out``.
+        progress: progress bars (None: on a terminal; False: none).
+        log: where the steps and the fidelity table are printed (None: nowhere).
+
+    Returns:
+        The adapter directory. Its ``rank1fast.json`` holds ``"convert"``: the fit (corpus,
+        tokens, under_steering, seconds) and, with ``verify``, the fidelity
+        (:meth:`rank1fast.Fidelity.to_json`).
+
+    Raises:
+        AdapterError: ``out`` exists (without ``overwrite``), or the adapter cannot be written
+            (see :func:`rank1fast.write_adapter`).
+        SiteError: a site that does not resolve on the model.
+        InvalidArgumentError: no vectors, a vector of the wrong size, bad numbers.
+
+    Example:
+        >>> rank1fast.convert(None, "happy.gguf", "happy-lora", scale=4.0)      # doctest: +SKIP
+        PosixPath('happy-lora')
+    """
+    from .adapter import (
+        check_destination,
+        move_adapter,
+        read_adapter_info,
+        update_adapter_info,
+        write_adapter,
+    )
+    from .corpus import read_texts, served_corpus
+    from .models import load_model, unwrap_model
+    from .serving import get_profile
+    from .steering import steered_vectors
+    from .verify import verify as run_verify
+
+    say = log or (lambda _msg: None)
+    out = Path(out)
+    if tokens < 1:
+        raise InvalidArgumentError(f"tokens must be at least 1, got {tokens}")
+    if generate < 0:
+        raise InvalidArgumentError(f"generate must be at least 0, got {generate}")
+    get_profile(target)  # an unknown target fails now, not after the fit
+    check_destination(out, overwrite)
+    vecs = steered_vectors(vectors)
+    t_start = time.perf_counter()
+
+    is_default = model is None or model == "default"
+    net, tok = load_model(model, device=device, quiet=progress is False)
+    name = getattr(unwrap_model(net), "name_or_path", "") or None
+    if texts is None:
+        fit_texts = served_corpus(tok, "fit")
+        held = served_corpus(tok, "eval")[:DEFAULT_EVAL_TEXTS]
+        corpus = "served (built-in chat in the model's template + prose)"
+    else:
+        all_texts = [t for t in read_texts(texts, tok) if t.strip()]
+        if eval_texts is None:
+            held = all_texts[7::8]
+            fit_texts = [t for i, t in enumerate(all_texts) if i % 8 != 7]
+        else:
+            fit_texts = all_texts
+            held = []
+        corpus = os.fspath(texts) if isinstance(texts, (str, os.PathLike)) else "texts"
+    if eval_texts is not None:
+        held = [t for t in read_texts(eval_texts, tok) if t.strip()]
+    if not fit_texts:
+        raise InvalidArgumentError("no fit texts")
+    if verify and not held:
+        raise InvalidArgumentError("no held-out texts to verify on (pass eval_texts)")
+
+    say(
+        f"convert: fitting {', '.join(vecs)} on {tokens:,} tokens of {corpus}"
+        + (", under the steering" if under_steering else "")
+    )
+    t0 = time.perf_counter()
+    report = fit_report(
+        (net, tok),
+        vecs,
+        fit_texts,
+        scale=scale,
+        under_steering=under_steering,
+        tokens=tokens,
+        max_length=max_length,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    fit_seconds = time.perf_counter() - t0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.convert-", dir=out.parent))
+    try:
+        adapter = write_adapter(
+            report,
+            vecs,
+            work / "adapter",
+            scale=scale,
+            rank=rank or 1,
+            dtype=dtype,
+            base_model=_base_model_name(is_default, name),
+            target=target,
+        )
+        record: dict[str, Any] = {
+            "fit": {
+                "corpus": corpus,
+                "texts": len(fit_texts),
+                "tokens": min(report[s].count + report[s].skipped for s in vecs),
+                "under_steering": under_steering,
+                "max_length": max_length,
+                "seconds": round(fit_seconds, 1),
+            }
+        }
+        if verify:
+            say(f"convert: verifying on {len(held)} held-out texts")
+            fid = run_verify(
+                (net, tok),
+                adapter,
+                vecs,
+                held,
+                onehot=report,
+                max_length=max_length,
+                batch_size=batch_size,
+                generate=generate,
+                prompts=_generation_prompts(tok, held) if generate else None,
+                progress=progress,
+            )
+            record["fidelity"] = fid.to_json()
+            say(str(fid))
+        update_adapter_info(adapter, {"convert": record})
+        assert read_adapter_info(adapter) is not None
+        move_adapter(adapter, out, overwrite)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    say(f"convert: wrote {out} in {time.perf_counter() - t_start:.0f} s")
+    return out
+
+
+def _base_model_name(is_default: bool, name: str | None) -> str | None:
+    from .adapter import DEFAULT_BASE_MODEL
+
+    return DEFAULT_BASE_MODEL if is_default else name
+
+
+def _generation_prompts(tokenizer: Any, held: Sequence[str]) -> list[str] | None:
+    """The generation check's prompts: the built-in held-out chat prompts (verify's default)
+    for a chat model, capped at DEFAULT_GENERATE_PROMPTS."""
+    from .corpus import chat_conversations, has_chat_template, render_chat
+
+    if not has_chat_template(tokenizer):
+        return None
+    prompts = []
+    for conv in chat_conversations("eval")[:DEFAULT_GENERATE_PROMPTS]:
+        first = next(i for i, m in enumerate(conv) if m["role"] == "user")
+        prompts.append(render_chat(tokenizer, conv[: first + 1], add_generation_prompt=True))
+    return prompts
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_cli(sub: Any) -> None:
+    """Register ``rank1fast convert``."""
+    p = sub.add_parser(
+        "convert",
+        help="steering vectors -> a LoRA adapter fitted on the served workload, verified",
+        description="Fit each site's constant direction on the inputs it sees when served (chat "
+        "in the model's template, with the steering applied), write the adapter, verify it "
+        "against hook steering on held-out texts and store the fidelity in rank1fast.json.",
+    )
+    p.add_argument("vectors", help="vector file (control-vector .gguf, .safetensors, .npy, .pt)")
+    p.add_argument("-o", "--out", required=True, help="the adapter directory to create")
+    p.add_argument("--model", default=None, help="base model (default: built-in SmolLM2-135M)")
+    p.add_argument(
+        "--corpus",
+        default=None,
+        help="fit corpus (.txt, .jsonl with text or chat messages); default: built-in chat+prose",
+    )
+    p.add_argument("--eval-texts", default=None, help="held-out corpus to verify on")
+    p.add_argument("--site", action="append", dest="sites", metavar="S", help="only these sites")
+    p.add_argument("--scale", type=float, default=1.0, help="steering scale (default 1)")
+    p.add_argument("--tokens", type=int, default=40_000, help="fit tokens (default 40000)")
+    p.add_argument("--for", dest="target", default="peft", help="server profile (default peft)")
+    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--unsteered", action="store_true", help="fit on unsteered inputs")
+    p.add_argument("--no-verify", action="store_true", help="write without verifying")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args: Any) -> int:
+    from .vectors import load
+
+    vecs = load(args.vectors)
+    if args.sites:
+        missing = [s for s in args.sites if s not in vecs]
+        if missing:
+            raise InvalidArgumentError(
+                f"{args.vectors} has no sites {missing}; it has {list(vecs)}"
+            )
+        vecs = {s: vecs[s] for s in args.sites}
+    convert(
+        args.model,
+        vecs,
+        args.out,
+        texts=args.corpus,
+        eval_texts=args.eval_texts,
+        scale=args.scale,
+        tokens=args.tokens,
+        target=args.target,
+        rank=args.rank,
+        dtype=args.dtype,
+        under_steering=not args.unsteered,
+        verify=not args.no_verify,
+        max_length=args.max_length,
+        device=args.device,
+        overwrite=args.overwrite,
+        progress=False if args.quiet else None,
+        log=None if args.quiet else print,
+    )
+    return 0

@@ -1,0 +1,169 @@
+"""rank1fast.convert end to end on the real default model and real PEFT, on chat.
+
+The targets (issue 18), held here on vectors and layers of the tests' own (formal vs casual
+contrastive prompts, not the demo's cheerful/gloomy ones; other layers than the benchmark's):
+
+- one site at about 0.5 nats on held-out chat conversations: KL(hook||adapter) at most 0.5 %
+  of KL(hook||base) at resid_mid, 2.5 % at resid_post;
+- many layers (10 resid_post sites, unit directions x one coefficient) at about 1 nat in
+  total: at most 1.5 %;
+- the one-hot adapter at least 10x worse in every case, top-1 agreement reported.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import rank1fast
+from rank1fast.errors import AdapterError, InvalidArgumentError
+from rank1fast.verify import Fidelity, calibrate_scale
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("peft")
+
+FORMAL = [
+    "I am writing to inform you that the meeting has been rescheduled.",
+    "Kindly find attached the requested documents for your review.",
+    "We would be grateful if you could confirm your attendance.",
+    "Please accept our sincere apologies for any inconvenience caused.",
+    "The committee has carefully considered your application.",
+    "I would like to request further information regarding the position.",
+    "Should you require any assistance, do not hesitate to contact us.",
+    "We hereby acknowledge receipt of your correspondence.",
+]
+CASUAL = [
+    "hey just so u know the meeting got moved lol",
+    "here's the stuff you wanted, check it out",
+    "let me know if you're coming, k?",
+    "oops sorry about that, my bad!",
+    "yeah so we looked at your thing and it's cool",
+    "can you tell me more about the job? thx",
+    "ping me if you need anything",
+    "got your message, cool cool",
+]
+TOKENS = 20_000
+EVAL = 16
+
+
+@pytest.fixture(scope="module")
+def formal(smollm):
+    sites = ["resid_mid.10", "resid_post.10", "resid_post.20"] + [
+        f"resid_post.{i}" for i in range(3, 22, 2)
+    ]
+    return rank1fast.vectors.contrastive(smollm, FORMAL, CASUAL, sorted(set(sites)))
+
+
+@pytest.fixture(scope="module")
+def held(smollm):
+    from rank1fast.corpus import served_corpus
+
+    return served_corpus(smollm[1], "eval")[:EVAL]
+
+
+def _convert(smollm, vecs, out, held):
+    path = rank1fast.convert(
+        smollm,
+        vecs,
+        out,
+        tokens=TOKENS,
+        eval_texts=held,
+        max_length=192,
+        generate=16,
+        progress=False,
+        log=None,
+    )
+    info = rank1fast.adapter.read_adapter_info(path)
+    fid = Fidelity.from_json(info["convert"]["fidelity"])
+    print(fid)
+    return path, info, fid
+
+
+@pytest.mark.parametrize(
+    "site,target", [("resid_mid.10", 0.005), ("resid_post.10", 0.025), ("resid_post.20", 0.025)]
+)
+def test_one_site_on_chat(smollm, formal, held, tmp_path, site, target):
+    scale = calibrate_scale(smollm, {site: formal[site]}, held[:6], target_kl=0.5, max_length=192)
+    vecs = {site: scale[site] * formal[site]}
+    path, info, fid = _convert(smollm, vecs, tmp_path / "a", held)
+    row = fid[site]
+    assert 0.3 < row.steering_kl_mean < 0.8
+    ls, onehot = row.adapters["least-squares"], row.adapters["one-hot"]
+    assert ls.ratio <= target, fid
+    assert onehot.ratio >= 10 * ls.ratio, fid
+    # The generation check ran: the adapter follows the steered continuations at least as
+    # well as the unsteered model does.
+    assert row.generated_tokens > 100
+    assert ls.top1_agreement >= row.base_top1_agreement
+    fit = info["convert"]["fit"]
+    assert fit["under_steering"] and fit["tokens"] >= TOKENS - 1
+    assert info["scale"] == 1.0 and info["sites"][site]["vector_norm"] == pytest.approx(
+        float(np.linalg.norm(vecs[site]))
+    )
+
+
+def test_many_layers_on_chat(smollm, formal, held, tmp_path):
+    sites = [f"resid_post.{i}" for i in range(3, 22, 2)]
+    unit = {s: formal[s] / np.linalg.norm(formal[s]) for s in sites}
+    coef = calibrate_scale(
+        smollm, unit, held[:6], target_kl=1.0, max_length=192, together=True, tolerance=0.05
+    )[sites[0]]
+    _, _, fid = _convert(smollm, {s: coef * v for s, v in unit.items()}, tmp_path / "a", held)
+    row = fid["all"]
+    assert 0.7 < row.steering_kl_mean < 1.4
+    ls, onehot = row.adapters["least-squares"], row.adapters["one-hot"]
+    assert ls.ratio <= 0.015, fid
+    assert onehot.ratio >= 10 * ls.ratio, fid
+    assert ls.top1_agreement > row.base_top1_agreement
+
+
+def test_convert_refuses_before_the_fit(smollm, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file.txt").write_text("x")
+    v = {"resid_post.3": np.ones(576)}
+    with pytest.raises(AdapterError, match="already exists"):
+        rank1fast.convert(smollm, v, tmp_path / "taken", log=None, progress=False)
+    with pytest.raises(InvalidArgumentError, match="576"):
+        rank1fast.convert(smollm, {"resid_post.3": np.ones(5)}, tmp_path / "x", log=None)
+    with pytest.raises(InvalidArgumentError, match="server"):
+        rank1fast.convert(smollm, v, tmp_path / "y", target="nope", log=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_convert_cli_writes_a_peft_adapter(smollm, tmp_path, held):
+    from rank1fast.cli import main
+
+    vec = tmp_path / "v.safetensors"
+    rank1fast.vectors.save({"resid_mid.12": 3.0 * np.ones(576) / 24}, vec)
+    corpus = tmp_path / "chat.jsonl"
+    from rank1fast.corpus import chat_conversations
+
+    corpus.write_text(
+        "".join(json.dumps({"messages": c}) + "\n" for c in chat_conversations("fit")[:40])
+    )
+    out = tmp_path / "lora"
+    code = main(
+        [
+            "convert",
+            str(vec),
+            "-o",
+            str(out),
+            "--corpus",
+            str(corpus),
+            "--tokens",
+            "3000",
+            "--no-verify",
+            "--for",
+            "vllm",
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["model.layers.12.self_attn.o_proj"]
+    assert config["r"] == 1
+    info = rank1fast.adapter.read_adapter_info(out)
+    assert info["convert"]["fit"]["corpus"] == str(corpus)
+    assert "fidelity" not in info["convert"]
+    assert not rank1fast.serving.check(out, "vllm")
