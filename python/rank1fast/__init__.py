@@ -25,6 +25,12 @@ from .errors import (
     RankDeficientWarning,
     SiteError,
 )
+from .explain import (  # light: torch is imported by the token pass and vector_share()
+    Explanation,
+    explain,
+    lora_to_vectors,
+    vector_share,
+)
 from .merging import merge_adapter
 from .report import Direction, OneHot, Outlier, Report, SiteReport, merge
 from .verify import Fidelity, verify  # light: torch/peft are imported when verify() runs
@@ -69,5 +75,9 @@ __all__ = [
     "distributed",
     "llamacpp",
     "Fidelity",
+    "explain",
+    "lora_to_vectors",
+    "vector_share",
+    "Explanation",
     "__version__",
 ]

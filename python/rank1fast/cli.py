@@ -27,6 +27,7 @@ _COMMAND_MODULES: list[str] = [
     "verify",
     "demo",
     "llamacpp",
+    "explain",
 ]
 
 
