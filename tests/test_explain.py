@@ -263,11 +263,11 @@ def test_collect_records_token_ids(real, tokenizer):
 
 
 @pytest.mark.slow
-def test_write_adapter_vector_comes_back(real, smollm):
+def test_write_adapter_vector_comes_back(real, smollm, tokenizer):
     rng = np.random.default_rng(0)
     vecs = {s: rng.normal(size=576) for s in SITES}
     adapter = rank1fast.write_adapter(real["report"], vecs, real["root"] / "written", scale=3.0)
-    ex = explain(adapter, real["dump"].path, top=3)
+    ex = explain(adapter, real["dump"].path, top=3, tokenizer=tokenizer)
     print(ex)
     for s in SITES:
         got, want = ex[s].vector, 3.0 * vecs[s]
@@ -275,9 +275,10 @@ def test_write_adapter_vector_comes_back(real, smollm):
         assert cos >= 0.99
         assert np.linalg.norm(got) / np.linalg.norm(want) == pytest.approx(1.0, abs=0.02)
         assert ex[s].constant_fraction >= 0.9
-        assert ex[s].components[0].cosine_direction == pytest.approx(1.0, abs=1e-3)
+        assert ex[s].components[0].cosine_direction >= 0.99  # b, pinned at the sink
     # Hook steering with the recovered vectors reproduces the adapter.
-    shares = rank1fast.vector_share(smollm, adapter, ex.vectors, real["texts"], max_length=64)
+    mid = {"resid_mid.15": ex["resid_mid.15"].vector}
+    shares = rank1fast.vector_share(smollm, adapter, mid, real["texts"], max_length=64)
     print({k: (v.share, v.adapter_kl) for k, v in shares.items()})
     assert shares["resid_mid.15"].adapter_kl > 0.05
     assert shares["resid_mid.15"].share >= 0.95
@@ -321,7 +322,7 @@ def test_tokens_in_context(real, tmp_path, tokenizer):
     rng = np.random.default_rng(8)
     a, b = rng.normal(size=(1, 1536)) / 40, rng.normal(size=(576, 1)) / 24
     lora = write_lora(tmp_path / "lora", {DOWN_PROJ: (a, b)})
-    ex = explain(lora, dump.path, top=4, context=5)
+    ex = explain(lora, dump.path, top=4, context=5, tokenizer=tokenizer)
     tok = ex["resid_post.15"].components[0].tokens
     ax = x @ stored(a)[0]
     counted = np.flatnonzero(position >= 1)
@@ -428,13 +429,14 @@ def test_cli_json_export_and_plot(real, tmp_path):
     )
     assert not (tmp_path / "mid.gguf").exists()
     pytest.importorskip("matplotlib")
-    assert main(["explain", str(lora), dump, "--plot", str(tmp_path / "plots"), "-q"]) == 0
+    plots = str(tmp_path / "plots")
+    assert main(["explain", str(lora), dump, "--plot", plots, "--top", "0", "-q"]) == 0
     png = tmp_path / "plots" / "resid_post.15.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
 @pytest.mark.slow
-def test_trained_rank1_lora(real, smollm, tmp_path):
+def test_trained_rank1_lora(real, smollm, tokenizer, tmp_path):
     """A rank-1 LoRA on o_proj of layer 15, trained a few steps with PEFT: what part of it is a
     steering vector, and how much of its effect that vector reproduces through hook steering."""
     import copy
@@ -460,14 +462,14 @@ def test_trained_rank1_lora(real, smollm, tmp_path):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     print(f"training loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert losses[-1] < losses[0]
     trained = tmp_path / "trained"
     peft_model.save_pretrained(trained)
     del peft_model
 
-    ex = explain(trained, real["dump"].path, top=5)
+    ex = explain(trained, real["dump"].path, top=5, tokenizer=tokenizer)
     print(ex)
     s = ex["resid_mid.15"]
     assert s.rank == 1 and 0.0 <= s.constant_fraction <= 1.0

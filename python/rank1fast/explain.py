@@ -775,7 +775,7 @@ def _token_pass(
                     position = f.get_tensor("position").numpy().astype(np.int64)
                     document = f.get_tensor("document").numpy().astype(np.int64)
                     token = f.get_tensor("token").numpy() if "token" in keys else None
-                    if token is not None and not loaded:  # the tokenizer only when needed
+                    if token is not None and top > 0 and not loaded:  # only when needed
                         decode, loaded = _decoder(tokenizer, dump_dir), True
                     for (s, _lora), st in zip(matched, acc):
                         x = f.get_tensor(s.name)
