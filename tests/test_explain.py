@@ -58,6 +58,14 @@ def numpy_fraction(x: np.ndarray, dw: np.ndarray) -> tuple[float, np.ndarray]:
     return float(mean @ mean / np.mean(np.sum(y * y, axis=1))), mean
 
 
+def lora_to_a(adapter: Path) -> np.ndarray:
+    """Row 0 of the first lora_A of a PEFT adapter, float64."""
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    return next(v for k, v in tensors.items() if "lora_A" in k)[0].astype(np.float64)
+
+
 def stored(a: np.ndarray) -> np.ndarray:
     """What the adapter file holds (float32), as float64."""
     return np.asarray(a, dtype=np.float32).astype(np.float64)
@@ -451,6 +459,8 @@ def test_trained_rank1_lora(real, smollm, tokenizer, tmp_path):
         copy.deepcopy(model),
         LoraConfig(r=1, lora_alpha=1, target_modules=[O_PROJ], lora_dropout=0.0),
     )
+    init = tmp_path / "init"
+    peft_model.save_pretrained(init)  # B = 0: no output yet, but A's figures are defined
     positive, _ = steering_pairs()
     batch = tok(list(positive[:8]), return_tensors="pt", padding=True)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
@@ -472,6 +482,15 @@ def test_trained_rank1_lora(real, smollm, tokenizer, tmp_path):
     ex = explain(trained, real["dump"].path, top=5, tokenizer=tokenizer)
     print(ex)
     s = ex["resid_mid.15"]
+    before = explain(init, real["report"], tokens=False)["resid_mid.15"]
+    assert math.isnan(before.constant_fraction)  # lora_B starts at zero
+    a0 = lora_to_a(init)
+    a1 = lora_to_a(trained)
+    print(
+        f"lora_A: cosine(initial, trained) {a0 @ a1 / np.linalg.norm(a0) / np.linalg.norm(a1):.3f};"
+        f" constant share {before.components[0].constant_share:.3f} at initialisation, "
+        f"{s.components[0].constant_share:.3f} trained"
+    )
     assert s.rank == 1 and 0.0 <= s.constant_fraction <= 1.0
     vecs = lora_to_vectors(trained, real["dump"].path)
     np.testing.assert_array_equal(vecs["resid_mid.15"], s.vector)

@@ -1090,11 +1090,22 @@ def add_cli(sub: Any) -> None:
         ),
     )
     p.add_argument("adapter", help="PEFT LoRA directory or llama.cpp LoRA .gguf")
-    p.add_argument("dump", help="dump directory (or a report .npz: no token pass)")
+    p.add_argument(
+        "dump",
+        help="dump directory, or a report .npz (the dump it names, if any, gives the tokens)",
+    )
     p.add_argument("--site", action="append", dest="sites", metavar="S", help="only this site")
-    p.add_argument("--skip-positions", type=int, default=1, metavar="K")
+    p.add_argument(
+        "--skip-positions",
+        type=int,
+        default=1,
+        metavar="K",
+        help="leave out tokens at position < K (default 1: the first token, as analyze)",
+    )
     p.add_argument("--top", type=int, default=5, metavar="K", help="tokens per side (default 5)")
-    p.add_argument("--context", type=int, default=8, metavar="N", help="context tokens per side")
+    p.add_argument(
+        "--context", type=int, default=8, metavar="N", help="context tokens per side (default 8)"
+    )
     p.add_argument("--no-tokens", action="store_true", help="skip the token pass")
     p.add_argument("--tokenizer", default=None, help="model whose tokenizer decodes the ids")
     p.add_argument("--json", metavar="OUT", help="write the explanation as JSON")
