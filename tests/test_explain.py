@@ -265,6 +265,9 @@ def test_collect_records_token_ids(real, tokenizer):
     assert str(token.dtype) == "torch.int32" and token.shape[0] == dump.tokens
     first = tokenizer(real["docs"][0], truncation=True, max_length=96)["input_ids"]
     assert token[: len(first)].tolist() == first
+    # The Rust reader skips the 1-D int tensor in a bare shard too (position is metadata).
+    shard = rank1fast.analyze(dump.shards[0], second_moments=False, progress=False)
+    assert sorted(shard.sites) == sorted(SITES)
     assert (
         real["report"]["resid_mid.15"].count == dump.tokens - real["report"]["resid_mid.15"].skipped
     )
