@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import AdapterError, DumpError, InvalidArgumentError, PathNotFoundError
+from .errors import AdapterError, DumpError, InvalidArgumentError, PathNotFoundError, Rank1Error
 from .report import Report, SiteReport
 
 __all__ = [
@@ -132,7 +132,7 @@ class Component:
         cosine_direction: cosine of ``a_k`` with the site's least-squares constant direction
             ``b`` (signed), None when the report has none.
         cosine_outliers: ``{dim: cosine of a_k with e_dim}`` for the site's top outlier
-            dimensions.
+            dimensions (empty for a zero row).
         tokens: the token pass (None when it was not run).
     """
 
@@ -358,7 +358,7 @@ class Explanation:
                     f"{s.count:,}",
                     f"{s.mean_norm:.4g}",
                     f"{s.rms_norm:.4g}",
-                    f"{s.constant_fraction:.4f}",
+                    _fmt(s.constant_fraction),
                 ]
             )
         lines = [
@@ -378,16 +378,16 @@ class Explanation:
                         str(c.index),
                         f"{c.mean:.4g}",
                         f"{c.std:.4g}",
-                        f"{c.constant_share:.4f}",
-                        f"{c.energy_share:.4f}",
+                        _fmt(c.constant_share),
+                        _fmt(c.energy_share),
                         "-" if c.cosine_direction is None else f"{c.cosine_direction:+.3f}",
                         ", ".join(f"{d}: {v:+.3f}" for d, v in c.cosine_outliers.items()) or "-",
                     ]
                 )
             lines += ["  " + x for x in _table(crow)]
             for c in s.components:
-                if c.tokens is None:
-                    continue
+                if c.tokens is None or not c.energy_share > 0:
+                    continue  # no token pass, or a zero component (rank padding)
                 for label, toks in (("largest", c.tokens.top), ("smallest", c.tokens.bottom)):
                     lines.append(f"  component {c.index}, {label} a·x:")
                     for t in toks:
@@ -402,6 +402,10 @@ class Explanation:
 
     def __repr__(self) -> str:
         return f"Explanation(adapter={self.adapter!r}, sites={[s.site for s in self.sites]!r})"
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4f}" if math.isfinite(x) else "-"
 
 
 def _table(rows: list[list[str]]) -> list[str]:
@@ -520,9 +524,10 @@ def explain(
         tokens: run the token pass (top/bottom tokens, ``a·x`` by position, histograms).
         top: tokens listed per component and side.
         context: tokens of context shown on each side.
-        tokenizer: decodes token ids: a tokenizer, a model name/path for
-            :func:`rank1fast.models.load_model`'s tokenizer, or None (the dump's model; none
-            found: ids only, with a warning).
+        tokenizer: decodes token ids: a tokenizer, a model name or path for
+            :func:`rank1fast.models.load_tokenizer`, or None (the model named in the dump's
+            manifest; when that cannot be loaded, ids only, with a warning). Loaded only when
+            the dump has token ids and ``top > 0``.
         base: for a llama.cpp LoRA on q/k projections: the base model (see
             :func:`rank1fast.llamacpp.gguf_to_lora`).
         progress: a progress bar for the analysis and the token pass (None: on a terminal).
@@ -677,9 +682,7 @@ def _explain_site(s: SiteReport, lora: _Lora, module: str) -> SiteExplanation:
                 constant_share=mean * mean / second if second > 0 else math.nan,
                 energy_share=energy / total_energy if total_energy > 0 else math.nan,
                 cosine_direction=cos_b,
-                cosine_outliers={
-                    j: float(row[j]) / norm if norm > 0 else math.nan for j in outliers
-                },
+                cosine_outliers={j: float(row[j]) / norm for j in outliers} if norm > 0 else {},
             )
         )
     return SiteExplanation(
@@ -788,6 +791,8 @@ def _token_pass(
                         _accumulate(st, ax, position, document, token, skip, context, decode)
                         bar.update(1)
             except (SafetensorError, OSError, KeyError) as e:
+                if isinstance(e, Rank1Error):
+                    raise
                 raise DumpError(f"{shard}: cannot read it for the token pass: {e}") from e
             missing_tokens |= token is None
     finally:
@@ -896,7 +901,7 @@ def _decoder(tokenizer: Any, dump_dir: Path) -> Any:
         if isinstance(name, str) and name.startswith("default"):
             name = "default"
     if name is None:
-        warnings.warn(f"{dump_dir}: no model recorded to decode token ids", stacklevel=3)
+        warnings.warn(f"{dump_dir}: no model recorded to decode token ids", stacklevel=4)
         return None
     from .models import load_tokenizer
 
@@ -905,7 +910,7 @@ def _decoder(tokenizer: Any, dump_dir: Path) -> Any:
     except Exception as e:  # noqa: BLE001 - decoding is optional: ids are still listed
         if tokenizer is not None:
             raise
-        warnings.warn(f"cannot load the tokenizer of {name} ({e}); token ids only", stacklevel=3)
+        warnings.warn(f"cannot load the tokenizer of {name} ({e}); token ids only", stacklevel=4)
         return None
 
 
