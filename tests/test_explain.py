@@ -190,6 +190,17 @@ def test_report_source_and_site_selection(synth, tmp_path):
     # The saved report names its dump: the token pass reads it.
     assert all(c.tokens.count == report["s1"].count for c in from_npz["s1"].components)
     assert from_npz["s1"].constant_fraction == pytest.approx(ex["s1"].constant_fraction)
+    # A report without a dump of its own (merged) reads the tokens from dump=.
+    merged = rank1fast.merge([report])
+    assert merged.source is None
+    assert all(c.tokens is None for c in explain(lora, merged)["s0"].components)
+    with pytest.warns(UserWarning, match="without token ids"):
+        given = explain(lora, merged, dump=root / "dump", top=2)
+    assert len(given["s0"].components[0].tokens.top) == 2
+    with pytest.raises(rank1fast.DumpError, match="not a dump directory"):
+        explain(lora, merged, dump=tmp_path)
+    with pytest.raises(InvalidArgumentError, match="no token pass"):
+        ex.plot(tmp_path / "plots")
     text = str(ex)
     assert "constant fraction" in text and "layers.9.proj" in text
     doc = json.loads(json.dumps(ex.to_json()))

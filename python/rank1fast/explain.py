@@ -296,6 +296,10 @@ class Explanation:
             >>> ex.plot("plots/")                                    # doctest: +SKIP
             [PosixPath('plots/resid_mid.15.png')]
         """
+        if any(c.tokens is None for s in self.sites for c in s.components):
+            raise InvalidArgumentError(
+                "no token pass to plot: explain a dump directory with tokens=True"
+            )
         try:
             import matplotlib
 
@@ -305,10 +309,6 @@ class Explanation:
             raise InvalidArgumentError(
                 "plots need matplotlib: pip install matplotlib (or 'rank1fast[plot]')"
             ) from e
-        if any(c.tokens is None for s in self.sites for c in s.components):
-            raise InvalidArgumentError(
-                "no token pass to plot: explain a dump directory with tokens=True"
-            )
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         written = []
