@@ -300,11 +300,8 @@ class Explanation:
             raise InvalidArgumentError(
                 "no token pass to plot: explain a dump directory with tokens=True"
             )
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
+        try:  # Figure, not pyplot: no global state, no backend switch in the caller's session
+            from matplotlib.figure import Figure
         except ImportError as e:
             raise InvalidArgumentError(
                 "plots need matplotlib: pip install matplotlib (or 'rank1fast[plot]')"
@@ -314,7 +311,8 @@ class Explanation:
         written = []
         for s in self.sites:
             n = len(s.components)
-            fig, axes = plt.subplots(n, 2, figsize=(11, 2.6 * n + 0.6), squeeze=False)
+            fig = Figure(figsize=(11, 2.6 * n + 0.6))
+            axes = fig.subplots(n, 2, squeeze=False)
             for c, (ax_pos, ax_hist) in zip(s.components, axes):
                 t = c.tokens
                 assert t is not None
@@ -342,7 +340,6 @@ class Explanation:
             fig.tight_layout()
             path = out / f"{s.site}.png"
             fig.savefig(path, dpi=90)
-            plt.close(fig)
             written.append(path)
         return written
 
