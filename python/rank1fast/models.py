@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_GGUF",
     "default_model_path",
     "load_model",
+    "load_tokenizer",
     "resolve_device",
     "resolve_dtype",
     "resolve_sites",
