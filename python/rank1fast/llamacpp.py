@@ -357,6 +357,17 @@ def _pattern(pattern: Any, module: str, default: Any) -> Any:
     return default
 
 
+def _peft_scaling(config: Mapping[str, Any], module: str) -> float:
+    """PEFT's multiplier of ``B A x`` for ``module``: ``lora_alpha / r`` (``/ sqrt(r)`` with
+    ``use_rslora``), per module through ``rank_pattern`` / ``alpha_pattern`` (PEFT's
+    ``LoraLayer.update_layer``; a config without them: r = 8, lora_alpha = r)."""
+    r = float(_pattern(config.get("rank_pattern"), module, config.get("r", 8)))
+    alpha = float(
+        _pattern(config.get("alpha_pattern"), module, config.get("lora_alpha", config.get("r", 8)))
+    )
+    return alpha / (np.sqrt(r) if config.get("use_rslora") else r)
+
+
 def _check_config(config: dict[str, Any], where: Path) -> None:
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise AdapterError(f"{where}: peft_type {config.get('peft_type')!r}; only LORA converts")
@@ -439,8 +450,6 @@ def lora_to_gguf(
         raise AdapterError(f"{adapter}: holds no LoRA tensors")
 
     alpha = float(config.get("lora_alpha", config.get("r", 8)))
-    r_config = config.get("r", 8)
-    rslora = bool(config.get("use_rslora"))
     written: dict[str, np.ndarray] = {}
     folded = False
     permuted = False
@@ -457,10 +466,7 @@ def lora_to_gguf(
         layer = int(name.split(".")[1])
         rank = a.shape[0]
         # PEFT's scaling for this module, against what llama.cpp will apply.
-        r_m = float(_pattern(config.get("rank_pattern"), module, r_config))
-        alpha_m = float(_pattern(config.get("alpha_pattern"), module, alpha))
-        peft_scale = alpha_m / (np.sqrt(r_m) if rslora else r_m)
-        factor = peft_scale / _llama_scale(alpha, rank)
+        factor = _peft_scaling(config, module) / _llama_scale(alpha, rank)
         if factor != 1.0:
             b = b * factor
             folded = True

@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_GGUF",
     "default_model_path",
     "load_model",
+    "load_tokenizer",
     "resolve_device",
     "resolve_dtype",
     "resolve_sites",
@@ -355,17 +356,45 @@ def _transformers_version() -> tuple[int, int]:
 
 def _tokenizer_for(model: nn.Module) -> Any:
     """The tokenizer of a loaded model, from ``name_or_path`` (GGUF directories included)."""
-    import transformers
-
     name = getattr(unwrap_model(model), "name_or_path", None)
     if not name:
         raise InvalidArgumentError(
             "a loaded model without name_or_path needs its tokenizer: pass (model, tokenizer)"
         )
+    return load_tokenizer(name)
+
+
+def load_tokenizer(name: str | os.PathLike[str] | None) -> Any:
+    """A model's tokenizer alone (no weights loaded), as :func:`load_model` would pair it.
+
+    Args:
+        name: None or ``"default"`` (the built-in model's, read from its GGUF), a Hugging Face
+            model id, a checkpoint directory (one holding only GGUF files reads the GGUF's
+            tokenizer), or a ``.gguf`` file.
+
+    Returns:
+        The transformers tokenizer, as loaded (no padding set up).
+
+    Raises:
+        PathNotFoundError: the default model is not installed.
+        InvalidArgumentError: the tokenizer cannot be loaded.
+
+    Example:
+        >>> load_tokenizer(None).decode([504])                     # doctest: +SKIP
+    """
+    import transformers
+
+    if name is None or name == "default":
+        name = default_model_path()
+    name = os.fspath(name)
     kwargs = {}
+    if name.lower().endswith(".gguf") and Path(name).is_file():
+        name, kwargs["gguf_file"] = os.fspath(Path(name).parent), Path(name).name
     directory = Path(name)
-    if directory.is_dir() and not any(
-        (directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")
+    if (
+        "gguf_file" not in kwargs
+        and directory.is_dir()
+        and not any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
     ):
         ggufs = sorted(directory.glob("*.gguf"))
         if ggufs:

@@ -166,6 +166,14 @@ class SiteReport:
             return None
         return m.sum(axis=0) / self.moment_count
 
+    @cached_property
+    def moment_mean(self) -> np.ndarray | None:
+        """``E[x]`` over the rows of :attr:`second_moment` (float64 ``[dim]``; :attr:`mean`
+        unless ``moment_rows`` capped them), or None without second moments."""
+        if not self._stats.has_moments or self.moment_count == 0:
+            return None
+        return self._stats.fold_sum().sum(axis=0) / self.moment_count
+
     # -- derived -----------------------------------------------------------------------------
     @cached_property
     def outliers(self) -> list[Outlier]:
@@ -211,7 +219,7 @@ class SiteReport:
             problems.append(f"{len(constant)} constant dimension(s), e.g. {constant[:5].tolist()}")
         g = self.second_moment
         if g is not None and self.moment_count >= 2:
-            mean = self._stats.fold_sum().sum(axis=0) / self.moment_count
+            mean = self.moment_mean
             cov = g - np.outer(mean, mean)
             sd = np.sqrt(np.clip(np.diag(cov), 0, None))
             ok = sd > 0
