@@ -35,9 +35,21 @@ def main() -> None:
     if dump is None:
         dump = os.path.join(tempfile.mkdtemp(), "dump")
         subprocess.run(
-            [sys.executable, "-m", "rank1fast", "collect", "--sites",
-             "resid_mid.5,resid_post.5,resid_post.15", "--tokens", str(args.tokens),
-             "--storage-dtype", "bfloat16", "--out", dump, "--quiet"],
+            [
+                sys.executable,
+                "-m",
+                "rank1fast",
+                "collect",
+                "--sites",
+                "resid_mid.5,resid_post.5,resid_post.15",
+                "--tokens",
+                str(args.tokens),
+                "--storage-dtype",
+                "bfloat16",
+                "--out",
+                dump,
+                "--quiet",
+            ],
             check=True,
         )
     kernels = rank1fast._core.gram_kernels()[0]
