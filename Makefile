@@ -36,6 +36,7 @@ bench: install
 	$(PY) benches/bench_moment_rows.py
 	$(PY) benches/bench_kernel_accuracy.py
 	$(PY) benches/bench_ray.py --gib 2 --shards 16 --repeat 2
+	$(PY) benches/bench_fidelity.py --json bench_fidelity.json
 
 # Criterion benches of the Rust kernels (decode, statistics, Gram, solve, analyze), ~2-3 min.
 bench-rust:
