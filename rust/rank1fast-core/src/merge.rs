@@ -655,15 +655,6 @@ struct Target {
     scaling_f64: f64,
 }
 
-fn stored_name(t: StoredType) -> &'static str {
-    match t {
-        StoredType::Float(d) => d.name(),
-        StoredType::I32 => "int32",
-        StoredType::I64 => "int64",
-        StoredType::Other(n) => n,
-    }
-}
-
 fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut t = vec![0f32; m.len()];
     for i in 0..rows {
@@ -724,7 +715,7 @@ fn float_dtype(ckpt: &Checkpoint, shard: usize, t: &TensorInfo) -> Result<DType>
             format!(
                 "unsupported dtype {}: merging needs float32, float16 or bfloat16 weights \
                  (quantized checkpoints cannot be merged into)",
-                stored_name(other)
+                other.name()
             ),
         )),
     }
