@@ -399,6 +399,27 @@ pub fn read_adapter(dir: &Path) -> Result<Adapter> {
                 continue;
             }
         };
+        // PEFT loads `base_model.model.<module>.lora_A.weight` (the prefix once, no adapter name)
+        // with strict=False: any other spelling is dropped and the served adapter does nothing
+        // there, so merging it would make a checkpoint that differs from the served adapter.
+        let factor = match (kind, is_a) {
+            (LoraKind::Linear, true) => "lora_A.weight",
+            (LoraKind::Linear, false) => "lora_B.weight",
+            (LoraKind::Embedding, true) => "lora_embedding_A",
+            (LoraKind::Embedding, false) => "lora_embedding_B",
+        };
+        if module.starts_with("base_model.") || t.name != format!("{PEFT_PREFIX}{module}.{factor}")
+        {
+            return Err(Error::dump(
+                &path,
+                Some(&t.name),
+                format!(
+                    "PEFT would not load this key (it loads {PEFT_PREFIX}<module>.{factor}, \
+                     the prefix once and no adapter name): refusing to merge what the served \
+                     adapter would not apply"
+                ),
+            ));
+        }
         let entry = factors.entry(module).or_insert_with(|| {
             order.push(module);
             (kind, None, None)
