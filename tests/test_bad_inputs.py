@@ -251,8 +251,8 @@ def test_npy_bfloat16_through_ml_dtypes_layout(tmp_path):
         bits.tobytes(),
     )
     assert _msg(tmp_path, vectors.load, p) == (
-        "DumpError: b.npy: 2-byte raw dtype '<V2' (how numpy records an ml_dtypes.bfloat16 "
-        "array): pass dtype='bfloat16' to read it as bfloat16"
+        "DumpError: b.npy: 2-byte raw dtype '<V2' (how numpy stores ml_dtypes.bfloat16): "
+        "pass dtype='bfloat16' to read it as bfloat16"
     )
     np.testing.assert_array_equal(vectors.load(p, dtype="bfloat16")["b"], v.astype(np.float64))
     np.save(tmp_path / "f.npy", v)

@@ -238,8 +238,8 @@ def load_npy(path: Path, dtype: str | None = None) -> np.ndarray:
     if file_dtype.kind == "V" and file_dtype.itemsize == 2 and not file_dtype.fields:
         if dtype != "bfloat16":
             raise DumpError(
-                f"{path}: 2-byte raw dtype {descr!r} (how numpy records an ml_dtypes.bfloat16 "
-                "array): pass dtype='bfloat16' to read it as bfloat16"
+                f"{path}: 2-byte raw dtype {descr!r} (how numpy stores ml_dtypes.bfloat16): "
+                "pass dtype='bfloat16' to read it as bfloat16"
             )
         file_dtype, bf16 = np.dtype("<u2" if descr.startswith("<") else ">u2"), True
     elif dtype is not None:
