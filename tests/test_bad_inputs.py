@@ -589,3 +589,88 @@ def test_fuzz_python_readers_raise_only_typed_errors(tmp_path):
     for reader, (ok, typed) in counts.items():
         assert ok + typed == n, reader
         assert typed > 0, reader  # the mutations do reach the error paths
+
+
+_LYING = r"""
+import json, struct, sys
+from pathlib import Path
+import numpy as np, torch
+import rank1fast
+from rank1fast import serving, vectors
+from rank1fast.errors import Rank1Error
+
+t = Path(sys.argv[1])
+def st(name, header, data=b""):
+    h = json.dumps(header).encode()
+    (t / name).write_bytes(struct.pack("<Q", len(h)) + h + data)
+    return t / name
+
+def raw(name, data):
+    (t / name).write_bytes(data)
+    return t / name
+
+files = [raw("len.safetensors", (10**15).to_bytes(8, "little") + b"{}")]
+huge = {"dtype": "F32", "shape": [10**6, 10**5], "data_offsets": [0, 4 * 10**11]}
+files.append(st("off.safetensors", {"h": huge}, bytes(64)))
+h = "{'descr': '<f4', 'fortran_order': False, 'shape': (1000000, 100000), }"
+h = h.encode() + b" " * (-(11 + len(h)) % 64) + b"\n"
+files.append(raw("shape.npy", b"\x93NUMPY\x01\x00" + struct.pack("<H", len(h)) + h + bytes(64)))
+files.append(raw("hlen.npy", b"\x93NUMPY\x02\x00" + (2**31).to_bytes(4, "little") + b"{}"))
+torch.save({"5": torch.ones(4)}, t / "z.pt")
+zb = bytearray((t / "z.pt").read_bytes())
+cd = zb.rfind(b"PK\x01\x02")  # the last member's central directory entry
+zb[cd + 20 : cd + 28] = struct.pack("<II", 2**31, 2**31)  # compressed and uncompressed sizes
+files.append(raw("zip.pt", bytes(zb)))
+
+def run():
+    for f in files:
+        for fn in (vectors.load, lambda x: rank1fast.analyze(x, progress=False)):
+            if f.suffix == ".pt" and fn is not vectors.load:
+                continue
+            try:
+                fn(f)
+            except Rank1Error:
+                pass
+    d = t / "ad"; d.mkdir(exist_ok=True)
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 1}))
+    (d / "adapter_model.safetensors").write_bytes((t / "len.safetensors").read_bytes())
+    serving.check(d, "peft")
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+open("/proc/self/clear_refs", "w").write("5")  # resets the peak (VmHWM) to the current RSS
+before = status("VmRSS")
+if len(sys.argv) > 2:  # the check of this check: a real allocation of what a header claims
+    np.ones(int(sys.argv[2]) // 8).sum()
+run()
+print((status("VmHWM") - before) // 1024)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_lying_headers_allocate_nothing(tmp_path):
+    """Headers that claim terabytes (a safetensors header length and offsets, a .npy shape and
+    header length, a torch zip member size) are refused before any allocation: the peak
+    resident memory of a process reading them all grows by < 20 MiB (and by more when it does
+    allocate 64 MiB, so the measure can fail)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run(
+        [sys.executable, "-c", _LYING, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    assert int(out.stdout.strip()) < 20, out.stdout + out.stderr
+    out = subprocess.run(
+        [sys.executable, "-c", _LYING, str(tmp_path), str(64 << 20)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    assert int(out.stdout.strip()) >= 60, out.stdout + out.stderr

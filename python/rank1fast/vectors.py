@@ -879,11 +879,20 @@ def add_cli(sub: Any) -> None:
     s.add_argument("-o", "--out", default=None, metavar="OUT.safetensors")
     s.set_defaults(func=_run_show)
 
-    a = vsub.add_parser("sae", help="an SAE decoder row (SAELens or Llama Scope layout)")
-    a.add_argument("path", help="the SAE directory")
+    a = vsub.add_parser(
+        "sae",
+        help="an SAE decoder row (SAELens, Llama Scope, Gemma Scope 1/2, EleutherAI sparsify, "
+        "Goodfire, OpenAI layouts)",
+    )
+    a.add_argument("path", help="the SAE directory, or its config or weights file")
     a.add_argument("feature", type=int)
     a.add_argument("--site", default=None, help="override the site from the SAE's hook point")
     a.add_argument("--unit", action="store_true", help="scale the row to unit norm")
+    a.add_argument(
+        "--as-stored",
+        action="store_true",
+        help="Llama Scope: keep the row in the SAE's normalised space (default: the model's)",
+    )
     a.add_argument("-o", "--out", required=True, metavar="OUT.safetensors")
     a.set_defaults(func=_run_sae)
 
@@ -926,7 +935,9 @@ def _run_show(args: Any) -> int:
 
 
 def _run_sae(args: Any) -> int:
-    vecs = from_sae(args.path, args.feature, site=args.site, unit=args.unit)
+    vecs = from_sae(
+        args.path, args.feature, site=args.site, unit=args.unit, model_space=not args.as_stored
+    )
     save(vecs, args.out)
     _print_vectors(vecs)
     return 0
