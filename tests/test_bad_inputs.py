@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -674,3 +675,22 @@ def test_lying_headers_allocate_nothing(tmp_path):
         check=True,
     )
     assert int(out.stdout.strip()) >= 60, out.stdout + out.stderr
+
+
+def test_check_refuses_a_torch_zip_whose_member_lies(tmp_path):
+    ad = tmp_path / "a"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_text(json.dumps(CONFIG))
+    key = f"base_model.model.{O_PROJ}.lora_A.weight"
+    torch.save({key: torch.ones(1, 8)}, ad / "adapter_model.bin")
+    zb = bytearray((ad / "adapter_model.bin").read_bytes())
+    cd = zb.rfind(b"PK\x01\x02")
+    zb[cd + 20 : cd + 28] = struct.pack("<II", 2**31, 2**31)
+    (ad / "adapter_model.bin").write_bytes(bytes(zb))
+    (p,) = [p for p in serving.check(ad, "peft") if p.rule == "weights"]
+    # The last member's name and offset depend on the torch version that wrote the file.
+    assert re.fullmatch(
+        r"\[adapter_model/[^\]]+\]: 2147483648 bytes at offset \d+ lie beyond the file "
+        rf"\({len(zb)} bytes\)",
+        p.message,
+    ), p.message

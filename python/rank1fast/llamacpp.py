@@ -325,6 +325,8 @@ def _read_peft(adapter: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         elif (adapter / "adapter_model.bin").is_file():
             import torch
 
+            if _files.kind(adapter / "adapter_model.bin") == _files.TORCH_ZIP:
+                _files.check_torch_zip(adapter / "adapter_model.bin")
             sd = torch.load(adapter / "adapter_model.bin", map_location="cpu", weights_only=True)
             tensors = {k: v.detach().float().numpy() for k, v in sd.items()}
         else:

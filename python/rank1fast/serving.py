@@ -49,6 +49,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from . import _files as _tensor_files
 from ._files import safetensors_header_stream
 from .errors import DumpError, InvalidArgumentError, PathNotFoundError
 
@@ -486,6 +487,11 @@ def _torch_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]] | None:
         import torch
     except ImportError:
         return None
+    try:
+        if _tensor_files.kind(path) == _tensor_files.TORCH_ZIP:
+            _tensor_files.check_torch_zip(path)  # members inside the file before torch allocates
+    except DumpError as e:
+        raise _Garbled(str(e).removeprefix(f"{path} ").removeprefix(f"{path}: ")) from None
     try:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
