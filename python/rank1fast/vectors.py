@@ -9,7 +9,11 @@ File formats read by :func:`load`:
 
 - ``.npy``: a 1-D vector (its site is ``site=``, else the file stem), or a 2-D
   ``[layers, d]`` stack whose row ``L`` is the vector of ``layer_site.format(layer=L)``.
-- ``.safetensors`` and ``.pt`` (a tensor or a dict of tensors): each 1-D tensor is the vector
+  Format versions 1-3, C or Fortran order, little- or big-endian floats and integers; a raw
+  2-byte ``'<V2'`` array (how numpy saves ``ml_dtypes.bfloat16``) with ``dtype="bfloat16"``.
+  Structured, object and 0-d arrays are refused by name.
+- ``.safetensors`` (held to the rules of the reference reader, huggingface/safetensors) and
+  ``.pt`` (a tensor or a dict of tensors): each 1-D tensor is the vector
   of the site it is named after; integer names ``"12"`` (repeng's ``directions`` dict) and
   ``direction.12`` (llama.cpp's naming) are layers, mapped like GGUF.
 - ``.gguf`` control vectors as llama.cpp's ``cvector-generator`` and repeng's
@@ -19,7 +23,13 @@ File formats read by :func:`load`:
   right after ``ffn_inp + ffn_out``), i.e. the residual stream after layer ``L``: our
   ``resid_post.L``. Adding to the MLP output projection's output is the same addition, so
   ``direction.L`` maps to ``resid_post.L`` exactly. llama.cpp never steers ``direction.0``
-  and rejects files that hold one; so do we.
+  and rejects files that hold one; so do we. Like llama.cpp, we refuse direction tensors
+  that are not 1-D.
+
+Every file must be the format its extension names (recognised by content: a torch zip named
+``.safetensors`` is refused with a message saying what it is). Every failure is a
+:class:`~rank1fast.errors.DumpError` naming the file (and tensor); lengths read from a file are
+checked against its size before anything is allocated.
 """
 
 from __future__ import annotations
