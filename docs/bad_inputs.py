@@ -474,6 +474,24 @@ def case_vec_gguf_2d(t: Path) -> None:
     _load(t / "cv.gguf")
 
 
+def case_vec_gguf_count(t: Path) -> None:
+    try:
+        import gguf
+    except ImportError as e:
+        raise _Skip("needs gguf") from e
+    w = gguf.GGUFWriter(str(t / "cv.gguf"), "controlvector")
+    w.add_array("controlvector.layers", [1, 2, 3])
+    w.add_tensor("direction.1", np.ones(4, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    data = bytearray((t / "cv.gguf").read_bytes())
+    struct.pack_into("<Q", data, data.find(b"controlvector.layers") + 28, 2**60)
+    (t / "cv.gguf").write_bytes(bytes(data))
+    _load(t / "cv.gguf")
+
+
 def case_sae_unknown(t: Path) -> None:
     (t / "sae").mkdir()
     (t / "sae" / "weights.bin").write_bytes(b"x")
@@ -595,6 +613,7 @@ CASES: list[tuple[str, str, Callable[[Path], str | None]]] = [
     ("vectors.load", "a '<V2' .npy without dtype=", case_vec_v2),
     ("vectors.load", "a '<V2' .npy with dtype='bfloat16'", case_vec_v2_dtype),
     ("vectors.load", "a control vector with a 2-D direction", case_vec_gguf_2d),
+    ("vectors.load", "a GGUF array count of 2^60 in a small file", case_vec_gguf_count),
     ("vectors.from_sae", "a folder of no known SAE layout", case_sae_unknown),
     ("vectors.from_sae", "a decoder of neither [d_sae, d_in] nor its transpose", case_sae_shape),
     ("vectors.from_sae", "a Gemma Scope attention SAE, no site=", case_sae_gemma_attention),

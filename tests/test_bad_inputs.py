@@ -622,11 +622,22 @@ zb = bytearray((t / "z.pt").read_bytes())
 cd = zb.rfind(b"PK\x01\x02")  # the last member's central directory entry
 zb[cd + 20 : cd + 28] = struct.pack("<II", 2**31, 2**31)  # compressed and uncompressed sizes
 files.append(raw("zip.pt", bytes(zb)))
+import gguf
+w = gguf.GGUFWriter(str(t / "c.gguf"), "controlvector")
+w.add_array("controlvector.layers", [1, 2, 3])
+w.add_tensor("direction.1", np.ones(4, np.float32))
+w.write_header_to_file()
+w.write_kv_data_to_file()
+w.write_tensors_to_file()
+w.close()
+gb = bytearray((t / "c.gguf").read_bytes())
+struct.pack_into("<Q", gb, gb.find(b"controlvector.layers") + 28, 2**60)
+files.append(raw("count.gguf", bytes(gb)))
 
 def run():
     for f in files:
         for fn in (vectors.load, lambda x: rank1fast.analyze(x, progress=False)):
-            if f.suffix == ".pt" and fn is not vectors.load:
+            if f.suffix in (".pt", ".gguf") and fn is not vectors.load:
                 continue
             try:
                 fn(f)
@@ -652,9 +663,9 @@ print((status("VmHWM") - before) // 1024)
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_lying_headers_allocate_nothing(tmp_path):
     """Headers that claim terabytes (a safetensors header length and offsets, a .npy shape and
-    header length, a torch zip member size) are refused before any allocation: the peak
-    resident memory of a process reading them all grows by < 20 MiB (and by more when it does
-    allocate 64 MiB, so the measure can fail)."""
+    header length, a torch zip member size, a GGUF array count) are refused before any
+    allocation: the peak resident memory of a process reading them all grows by < 20 MiB (and
+    by more when it does allocate 64 MiB, so the measure can fail)."""
     import subprocess
     import sys
 
@@ -694,3 +705,35 @@ def test_check_refuses_a_torch_zip_whose_member_lies(tmp_path):
         rf"\({len(zb)} bytes\)",
         p.message,
     ), p.message
+
+
+def test_saelens_old_cfg_hook_point(tmp_path):
+    # SAELens before 3.0 named the hook "hook_point"; resid_pre of block 2 is resid_post.1.
+    (tmp_path / "cfg.json").write_text(
+        json.dumps({"d_in": 4, "d_sae": 6, "hook_point": "blocks.2.hook_resid_pre"})
+    )
+    w = torch.arange(24, dtype=torch.float32).reshape(6, 4)
+    safetensors_torch.save_file({"W_dec": w}, str(tmp_path / "sae_weights.safetensors"))
+    got = vectors.from_sae(tmp_path, 5)
+    assert list(got) == ["resid_post.1"]
+    np.testing.assert_array_equal(got["resid_post.1"], [20.0, 21.0, 22.0, 23.0])
+
+
+def test_gguf_counts_are_checked_before_gguf_py_reads_them(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "c.gguf"), "controlvector")
+    w.add_array("controlvector.layers", [1, 2, 3])
+    w.add_tensor("direction.1", np.ones(4, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    data = bytearray((tmp_path / "c.gguf").read_bytes())
+    np.testing.assert_array_equal(vectors.load(tmp_path / "c.gguf")["resid_post.1"], np.ones(4))
+    at = data.find(b"controlvector.layers") + len("controlvector.layers") + 8  # type, item type
+    assert struct.unpack_from("<Q", data, at)[0] == 3
+    struct.pack_into("<Q", data, at, 2**60)  # gguf-py would loop (and allocate) 2^60 times
+    (tmp_path / "c.gguf").write_bytes(bytes(data))
+    assert _msg(tmp_path, vectors.load, tmp_path / "c.gguf") == (
+        f"DumpError: c.gguf: the {2**60}-item array controlvector.layers needs {2**62} bytes "
+        f"at offset {at + 8}, the file has {len(data) - at - 8} left"
+    )

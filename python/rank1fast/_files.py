@@ -15,7 +15,7 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -210,6 +210,93 @@ def npy_header(f: BinaryIO, size: int, name: str) -> tuple[str, bool, tuple[int,
     ) or not isinstance(fortran, bool):
         raise DumpError(f"{name}: garbled .npy header {text.strip()[:200]!r}")
     return descr, fortran, shape, 8 + hlen_size + hlen
+
+
+#: Sizes of GGUF's fixed-size value types (ggml ``gguf_type``): uint8 .. float64; 8 is a
+#: string, 9 an array.
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def check_gguf(path: Path) -> None:
+    """Walk a GGUF file's header (key-value pairs and tensor infos) with every count and length
+    checked against the bytes left, before gguf-py's reader, which trusts them (an array count
+    of 2^60 in a 300-byte file makes it loop and allocate without end).
+
+    Raises:
+        DumpError: not a GGUF file, an unknown value type, or a count or length beyond the file.
+    """
+    import mmap
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            raise DumpError(f"{path}: {size} bytes, too short for a GGUF header")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            _walk_gguf(buf, size, path)
+
+
+def _walk_gguf(buf: Any, size: int, path: Path) -> None:
+    pos = 0
+
+    def take(n: int, what: str) -> int:
+        nonlocal pos
+        if n < 0 or n > size - pos:
+            raise DumpError(
+                f"{path}: {what} needs {n} bytes at offset {pos}, the file has {size - pos} left"
+            )
+        start, pos = pos, pos + n
+        return start
+
+    def u32() -> int:
+        return int.from_bytes(buf[take(4, "a uint32") : pos], "little")
+
+    def u64(what: str = "a uint64") -> int:
+        return int.from_bytes(buf[take(8, what) : pos], "little")
+
+    def string(what: str) -> None:
+        take(u64(what), what)
+
+    def value(kind: int, key: str, depth: int = 0) -> None:
+        if kind in _GGUF_SIZES:
+            take(_GGUF_SIZES[kind], f"the value of {key}")
+        elif kind == 8:
+            string(f"the string value of {key}")
+        elif kind == 9 and depth < 4:
+            item, count = u32(), u64(f"the array length of {key}")
+            if item in _GGUF_SIZES:
+                take(count * _GGUF_SIZES[item], f"the {count}-item array {key}")
+                return
+            if count > (size - pos) // 8:  # every string or array item takes >= 8 bytes
+                raise DumpError(
+                    f"{path}: array {key} claims {count} items, more than the file could hold"
+                )
+            for _ in range(count):
+                value(item, key, depth + 1)
+        else:
+            raise DumpError(f"{path}: key {key}: unknown GGUF value type {kind}")
+
+    if bytes(buf[take(4, "the magic") : pos]) != b"GGUF":
+        raise DumpError(f"{path}: not a GGUF file (bad magic)")
+    version = u32()
+    if version not in (2, 3):
+        raise DumpError(f"{path}: GGUF version {version}, expected 2 or 3")
+    n_tensors, n_kv = u64(), u64()
+    if n_kv > (size - pos) // 13 or n_tensors > (size - pos) // 24:
+        raise DumpError(
+            f"{path}: the header claims {n_tensors} tensors and {n_kv} key-value pairs, more "
+            f"than {size} bytes can hold"
+        )
+    for i in range(n_kv):
+        start = take(0, "")
+        string(f"key {i}")
+        key = bytes(buf[start + 8 : pos]).decode("utf-8", "replace")
+        value(u32(), key)
+    for i in range(n_tensors):
+        string(f"the name of tensor {i}")
+        n_dims = u32()
+        if n_dims > 8:
+            raise DumpError(f"{path}: tensor {i} has {n_dims} dimensions")
+        take(8 * n_dims + 4 + 8, f"the info of tensor {i}")
 
 
 def load_npy(path: Path, dtype: str | None = None) -> np.ndarray:

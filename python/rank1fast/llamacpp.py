@@ -247,7 +247,10 @@ def _load_base(base: str | os.PathLike[str] | None) -> _Base:
     if path.suffix.lower() == ".gguf":
         gguf = _gguf()
         try:
+            _files.check_gguf(path)
             reader = gguf.GGUFReader(path)
+        except DumpError:
+            raise
         except Exception as e:  # noqa: BLE001 - gguf-py's failure on a bad file, named
             raise DumpError(f"{path}: not a readable GGUF file: {e}") from e
         arch = _field(reader, "general.architecture")
@@ -573,6 +576,7 @@ def gguf_to_lora(
         raise PathNotFoundError(f"{path}: no such file")
     gguf = _gguf()
     try:
+        _files.check_gguf(path)
         reader = gguf.GGUFReader(path)
     except Exception as e:  # noqa: BLE001 - gguf-py's failure on a bad file, named
         raise AdapterError(f"{path}: not a readable GGUF file: {e}") from e

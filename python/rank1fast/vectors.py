@@ -337,6 +337,7 @@ def _read_gguf(path: Path, layer_site: str) -> Vectors:
         from gguf import GGMLQuantizationType, GGUFReader
     except ImportError as e:  # pragma: no cover - gguf is in the torch extra
         raise DumpError(f"{path}: reading control vectors needs the gguf package") from e
+    _files.check_gguf(path)
     reader = GGUFReader(path)
     field = reader.get_field("general.architecture")
     arch = bytes(field.parts[-1]).decode("utf-8", "replace") if field is not None else None
