@@ -117,9 +117,10 @@ def safetensors_header_stream(
     return {n: Tensor(n, d, tuple(s), o, b) for n, d, s, o, b in tensors}, meta
 
 
-def tensor_array(path: Path, t: Tensor) -> np.ndarray:
+def tensor_array(path: Path, t: Tensor, index: Any = None) -> np.ndarray:
     """The values of ``t`` (read-only, memory-mapped): float dtypes as stored, bfloat16 as
-    float32, integers as stored.
+    float32, integers as stored. ``index`` (a numpy index) selects before anything is
+    converted, so one decoder row of a large bfloat16 matrix reads only that row.
 
     Raises:
         DumpError: a dtype numpy cannot hold (float8, float4, complex, ...), named.
@@ -134,6 +135,8 @@ def tensor_array(path: Path, t: Tensor) -> np.ndarray:
         arr = np.zeros(t.shape, np_dtype)
     else:
         arr = np.memmap(path, dtype=np_dtype, mode="r", offset=t.offset, shape=t.shape)
+    if index is not None:
+        arr = arr[index]
     return _bf16_to_f32(arr) if t.dtype == "bfloat16" else arr
 
 

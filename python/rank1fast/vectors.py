@@ -589,9 +589,8 @@ class _SAE:
             )
 
     def row(self, feature: int) -> np.ndarray:
-        arr = self._read()
-        row = arr[feature] if self._rows else arr[:, feature]
-        return np.asarray(row, dtype=np.float64).reshape(-1)
+        index = (feature,) if self._rows else (slice(None), feature)
+        return np.asarray(self._read(index), dtype=np.float64).reshape(-1)
 
     def scale(self, model_space: bool) -> float:
         if self._norm is None or not model_space:
@@ -621,7 +620,7 @@ def _safetensors_decoder(
     t = tensors[key]
     if len(t.shape) != 2:
         raise DumpError(f"{weights} [{key}]: the decoder is 2-D, found shape {list(t.shape)}")
-    return key, t.shape, lambda: _files.tensor_array(weights, t), tensors
+    return key, t.shape, lambda index: _files.tensor_array(weights, t, index), tensors
 
 
 _LAYER_DIR = re.compile(r"^layer_(\d+)(?:_|$)")
@@ -718,7 +717,7 @@ def _gemma_scope(weights: Path) -> _SAE:
         # The member headers give the shapes without reading the arrays.
         enc_shape = _npz_shape(archive, enc_key, weights)
         dec_shape = _npz_shape(archive, dec_key, weights)
-        read = lambda: archive[dec_key]  # noqa: E731
+        read = lambda index: archive[dec_key][index]  # noqa: E731
     else:
         layout = "Gemma Scope 2"
         tensors, _ = _files.safetensors_header(weights)
@@ -727,7 +726,7 @@ def _gemma_scope(weights: Path) -> _SAE:
             raise DumpError(f"{weights}: needs w_enc and w_dec, it holds {sorted(tensors)}")
         enc_shape, dec_shape = tensors[enc_key].shape, tensors[dec_key].shape
         t = tensors[dec_key]
-        read = lambda: _files.tensor_array(weights, t)  # noqa: E731
+        read = lambda index: _files.tensor_array(weights, t, index)  # noqa: E731
     if len(enc_shape) != 2:
         raise DumpError(
             f"{weights} [{enc_key}]: expected [d_model, d_sae], found {list(enc_shape)}"
@@ -789,7 +788,7 @@ def _torch_sae(path: Path) -> _SAE:
         return tuple(t.shape)
 
     def reader(key: str) -> Any:
-        return lambda: sd[key].detach().float().numpy()
+        return lambda index: sd[key][index].detach().float().numpy()
 
     if "encoder_linear.weight" in sd and "decoder_linear.weight" in sd:
         d_sae, d_in = shape("encoder_linear.weight")
