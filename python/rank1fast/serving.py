@@ -50,7 +50,6 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from . import _files as _tensor_files
-from ._files import safetensors_header_stream
 from .errors import DumpError, InvalidArgumentError, PathNotFoundError
 
 __all__ = [
@@ -475,7 +474,7 @@ def _safetensors_shapes(f: Any, size: int, name: str) -> dict[str, tuple[str, tu
     """Tensor dtypes and shapes from a safetensors header, validated as the reference reader
     validates them (by the Rust reader, ``source::parse_safetensors``) against the file size."""
     try:
-        tensors, _ = safetensors_header_stream(f, size, name)
+        tensors, _ = _tensor_files.safetensors_header_stream(f, size, name)
     except DumpError as e:
         raise _Garbled(str(e).removeprefix(f"{name}: ")) from None
     return {n: (t.dtype, t.shape) for n, t in tensors.items()}
