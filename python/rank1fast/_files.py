@@ -1,11 +1,13 @@
 """Reading the tensor files users bring: safetensors, ``.npy``, and what a file is by content.
 
-Shared by :mod:`rank1fast.vectors` (steering vectors, SAE weights) and :mod:`rank1fast.serving`
-(adapter headers). Safetensors headers are validated by the Rust reader
-(``rust/rank1fast-core/src/source.rs``, the rules of huggingface/safetensors' own reader), so
-every file is judged by one piece of code; ``.npy`` files are read by numpy's own format module
-with the lengths of their header checked against the file before any allocation. Every problem
-is a :class:`~rank1fast.errors.DumpError` naming the file and, where there is one, the tensor.
+Shared by :mod:`rank1fast.vectors` (steering vectors, SAE weights), :mod:`rank1fast.serving`
+(adapter headers) and :mod:`rank1fast.llamacpp` (adapter weights, GGUF headers). Safetensors
+headers are validated by the Rust reader (``rust/rank1fast-core/src/source.rs``, the rules of
+huggingface/safetensors' own reader), so every file is judged by one piece of code; ``.npy``
+files are read by numpy's own format module with the lengths of their header checked against
+the file before any allocation; torch zips and GGUF headers are walked with every length
+checked before torch or gguf-py trusts it. Every problem is a
+:class:`~rank1fast.errors.DumpError` naming the file and, where there is one, the tensor.
 """
 
 from __future__ import annotations
