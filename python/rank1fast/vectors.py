@@ -886,6 +886,12 @@ def add_cli(sub: Any) -> None:
         default=DEFAULT_LAYER_SITE,
         help="site of per-layer vectors (default %(default)s, llama.cpp's convention)",
     )
+    s.add_argument(
+        "--dtype",
+        choices=("bfloat16",),
+        default=None,
+        help="read a raw 2-byte .npy ('<V2', an ml_dtypes array) as bfloat16",
+    )
     s.add_argument("-o", "--out", default=None, metavar="OUT.safetensors")
     s.set_defaults(func=_run_show)
 
@@ -937,7 +943,7 @@ def _run_contrastive(args: Any) -> int:
 
 
 def _run_show(args: Any) -> int:
-    vecs = load(args.path, site=args.site, layer_site=args.layer_site)
+    vecs = load(args.path, site=args.site, layer_site=args.layer_site, dtype=args.dtype)
     _print_vectors(vecs)
     if args.out:
         save(vecs, args.out)
