@@ -737,3 +737,17 @@ def test_gguf_counts_are_checked_before_gguf_py_reads_them(tmp_path):
         f"DumpError: c.gguf: the {2**60}-item array controlvector.layers needs {2**62} bytes "
         f"at offset {at + 8}, the file has {len(data) - at - 8} left"
     )
+
+
+def test_merge_refuses_modules_peft_would_not_target(tmp_path, tiny_llama_dir):
+    down = "model.layers.0.mlp.down_proj"
+    ad = _adapter(
+        tmp_path / "a",
+        [f"base_model.model.{down}.lora_A.weight", f"base_model.model.{down}.lora_B.weight"],
+    )
+    assert _msg(tmp_path, rank1fast.merge_adapter, tiny_llama_dir, ad, tmp_path / "out") == (
+        f"DumpError: a/adapter_model.safetensors [base_model.model.{down}.lora_A.weight]: module "
+        f"{down} is not in target_modules: PEFT would not load this key; refusing to merge what "
+        "the served adapter would not apply"
+    )
+    assert not (tmp_path / "out").exists()
