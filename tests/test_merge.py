@@ -202,7 +202,8 @@ def test_interrupt_and_missing_target_leave_nothing(ckpt, smollm_adapter, tmp_pa
     # An adapter made for a deeper model: its layer 40 is not in the checkpoint.
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / "adapter_config.json").write_bytes((smollm_adapter / "adapter_config.json").read_bytes())
+    config = (smollm_adapter / "adapter_config.json").read_text()
+    (bad / "adapter_config.json").write_text(config.replace("layers.29.", "layers.40."))
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(smollm_adapter / "adapter_model.safetensors")

@@ -190,15 +190,20 @@ def test_llama_scope_layout(tmp_path):
 
 
 def test_sae_errors(tmp_path):
-    with pytest.raises(PathNotFoundError, match="no SAE"):
+    with pytest.raises(DumpError, match="unsupported SAE layout; rank1fast reads: SAELens"):
         vectors.from_sae(tmp_path, 0)
     (tmp_path / "cfg.json").write_text(json.dumps({"d_in": 4, "d_sae": 8}))
     with pytest.raises(PathNotFoundError, match="sae_weights"):
         vectors.from_sae(tmp_path, 0)
+    # A decoder stored [d_in, d_sae] is read by columns: the orientation comes from the shape.
+    w = torch.randn(4, 8)
+    safetensors_torch.save_file({"W_dec": w}, str(tmp_path / "sae_weights.safetensors"))
+    got = vectors.from_sae(tmp_path, 3, site="resid_mid.0")["resid_mid.0"]
+    np.testing.assert_array_equal(got, w[:, 3].double().numpy())
     safetensors_torch.save_file(
-        {"W_dec": torch.randn(4, 8)}, str(tmp_path / "sae_weights.safetensors")
+        {"W_dec": w[:, :7].contiguous()}, str(tmp_path / "sae_weights.safetensors")
     )
-    with pytest.raises(DumpError, match=r"shape \[4, 8\]"):
+    with pytest.raises(DumpError, match=r"decoder shape \[4, 7\] is neither"):
         vectors.from_sae(tmp_path, 0, site="resid_mid.0")
 
 

@@ -1,5 +1,6 @@
 """Type stubs of the native module (rust/rank1fast-py). Kept true by `make lint` (stubtest)."""
 
+import os
 from collections.abc import Callable
 from typing import Any, final
 
@@ -76,6 +77,10 @@ def second_moment_shifts(
     second_moments: bool = True,
 ) -> list[tuple[str, npt.NDArray[np.float32]]]: ...
 def default_ridges() -> list[float]: ...
+def safetensors_header(
+    path: str | os.PathLike[str], head: bytes | None = None, file_len: int | None = None
+) -> tuple[list[tuple[str, str, list[int], int, int]], dict[str, str]]: ...
+def file_kind(path: str | os.PathLike[str]) -> str | None: ...
 def gram_kernels() -> tuple[list[str], str, str]:
     """(kernels this CPU can run, the one used for bf16 dumps, the one for f16/f32 dumps)."""
 

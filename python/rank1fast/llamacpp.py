@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _files
 from .errors import (
     AdapterError,
     DumpError,
@@ -246,8 +247,11 @@ def _load_base(base: str | os.PathLike[str] | None) -> _Base:
     if path.suffix.lower() == ".gguf":
         gguf = _gguf()
         try:
+            _files.check_gguf(path)
             reader = gguf.GGUFReader(path)
-        except (OSError, ValueError) as e:
+        except DumpError:
+            raise
+        except Exception as e:  # noqa: BLE001 - gguf-py's failure on a bad file, named
             raise DumpError(f"{path}: not a readable GGUF file: {e}") from e
         arch = _field(reader, "general.architecture")
         kind = _field(reader, "general.type")
@@ -319,25 +323,19 @@ def _read_peft(adapter: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     tensors: dict[str, np.ndarray] = {}
     try:
         if weights.is_file():
-            with open(weights, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n))
-            bf16 = any(isinstance(v, dict) and v.get("dtype") == "BF16" for v in header.values())
-            from safetensors import safe_open
-
-            with safe_open(os.fspath(weights), framework="pt" if bf16 else "numpy") as f:
-                for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    t = f.get_tensor(key)
-                    tensors[key] = t.float().numpy() if bf16 else np.asarray(t)
+            header, _ = _files.safetensors_header(weights)
+            tensors = {k: np.array(_files.tensor_array(weights, t)) for k, t in header.items()}
         elif (adapter / "adapter_model.bin").is_file():
             import torch
 
+            if _files.kind(adapter / "adapter_model.bin") == _files.TORCH_ZIP:
+                _files.check_torch_zip(adapter / "adapter_model.bin")
             sd = torch.load(adapter / "adapter_model.bin", map_location="cpu", weights_only=True)
             tensors = {k: v.detach().float().numpy() for k, v in sd.items()}
         else:
             raise AdapterError(f"{adapter}: no {WEIGHTS_FILE} (or adapter_model.bin)")
     except (OSError, ValueError, RuntimeError) as e:
-        if isinstance(e, AdapterError):
+        if isinstance(e, (AdapterError, DumpError)):
             raise
         raise AdapterError(f"{adapter}: unreadable adapter weights: {e}") from e
     return config, tensors
@@ -584,8 +582,9 @@ def gguf_to_lora(
         raise PathNotFoundError(f"{path}: no such file")
     gguf = _gguf()
     try:
+        _files.check_gguf(path)
         reader = gguf.GGUFReader(path)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - gguf-py's failure on a bad file, named
         raise AdapterError(f"{path}: not a readable GGUF file: {e}") from e
     if _field(reader, "general.type") != "adapter" or _field(reader, "adapter.type") != "lora":
         raise AdapterError(

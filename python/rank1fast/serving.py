@@ -12,7 +12,10 @@ The profiles and where their rules come from:
 
 ========== ==================================================================================
 peft       PEFT itself (``PeftModel.from_pretrained``): a LoRA config, its weights, tensor shapes
-           that agree with ``r``. Every profile applies these rules too.
+           that agree with ``r``, every LoRA key where PEFT loads it
+           (``base_model.model.<module>.lora_A.weight``, the prefix once, no adapter name, on a
+           module ``target_modules`` and ``layers_to_transform`` select: PEFT drops other keys
+           silently and the adapter does nothing there). Every profile applies these rules too.
 vllm       vLLM multi-LoRA (``vllm/lora/peft_helper.py``, ``vllm/lora/models.py``): ``r`` at most
            ``--max-lora-rank``, which takes 1, 8, 16, 32, 64, 128, 256, 320 or 512 (default 16:
            a larger r is a warning, above 512 an error; writing pads r to one of these values);
@@ -39,7 +42,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 import tarfile
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -47,7 +49,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .errors import InvalidArgumentError, PathNotFoundError
+from . import _files as _tensor_files
+from .errors import DumpError, InvalidArgumentError, PathNotFoundError
 
 __all__ = [
     "Profile",
@@ -70,10 +73,6 @@ _WEIGHT_NAMES = (WEIGHTS_FILE, WEIGHTS_BIN, "adapter_model.pt")
 ERROR = "error"
 WARNING = "warning"
 MB = 1_000_000
-#: safetensors headers beyond this are refused as garbled (the format's own readers cap at 100 MB).
-_MAX_HEADER = 100 * MB
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1}
-_ITEMSIZE |= {"U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # base_model.model.<module>.<factor>.weight|bias, as PeftModel.save_pretrained writes them.
 _LORA_KEY = re.compile(
@@ -284,7 +283,8 @@ class AdapterFiles:
         root: the folder (``""`` or ``"sub/"``) that holds ``adapter_config.json``.
         archive: the files were read from an archive.
         config: the parsed config, or None when missing or unreadable.
-        tensors: tensor name -> (safetensors dtype, shape), or None when not readable.
+        tensors: tensor name -> (dtype name as torch writes it, shape), or None when not
+            readable.
         weights: the weight file the tensors came from.
         problems: problems found while reading (garbled files).
     """
@@ -456,7 +456,7 @@ def _read(tree: _Tree) -> AdapterFiles:
         try:
             if out.weights.endswith(".safetensors"):
                 with tree.open(out.weights) as f:
-                    out.tensors = _safetensors_shapes(f, tree.files[out.weights])
+                    out.tensors = _safetensors_shapes(f, tree.files[out.weights], out.weights)
             elif tree._archive is None:
                 out.tensors = _torch_shapes(tree.path / out.weights)
         except _Garbled as e:
@@ -470,48 +470,14 @@ class _Garbled(Exception):
     pass
 
 
-def _safetensors_shapes(f: Any, size: int) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Tensor dtypes and shapes from a safetensors header, checked against the file size."""
-    head = f.read(8)
-    if len(head) < 8:
-        raise _Garbled(f"a safetensors file of {size} bytes is too short for a header")
-    (n,) = struct.unpack("<Q", head)
-    if n > min(_MAX_HEADER, size - 8):
-        raise _Garbled(f"the safetensors header claims {n} bytes; the file has {size}")
+def _safetensors_shapes(f: Any, size: int, name: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor dtypes and shapes from a safetensors header, validated as the reference reader
+    validates them (by the Rust reader, ``source::parse_safetensors``) against the file size."""
     try:
-        header = json.loads(f.read(n).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise _Garbled(f"the safetensors header is not valid JSON: {e}") from None
-    if not isinstance(header, dict):
-        raise _Garbled("the safetensors header is not a JSON object")
-    data = size - 8 - n
-    out = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape = str(entry["dtype"]), tuple(int(s) for s in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise _Garbled(f"tensor {name}: malformed header entry {entry!r}") from None
-        numel = 1
-        for s in shape:
-            numel *= s
-        item = _ITEMSIZE.get(dtype)
-        if min(shape, default=0) < 0 or not 0 <= begin <= end:
-            raise _Garbled(f"tensor {name}: negative shape or offsets {shape} {[begin, end]}")
-        if item is not None and end - begin != numel * item:
-            raise _Garbled(
-                f"tensor {name}: shape {list(shape)} of {dtype} needs {numel * item} bytes, "
-                f"the header gives {end - begin}"
-            )
-        if end > data:
-            raise _Garbled(
-                f"tensor {name} ends at byte {end} of the data, which has only {data} bytes "
-                "(truncated file?)"
-            )
-        out[name] = (dtype, shape)
-    return out
+        tensors, _ = _tensor_files.safetensors_header_stream(f, size, name)
+    except DumpError as e:
+        raise _Garbled(str(e).removeprefix(f"{name}: ")) from None
+    return {n: (t.dtype, t.shape) for n, t in tensors.items()}
 
 
 def _torch_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]] | None:
@@ -520,6 +486,11 @@ def _torch_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]] | None:
         import torch
     except ImportError:
         return None
+    try:
+        if _tensor_files.kind(path) == _tensor_files.TORCH_ZIP:
+            _tensor_files.check_torch_zip(path)  # members inside the file before torch allocates
+    except DumpError as e:
+        raise _Garbled(str(e).removeprefix(f"{path} ").removeprefix(f"{path}: ")) from None
     try:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -764,6 +735,73 @@ def _tensor_names(ad: AdapterFiles, p: Profile) -> Iterator[Problem]:
             "tensor_names",
             f"{len(other)} tensor(s) that are not LoRA factors, e.g. {other[0]}; {p.server} "
             "loads only base_model.model.<module>.lora_A/lora_B.weight",
+            file=ad.weights,
+        )
+
+
+_ANY_LORA = re.compile(
+    r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(\.|$)"
+)
+_PEFT_PREFIX = "base_model.model."
+#: The layer-index path segments PEFT's ``layers_to_transform`` looks for (peft
+#: ``tuners_utils.COMMON_LAYERS_PATTERN``).
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|block|blocks|layer)\.(\d+)(?:\.|$)")
+
+
+def _peft_key_problem(name: str, targets: Any, layers: Any) -> str | None:
+    """Why ``PeftModel.from_pretrained`` would not load LoRA tensor ``name``, or None.
+
+    PEFT (``set_peft_model_state_dict``) inserts the adapter name after the factor
+    (``lora_A.weight`` -> ``lora_A.default.weight``) and loads the result with
+    ``load_state_dict(strict=False)``: a key that names no adapter parameter of the wrapped
+    model is dropped with at most a warning, and the adapter silently does nothing there.
+    """
+    if not name.startswith(_PEFT_PREFIX):
+        return f"PEFT keys start with {_PEFT_PREFIX!r}"
+    m = _LORA_KEY.match(name)
+    if m is None:
+        return (
+            "not <module>.lora_A/lora_B.weight (an adapter name inside the key, as in "
+            "lora_A.default.weight, is not what PEFT saves: it would look for "
+            "lora_A.default.default.weight)"
+        )
+    module = m["module"]
+    if module.startswith(("base_model.model.", "base_model.")):
+        return f"the {_PEFT_PREFIX!r} prefix is doubled"
+    if isinstance(targets, list) and not _module_allowed(module, [str(t) for t in targets]):
+        return f"module {module} matches no target_modules entry {targets!r}"
+    if isinstance(targets, str) and targets != "all-linear":
+        try:
+            if re.fullmatch(targets, module) is None:
+                return f"module {module} does not match the target_modules pattern {targets!r}"
+        except re.error:
+            pass
+    if isinstance(layers, int):
+        layers = [layers]
+    if isinstance(layers, list) and layers:
+        idx = _LAYER_INDEX.search(module)
+        if idx is None or int(idx.group(1)) not in layers:
+            return f"module {module} is outside layers_to_transform {layers!r}"
+    return None
+
+
+@_rule
+def _peft_keys(ad: AdapterFiles, p: Profile) -> Iterator[Problem]:
+    if ad.tensors is None:
+        return
+    c = _config(ad)
+    targets, layers = c.get("target_modules"), c.get("layers_to_transform")
+    lost = [
+        (name, why)
+        for name in ad.tensors
+        if _ANY_LORA.search(name) and (why := _peft_key_problem(name, targets, layers))
+    ]
+    if lost:
+        name, why = lost[0]
+        more = f" ({len(lost)} such tensors)" if len(lost) > 1 else ""
+        yield Problem(
+            "tensor_keys",
+            f"PEFT would not load {name}: {why}{more}; the adapter would silently do nothing there",
             file=ad.weights,
         )
 

@@ -9,7 +9,11 @@ File formats read by :func:`load`:
 
 - ``.npy``: a 1-D vector (its site is ``site=``, else the file stem), or a 2-D
   ``[layers, d]`` stack whose row ``L`` is the vector of ``layer_site.format(layer=L)``.
-- ``.safetensors`` and ``.pt`` (a tensor or a dict of tensors): each 1-D tensor is the vector
+  Format versions 1-3, C or Fortran order, little- or big-endian floats and integers; a raw
+  2-byte ``'<V2'`` array (how numpy saves ``ml_dtypes.bfloat16``) with ``dtype="bfloat16"``.
+  Structured, object and 0-d arrays are refused by name.
+- ``.safetensors`` (held to the rules of the reference reader, huggingface/safetensors) and
+  ``.pt`` (a tensor or a dict of tensors): each 1-D tensor is the vector
   of the site it is named after; integer names ``"12"`` (repeng's ``directions`` dict) and
   ``direction.12`` (llama.cpp's naming) are layers, mapped like GGUF.
 - ``.gguf`` control vectors as llama.cpp's ``cvector-generator`` and repeng's
@@ -19,7 +23,13 @@ File formats read by :func:`load`:
   right after ``ffn_inp + ffn_out``), i.e. the residual stream after layer ``L``: our
   ``resid_post.L``. Adding to the MLP output projection's output is the same addition, so
   ``direction.L`` maps to ``resid_post.L`` exactly. llama.cpp never steers ``direction.0``
-  and rejects files that hold one; so do we.
+  and rejects files that hold one; so do we. Like llama.cpp, we refuse direction tensors
+  that are not 1-D.
+
+Every file must be the format its extension names (recognised by content: a torch zip named
+``.safetensors`` is refused with a message saying what it is). Every failure is a
+:class:`~rank1fast.errors.DumpError` naming the file (and tensor); lengths read from a file are
+checked against its size before anything is allocated.
 """
 
 from __future__ import annotations
@@ -27,13 +37,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import DumpError, InvalidArgumentError, PathNotFoundError, SiteError
+from . import _files
+from .errors import DumpError, InvalidArgumentError, PathNotFoundError, Rank1Error, SiteError
 
 __all__ = ["contrastive", "load", "save", "from_sae", "site_from_hook", "Vectors"]
 
@@ -187,25 +199,32 @@ def load(
     *,
     site: str | None = None,
     layer_site: str = DEFAULT_LAYER_SITE,
+    dtype: str | None = None,
 ) -> Vectors:
     """Read steering vectors from a ``.npy``, ``.safetensors``, ``.pt`` or control-vector
     ``.gguf`` file.
 
     Args:
-        path: the file (see the module docstring for how each format names its sites).
+        path: the file (see the module docstring for how each format names its sites). Its
+            content must be the format its extension names: a torch zip called
+            ``.safetensors`` is refused with a message saying what it is.
         site: the site of a file holding one unnamed vector (a 1-D ``.npy`` or a bare
             tensor in a ``.pt``); default: the file stem.
         layer_site: the site of a per-layer vector, formatted with ``layer=L``. The default
             ``"resid_post.{layer}"`` follows llama.cpp: ``direction.L`` is added to the
             residual stream after decoder block ``L``.
+        dtype: ``"bfloat16"`` to read a ``.npy`` whose dtype is recorded as raw 2-byte
+            (``'<V2'``: how numpy saves ``ml_dtypes.bfloat16`` arrays) as bfloat16.
 
     Returns:
         ``{site: float64 vector}`` in file order (layers ascending for GGUF).
 
     Raises:
         PathNotFoundError: the file does not exist.
-        DumpError: an unsupported extension, a malformed file, a tensor that is not a vector,
-            or a GGUF that is not a llama.cpp control vector.
+        DumpError: an unsupported extension, a file that is another format than its name says,
+            a malformed file (every safetensors rule of the reference reader), a tensor that is
+            not a vector, or a GGUF that is not a llama.cpp control vector. No other exception
+            escapes: library errors are wrapped, naming the file.
 
     Example:
         >>> vecs = rank1fast.vectors.load("happy.gguf")        # doctest: +SKIP
@@ -218,23 +237,27 @@ def load(
     if "{layer}" not in layer_site:
         raise InvalidArgumentError(f"layer_site {layer_site!r} must contain '{{layer}}'")
     suffix = path.suffix.lower()
+    if suffix not in _files.EXPECTED:
+        raise DumpError(
+            f"{path}: unsupported vector file (expected .npy, .safetensors, .pt or .gguf)"
+            + (f"; it is {k}" if (k := _files.kind(path)) else "")
+        )
+    if dtype not in (None, "bfloat16"):
+        raise InvalidArgumentError(f"dtype must be None or 'bfloat16', got {dtype!r}")
     try:
+        _files.check_kind(path)
         if suffix == ".npy":
-            named = _from_array(path, np.load(path, allow_pickle=False), site, layer_site)
+            named = _from_array(path, _files.load_npy(path, dtype), site, layer_site)
         elif suffix == ".safetensors":
             named = _named(path, _read_safetensors(path), layer_site)
         elif suffix in (".pt", ".pth", ".bin"):
             named = _read_torch(path, site, layer_site)
-        elif suffix == ".gguf":
-            named = _read_gguf(path, layer_site)
         else:
-            raise DumpError(
-                f"{path}: unsupported vector file (expected .npy, .safetensors, .pt or .gguf)"
-            )
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        if isinstance(e, (DumpError, InvalidArgumentError)):
-            raise
-        raise DumpError(f"{path}: cannot read steering vectors: {e}") from e
+            named = _read_gguf(path, layer_site)
+    except Rank1Error:
+        raise
+    except Exception as e:  # noqa: BLE001 - a library's failure on a bad file, named
+        raise DumpError(f"{path}: cannot read steering vectors: {type(e).__name__}: {e}") from e
     if not named:
         raise DumpError(f"{path}: holds no steering vector")
     return named
@@ -242,6 +265,8 @@ def load(
 
 def _vector(path: Path, name: str, value: Any) -> np.ndarray:
     arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim == 0:
+        raise DumpError(f"{path} [{name}]: a 0-d array (one number), not a steering vector")
     if arr.ndim == 2 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim != 1 or arr.size == 0:
@@ -283,27 +308,15 @@ def _from_array(path: Path, arr: np.ndarray, site: str | None, layer_site: str) 
 
 
 def _read_safetensors(path: Path) -> list[tuple[str, np.ndarray]]:
-    try:
-        from safetensors import safe_open
-    except ImportError as e:  # pragma: no cover - safetensors is in the torch extra
-        raise DumpError(f"{path}: reading .safetensors needs the safetensors package") from e
-    framework = "numpy"
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    if any(isinstance(v, dict) and v.get("dtype") == "BF16" for v in header.values()):
-        framework = "pt"  # numpy has no bfloat16
-    items = []
-    with safe_open(str(path), framework=framework) as f:
-        for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-            t = f.get_tensor(key)
-            items.append((key, t.float().numpy() if framework == "pt" else t))
-    return items
+    tensors, _ = _files.safetensors_header(path)
+    return [(name, _files.tensor_array(path, t)) for name, t in tensors.items()]
 
 
 def _read_torch(path: Path, site: str | None, layer_site: str) -> Vectors:
     import torch
 
+    if _files.kind(path) == _files.TORCH_ZIP:
+        _files.check_torch_zip(path)
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(obj, torch.Tensor):
         return _from_array(path, obj.detach().float().numpy(), site, layer_site)
@@ -324,6 +337,7 @@ def _read_gguf(path: Path, layer_site: str) -> Vectors:
         from gguf import GGMLQuantizationType, GGUFReader
     except ImportError as e:  # pragma: no cover - gguf is in the torch extra
         raise DumpError(f"{path}: reading control vectors needs the gguf package") from e
+    _files.check_gguf(path)
     reader = GGUFReader(path)
     field = reader.get_field("general.architecture")
     arch = bytes(field.parts[-1]).decode("utf-8", "replace") if field is not None else None
@@ -338,6 +352,12 @@ def _read_gguf(path: Path, layer_site: str) -> Vectors:
             raise DumpError(f"{path} [{t.name}]: not a direction.L tensor")
         if t.tensor_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             raise DumpError(f"{path} [{t.name}]: type {t.tensor_type.name}, expected F32")
+        if any(int(n) != 1 for n in t.shape[1:]):
+            # llama.cpp (llama_control_vector_load_one): "invalid (non-1D) direction tensor".
+            raise DumpError(
+                f"{path} [{t.name}]: shape {[int(n) for n in t.shape]}: a direction tensor is "
+                "1-D (llama.cpp refuses others)"
+            )
         layers.append((int(m.group(1)), t.name, np.asarray(t.data, dtype=np.float64).ravel()))
     layers.sort(key=lambda x: x[0])
     out: Vectors = {}
@@ -422,39 +442,87 @@ def site_from_hook(hook: str) -> str | None:
     return None
 
 
+#: The SAE layouts :func:`from_sae` reads, as its "unsupported layout" error lists them.
+SAE_LAYOUTS = (
+    "SAELens: cfg.json + sae_weights.safetensors (W_dec)",
+    "Llama Scope: hyperparams.json + checkpoints/final.safetensors (decoder.weight)",
+    "Gemma Scope: params.npz (W_dec), the file or its folder",
+    "Gemma Scope 2: params.safetensors (w_dec), the file or its folder",
+    "EleutherAI sparsify: layers.N/cfg.json + layers.N/sae.safetensors (W_dec)",
+    "Goodfire: a .pt/.pth state dict with encoder_linear / decoder_linear",
+    "OpenAI sparse_autoencoder: a .pt state dict with encoder / decoder / pre_bias",
+)
+
+
 def from_sae(
     path: str | os.PathLike[str],
     feature: int,
     *,
     site: str | None = None,
     unit: bool = False,
+    model_space: bool = True,
 ) -> Vectors:
     """The decoder row of one SAE feature, as a steering vector at the SAE's site.
 
-    Two layouts are read:
+    Layouts read (``SAE_LAYOUTS``), recognised by their files:
 
-    - SAELens: ``cfg.json`` (``d_in``, ``d_sae``, ``hook_name``, or ``metadata.hook_name`` in
-      SAELens 6) and ``sae_weights.safetensors`` with ``W_dec`` ``[d_sae, d_in]``;
+    - SAELens: ``cfg.json`` (``d_in``, ``d_sae``, and ``hook_name``, ``hook_point`` before
+      SAELens 3, or ``metadata.hook_name`` from SAELens 6) and ``sae_weights.safetensors``
+      with ``W_dec`` ``[d_sae, d_in]``.
     - Llama Scope: ``hyperparams.json`` (``d_model``, ``d_sae``, ``hook_point_in``,
       ``hook_point_out``) and ``checkpoints/final.safetensors`` with ``decoder.weight``
-      ``[d_model, d_sae]`` (an ``nn.Linear``; ``W_dec`` ``[d_sae, d_model]`` is read too). The
-      decoder writes to ``hook_point_out``. Llama Scope normalises activations to norm
-      ``sqrt(d_model)``; the row is returned as stored (pick ``scale`` accordingly, or use
-      ``unit=True``).
+      ``[d_model, d_sae]`` (an ``nn.Linear``). The decoder writes to ``hook_point_out``.
+      Llama Scope SAEs see activations scaled to norm ``sqrt(d_model)``
+      (``norm_activation: "dataset-wise"``: multiplied by
+      ``sqrt(d_model) / dataset_average_activation_norm["in"]``) and decode into that
+      normalised space; with ``model_space=True`` (the default) the row is multiplied by
+      ``dataset_average_activation_norm["out"] / sqrt(d_model)``, which puts it in the
+      model's own activation space, where the other layouts' rows already are (SAELens'
+      ``normalize_activations="expected_average_only_in"`` undoes the input scale the same
+      way). ``model_space=False`` returns the row as stored.
+    - Gemma Scope: ``params.npz`` (``W_enc`` ``[d_model, d_sae]``, ``W_dec``
+      ``[d_sae, d_model]``), the file or the folder holding it. The site comes from the path
+      as the Hugging Face repositories lay it out: ``layer_L`` in a ``...-res`` repository is
+      ``blocks.L.hook_resid_post``, in ``...-mlp`` ``blocks.L.hook_mlp_out``; attention SAEs
+      read ``hook_z`` (the heads before ``o_proj``), which is no site: pass ``site=``.
+    - Gemma Scope 2: ``params.safetensors`` with lowercase ``w_enc`` / ``w_dec`` (as above),
+      under ``resid_post[_all]/``, ``mlp_out[_all]/`` or ``attn_out[_all]/`` and a
+      ``layer_L_...`` folder (``attn_out`` is ``resid_mid.L``).
+    - EleutherAI sparsify: a ``layers.N`` folder with ``cfg.json`` (``d_in``,
+      ``num_latents`` or ``expansion_factor``) and ``sae.safetensors`` (``W_dec``
+      ``[num_latents, d_in]``). The folder names the module whose output the SAE reads:
+      ``layers.N`` (and ``layers.N.mlp``) is ``resid_post.N``, ``layers.N.self_attn``
+      ``resid_mid.N``.
+    - Goodfire: a ``.pt``/``.pth`` state dict with ``encoder_linear.weight`` ``[d_sae, d_in]``
+      and ``decoder_linear.weight`` ``[d_in, d_sae]``; ``-lL`` in the file name (as in
+      ``Llama-3.1-8B-Instruct-SAE-l19.pth``) is the output of layer ``L``, ``resid_post.L``.
+    - OpenAI sparse_autoencoder: a ``.pt`` state dict with ``encoder.weight``
+      ``[n_latents, d_in]``, ``decoder.weight`` ``[d_in, n_latents]`` and ``pre_bias``; the
+      folder ``resid_post_mlp...`` / ``resid_delta_mlp...`` with file ``L.pt`` is
+      ``resid_post.L``, ``resid_post_attn...`` / ``resid_delta_attn...`` ``resid_mid.L``.
+
+    The decoder's orientation is taken from its shape against ``d_in`` and ``d_sae`` (from the
+    config, or from the encoder's shape): either ``[d_sae, d_in]`` or ``[d_in, d_sae]``; any
+    other shape is an error. A hook name becomes a site by :func:`site_from_hook`; a site is
+    where the vector is added to a module's output (the residual stream for
+    ``resid_post.L`` / ``resid_mid.L``).
 
     Args:
-        path: the SAE directory (or its ``cfg.json`` / ``hyperparams.json``).
+        path: the SAE directory, or its config or weights file.
         feature: the feature index, ``0 <= feature < d_sae``.
-        site: the site to steer; default: the one the SAE's hook point writes to
-            (:func:`site_from_hook`), else the raw hook name.
+        site: the site to steer; default: the one the SAE's hook point writes to, else the raw
+            hook name.
         unit: scale the row to unit norm.
+        model_space: Llama Scope only: undo the SAE's activation normalisation (see above).
 
     Returns:
         ``{site: float64 vector [d_in]}``.
 
     Raises:
-        PathNotFoundError: no SAE config or weights at ``path``.
-        DumpError: a config or weights file that does not match either layout.
+        PathNotFoundError: ``path`` does not exist, or a layout's weights file is missing.
+        DumpError: an unsupported layout (the message lists the supported ones), or a config or
+            weights file that does not match its layout.
+        SiteError: the layout names no site and ``site`` is not given.
         InvalidArgumentError: ``feature`` out of range.
 
     Example:
@@ -462,41 +530,304 @@ def from_sae(
         {'resid_post.12': array([...])}
     """
     path = Path(path)
-    root = path.parent if path.is_file() else path
-    if (root / "cfg.json").is_file():
-        cfg_path, weights = root / "cfg.json", root / "sae_weights.safetensors"
-        cfg = _json(cfg_path)
-        meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
-        hook = cfg.get("hook_name") or meta.get("hook_name") or cfg.get("hook_point")
-        d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
-        keys, transposed = ("W_dec",), False
-    elif (root / "hyperparams.json").is_file():
-        cfg_path, weights = root / "hyperparams.json", root / "checkpoints" / "final.safetensors"
-        cfg = _json(cfg_path)
-        hook = cfg.get("hook_point_out") or cfg.get("hook_point_in")
-        d_in, d_sae = cfg.get("d_model"), cfg.get("d_sae")
-        keys, transposed = ("decoder.weight", "W_dec"), True
-    else:
-        raise PathNotFoundError(
-            f"{root}: no SAE here (expected cfg.json + sae_weights.safetensors from SAELens, "
-            "or hyperparams.json + checkpoints/final.safetensors from Llama Scope)"
-        )
-    if not weights.is_file():
-        raise PathNotFoundError(f"{weights}: no such file (SAE weights for {cfg_path})")
-    if not isinstance(d_sae, int) or not isinstance(d_in, int):
-        raise DumpError(f"{cfg_path}: needs integer d_sae and d_in/d_model")
-    if not 0 <= int(feature) < d_sae:
-        raise InvalidArgumentError(f"feature {feature} out of range: {cfg_path} has d_sae={d_sae}")
-    row = _decoder_row(weights, keys, transposed, int(feature), d_in, d_sae)
+    if not path.exists():
+        raise PathNotFoundError(f"{path}: no such file or directory")
+    try:
+        sae = _sae_layout(path)
+        if not 0 <= int(feature) < sae.d_sae:
+            raise InvalidArgumentError(
+                f"feature {feature} out of range: {sae.source} has d_sae={sae.d_sae}"
+            )
+        row = sae.row(int(feature)) * sae.scale(model_space)
+    except Rank1Error:
+        raise
+    except Exception as e:  # noqa: BLE001 - a library's failure on a bad file, named
+        raise DumpError(f"{path}: cannot read the SAE: {type(e).__name__}: {e}") from e
     if unit:
         n = float(np.linalg.norm(row))
         if n == 0:
-            raise DumpError(f"{weights}: decoder row {feature} is zero")
+            raise DumpError(f"{sae.weights}: decoder row {feature} is zero")
         row = row / n
-    name = site or (site_from_hook(str(hook)) if hook else None) or (str(hook) if hook else None)
+    if not np.isfinite(row).all():
+        raise DumpError(f"{sae.weights}: decoder row {feature} holds a NaN or an infinity")
+    hook = sae.hook
+    name = site or (site_from_hook(hook) if hook else None) or sae.site or hook
     if not name:
-        raise SiteError(f"{cfg_path}: names no hook point; pass site=")
+        raise SiteError(f"{sae.source}: {sae.no_site or 'names no hook point'}; pass site=")
     return {name: row}
+
+
+class _SAE:
+    """Where one SAE's decoder is and how to read a row of it."""
+
+    def __init__(
+        self,
+        layout: str,
+        source: Path,
+        weights: Path,
+        d_in: int,
+        d_sae: int,
+        read: Any,
+        shape: tuple[int, ...],
+        *,
+        hook: str | None = None,
+        site: str | None = None,
+        no_site: str | None = None,
+        norm: float | None = None,
+    ) -> None:
+        self.layout, self.source, self.weights = layout, source, weights
+        self.d_in, self.d_sae, self.hook, self.site, self.no_site = d_in, d_sae, hook, site, no_site
+        self._read, self._norm = read, norm
+        if tuple(shape) == (d_sae, d_in):
+            self._rows = True
+        elif tuple(shape) == (d_in, d_sae):
+            self._rows = False
+        else:
+            raise DumpError(
+                f"{weights}: decoder shape {list(shape)} is neither [d_sae, d_in] = "
+                f"{[d_sae, d_in]} nor its transpose ({layout})"
+            )
+
+    def row(self, feature: int) -> np.ndarray:
+        index = (feature,) if self._rows else (slice(None), feature)
+        return np.asarray(self._read(index), dtype=np.float64).reshape(-1)
+
+    def scale(self, model_space: bool) -> float:
+        if self._norm is None or not model_space:
+            return 1.0
+        return self._norm / float(np.sqrt(self.d_in))
+
+
+def _int(cfg: Mapping[str, Any], key: str, source: Path) -> int:
+    v = cfg.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise DumpError(f"{source}: needs a positive integer {key!r}, found {v!r}")
+    return v
+
+
+def _safetensors_decoder(
+    weights: Path, keys: tuple[str, ...]
+) -> tuple[str, tuple[int, ...], Any, dict[str, _files.Tensor]]:
+    if not weights.is_file():
+        raise PathNotFoundError(f"{weights}: no such file (the SAE's weights)")
+    tensors, _ = _files.safetensors_header(weights)
+    key = next((k for k in keys if k in tensors), None)
+    if key is None:
+        raise DumpError(
+            f"{weights}: no decoder tensor (looked for {', '.join(keys)}; "
+            f"it holds {', '.join(list(tensors)[:8]) or 'nothing'})"
+        )
+    t = tensors[key]
+    if len(t.shape) != 2:
+        raise DumpError(f"{weights} [{key}]: the decoder is 2-D, found shape {list(t.shape)}")
+    return key, t.shape, lambda index: _files.tensor_array(weights, t, index), tensors
+
+
+_LAYER_DIR = re.compile(r"^layer_(\d+)(?:_|$)")
+
+
+def _sae_layout(path: Path) -> _SAE:
+    root = path if path.is_dir() else path.parent
+    # SAELens
+    if (root / "cfg.json").is_file() and not (root / "sae.safetensors").is_file():
+        cfg_path = root / "cfg.json"
+        cfg = _json(cfg_path)
+        meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+        hook = cfg.get("hook_name") or meta.get("hook_name") or cfg.get("hook_point")
+        d_in, d_sae = _int(cfg, "d_in", cfg_path), _int(cfg, "d_sae", cfg_path)
+        weights = root / "sae_weights.safetensors"
+        _, shape, read, _ = _safetensors_decoder(weights, ("W_dec",))
+        return _SAE("SAELens", cfg_path, weights, d_in, d_sae, read, shape, hook=_str(hook))
+    # EleutherAI sparsify: layers.N/cfg.json + sae.safetensors
+    if (root / "sae.safetensors").is_file():
+        cfg_path = root / "cfg.json"
+        cfg = _json(cfg_path) if cfg_path.is_file() else {}
+        weights = root / "sae.safetensors"
+        d_in = _int(cfg, "d_in", cfg_path)
+        if "num_latents" in cfg and cfg["num_latents"]:
+            d_sae = _int(cfg, "num_latents", cfg_path)
+        else:
+            d_sae = d_in * _int(cfg, "expansion_factor", cfg_path)
+        _, shape, read, _ = _safetensors_decoder(weights, ("W_dec", "decoder.weight"))
+        m = re.fullmatch(r"(?:model\.)?layers[._](\d+)(\.mlp|\.self_attn|\.attn)?", root.name)
+        site = None
+        if m:
+            kind = "resid_mid" if m.group(2) in (".self_attn", ".attn") else "resid_post"
+            site = f"{kind}.{m.group(1)}"
+        return _SAE(
+            "EleutherAI sparsify",
+            cfg_path,
+            weights,
+            d_in,
+            d_sae,
+            read,
+            shape,
+            site=site,
+            no_site=f"the folder name {root.name!r} is not layers.N",
+        )
+    # Llama Scope
+    if (root / "hyperparams.json").is_file():
+        cfg_path = root / "hyperparams.json"
+        cfg = _json(cfg_path)
+        hook = cfg.get("hook_point_out") or cfg.get("hook_point_in")
+        d_in, d_sae = _int(cfg, "d_model", cfg_path), _int(cfg, "d_sae", cfg_path)
+        weights = root / "checkpoints" / "final.safetensors"
+        _, shape, read, _ = _safetensors_decoder(weights, ("decoder.weight", "W_dec"))
+        norm = None
+        norms = cfg.get("dataset_average_activation_norm")
+        if cfg.get("norm_activation") == "dataset-wise" and isinstance(norms, dict):
+            value = norms.get("out", norms.get("in"))
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise DumpError(
+                    f"{cfg_path}: dataset_average_activation_norm must hold a positive 'out' "
+                    f"or 'in', found {norms!r}"
+                )
+            norm = float(value)
+        return _SAE(
+            "Llama Scope", cfg_path, weights, d_in, d_sae, read, shape, hook=_str(hook), norm=norm
+        )
+    # Gemma Scope (params.npz) and Gemma Scope 2 (params.safetensors)
+    npz = path if path.is_file() and path.name.endswith(".npz") else root / "params.npz"
+    st = path if path.is_file() and path.suffix == ".safetensors" else root / "params.safetensors"
+    if npz.is_file() or st.is_file():
+        return _gemma_scope(npz if npz.is_file() else st)
+    # Goodfire and OpenAI: one torch state dict
+    if path.is_file() and path.suffix.lower() in (".pt", ".pth"):
+        return _torch_sae(path)
+    raise DumpError(f"{path}: unsupported SAE layout; rank1fast reads: " + "; ".join(SAE_LAYOUTS))
+
+
+def _str(v: Any) -> str | None:
+    return str(v) if isinstance(v, str) and v else None
+
+
+def _gemma_scope(weights: Path) -> _SAE:
+    if weights.suffix == ".npz":
+        layout = "Gemma Scope"
+        try:
+            archive = np.load(weights, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise DumpError(f"{weights}: not a readable .npz archive: {e}") from None
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise DumpError(f"{weights}: not an .npz archive")
+        names = set(archive.files)
+        enc_key, dec_key = "W_enc", "W_dec"
+        if not {enc_key, dec_key} <= names:
+            raise DumpError(f"{weights}: needs W_enc and W_dec, it holds {sorted(names)}")
+        # The member headers give the shapes without reading the arrays.
+        enc_shape = _npz_shape(archive, enc_key, weights)
+        dec_shape = _npz_shape(archive, dec_key, weights)
+        read = lambda index: archive[dec_key][index]  # noqa: E731
+    else:
+        layout = "Gemma Scope 2"
+        tensors, _ = _files.safetensors_header(weights)
+        enc_key, dec_key = "w_enc", "w_dec"
+        if not {enc_key, dec_key} <= set(tensors):
+            raise DumpError(f"{weights}: needs w_enc and w_dec, it holds {sorted(tensors)}")
+        enc_shape, dec_shape = tensors[enc_key].shape, tensors[dec_key].shape
+        t = tensors[dec_key]
+        read = lambda index: _files.tensor_array(weights, t, index)  # noqa: E731
+    if len(enc_shape) != 2:
+        raise DumpError(
+            f"{weights} [{enc_key}]: expected [d_model, d_sae], found {list(enc_shape)}"
+        )
+    d_in, d_sae = enc_shape
+    site, no_site = None, "the path names no layer_L of a resid/mlp SAE"
+    parts = [p.lower() for p in weights.resolve().parts]
+    layer = next((int(m.group(1)) for p in parts if (m := _LAYER_DIR.match(p))), None)
+    if layer is not None:
+        joined = "/".join(parts)
+        if re.search(r"(^|/)attn_out(_all)?/", joined):
+            site = f"resid_mid.{layer}"
+        elif re.search(r"(^|/)(resid_post|mlp_out)(_all)?/", joined) or re.search(
+            r"gemma-scope-[^/]*-(res|mlp)(/|$)", joined
+        ):
+            site = f"resid_post.{layer}"
+        elif re.search(r"gemma-scope-[^/]*-att(/|$)", joined):
+            no_site = "attention SAEs read hook_z (the heads before o_proj), which is no site"
+    return _SAE(layout, weights, weights, d_in, d_sae, read, dec_shape, site=site, no_site=no_site)
+
+
+def _npz_shape(archive: Any, key: str, weights: Path) -> tuple[int, ...]:
+    """The shape of member ``key`` from its header, checked against the member's size (and that
+    against its compressed size: deflate expands at most ~1032x), so that numpy's read, which
+    allocates what the header says, allocates no more than the file holds."""
+    info = archive.zip.getinfo(f"{key}.npy")
+    if info.file_size > 1100 * max(info.compress_size, 1) or (
+        info.compress_type == zipfile.ZIP_STORED and info.file_size > weights.stat().st_size
+    ):
+        raise DumpError(f"{weights} [{key}]: claims {info.file_size} bytes, more than it holds")
+    with archive.zip.open(info) as f:
+        descr, _, shape, start = _files.npy_header(f, info.file_size, f"{weights} [{key}]")
+    need = int(np.prod(shape, dtype=np.float64)) * np.dtype(descr).itemsize
+    if start + need > info.file_size:
+        raise DumpError(
+            f"{weights} [{key}]: shape {list(shape)} needs {need} bytes, the member holds "
+            f"{info.file_size - start}"
+        )
+    return tuple(shape)
+
+
+def _torch_sae(path: Path) -> _SAE:
+    import torch
+
+    _files.check_kind(path)
+    if _files.kind(path) == _files.TORCH_ZIP:
+        _files.check_torch_zip(path)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(sd, Mapping):
+        raise DumpError(f"{path}: expected a state dict, got {type(sd).__name__}")
+
+    def shape(key: str) -> tuple[int, ...]:
+        t = sd[key]
+        if not isinstance(t, torch.Tensor) or t.ndim != 2:
+            raise DumpError(f"{path} [{key}]: expected a 2-D tensor")
+        return tuple(t.shape)
+
+    def reader(key: str) -> Any:
+        return lambda index: sd[key][index].detach().float().numpy()
+
+    if "encoder_linear.weight" in sd and "decoder_linear.weight" in sd:
+        d_sae, d_in = shape("encoder_linear.weight")
+        m = re.search(r"-l(\d+)$", path.stem, re.IGNORECASE)
+        return _SAE(
+            "Goodfire",
+            path,
+            path,
+            d_in,
+            d_sae,
+            reader("decoder_linear.weight"),
+            shape("decoder_linear.weight"),
+            site=f"resid_post.{m.group(1)}" if m else None,
+            no_site="the file name has no -lL layer",
+        )
+    if "encoder.weight" in sd and "decoder.weight" in sd and "pre_bias" in sd:
+        d_sae, d_in = shape("encoder.weight")
+        site = None
+        folder = path.parent.name.lower()
+        if path.stem.isdigit():
+            if folder.startswith(("resid_post_mlp", "resid_delta_mlp")):
+                site = f"resid_post.{int(path.stem)}"
+            elif folder.startswith(("resid_post_attn", "resid_delta_attn")):
+                site = f"resid_mid.{int(path.stem)}"
+        return _SAE(
+            "OpenAI sparse_autoencoder",
+            path,
+            path,
+            d_in,
+            d_sae,
+            reader("decoder.weight"),
+            shape("decoder.weight"),
+            site=site,
+            no_site="the path is not <location>/<layer>.pt",
+        )
+    raise DumpError(
+        f"{path}: unsupported SAE layout (a state dict with {', '.join(list(map(str, sd))[:8])}); "
+        "rank1fast reads: " + "; ".join(SAE_LAYOUTS)
+    )
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -507,35 +838,6 @@ def _json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise DumpError(f"{path}: expected a JSON object")
     return data
-
-
-def _decoder_row(
-    weights: Path, keys: tuple[str, ...], transposed: bool, feature: int, d_in: int, d_sae: int
-) -> np.ndarray:
-    from safetensors import safe_open
-
-    with open(weights, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    key = next((k for k in keys if k in header), None)
-    if key is None:
-        raise DumpError(f"{weights}: no decoder tensor (looked for {', '.join(keys)})")
-    framework = "pt" if header[key].get("dtype") == "BF16" else "numpy"
-    with safe_open(str(weights), framework=framework) as f:
-        sl = f.get_slice(key)
-        shape = tuple(sl.get_shape())
-        # decoder.weight is [d_in, d_sae] (nn.Linear); W_dec is [d_sae, d_in].
-        if key == "decoder.weight" and transposed and shape == (d_in, d_sae):
-            t = sl[:, feature : feature + 1]
-        elif shape == (d_sae, d_in):
-            t = sl[feature : feature + 1, :]
-        else:
-            raise DumpError(
-                f"{weights} [{key}]: shape {list(shape)}, expected "
-                f"{[d_in, d_sae] if key == 'decoder.weight' else [d_sae, d_in]}"
-            )
-    arr = t.float().numpy() if framework == "pt" else np.asarray(t)
-    return np.asarray(arr, dtype=np.float64).reshape(-1)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -584,14 +886,29 @@ def add_cli(sub: Any) -> None:
         default=DEFAULT_LAYER_SITE,
         help="site of per-layer vectors (default %(default)s, llama.cpp's convention)",
     )
+    s.add_argument(
+        "--dtype",
+        choices=("bfloat16",),
+        default=None,
+        help="read a raw 2-byte .npy ('<V2', an ml_dtypes array) as bfloat16",
+    )
     s.add_argument("-o", "--out", default=None, metavar="OUT.safetensors")
     s.set_defaults(func=_run_show)
 
-    a = vsub.add_parser("sae", help="an SAE decoder row (SAELens or Llama Scope layout)")
-    a.add_argument("path", help="the SAE directory")
+    a = vsub.add_parser(
+        "sae",
+        help="an SAE decoder row (SAELens, Llama Scope, Gemma Scope 1/2, EleutherAI sparsify, "
+        "Goodfire, OpenAI layouts)",
+    )
+    a.add_argument("path", help="the SAE directory, or its config or weights file")
     a.add_argument("feature", type=int)
     a.add_argument("--site", default=None, help="override the site from the SAE's hook point")
     a.add_argument("--unit", action="store_true", help="scale the row to unit norm")
+    a.add_argument(
+        "--as-stored",
+        action="store_true",
+        help="Llama Scope: keep the row in the SAE's normalised space (default: the model's)",
+    )
     a.add_argument("-o", "--out", required=True, metavar="OUT.safetensors")
     a.set_defaults(func=_run_sae)
 
@@ -626,7 +943,7 @@ def _run_contrastive(args: Any) -> int:
 
 
 def _run_show(args: Any) -> int:
-    vecs = load(args.path, site=args.site, layer_site=args.layer_site)
+    vecs = load(args.path, site=args.site, layer_site=args.layer_site, dtype=args.dtype)
     _print_vectors(vecs)
     if args.out:
         save(vecs, args.out)
@@ -634,7 +951,9 @@ def _run_show(args: Any) -> int:
 
 
 def _run_sae(args: Any) -> int:
-    vecs = from_sae(args.path, args.feature, site=args.site, unit=args.unit)
+    vecs = from_sae(
+        args.path, args.feature, site=args.site, unit=args.unit, model_space=not args.as_stored
+    )
     save(vecs, args.out)
     _print_vectors(vecs)
     return 0

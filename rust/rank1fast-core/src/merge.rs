@@ -161,6 +161,40 @@ struct LoraConfig {
     fan_in_fan_out: bool,
     rank_pattern: Vec<(String, usize)>,
     alpha_pattern: Vec<(String, f64)>,
+    /// `target_modules`: names (a module is targeted when its path is one or ends with
+    /// `.name`) or one regular expression the whole path must match; None selects every module
+    /// (absent, or `"all-linear"`).
+    targets: Option<Targets>,
+}
+
+enum Targets {
+    Names(Vec<String>),
+    Pattern(String),
+}
+
+impl LoraConfig {
+    /// Whether PEFT puts a LoRA on `module` (peft `check_target_module_exists`): the LoRA
+    /// tensors of other modules are dropped when PEFT loads the adapter.
+    fn targets(&self, module: &str, path: &Path) -> Result<bool> {
+        Ok(match &self.targets {
+            None => true,
+            Some(Targets::Names(names)) => names
+                .iter()
+                .any(|n| module == n || module.ends_with(&format!(".{n}"))),
+            Some(Targets::Pattern(p)) => regex_automata::meta::Regex::new(&format!("^(?:{p})$"))
+                .map_err(|e| {
+                    Error::dump(
+                        path,
+                        None,
+                        format!(
+                            "target_modules {p:?} is not a regular expression rank1fast can \
+                             match: {e}"
+                        ),
+                    )
+                })?
+                .is_match(module),
+        })
+    }
 }
 
 fn parse_config(bytes: &[u8], path: &Path) -> Result<LoraConfig> {
@@ -234,7 +268,21 @@ fn parse_config(bytes: &[u8], path: &Path) -> Result<LoraConfig> {
             }
         })
         .collect::<Result<_>>()?;
+    let targets = match obj.get("target_modules") {
+        Some(Value::String(p)) if p != "all-linear" => Some(Targets::Pattern(p.clone())),
+        Some(Value::Array(a)) => Some(Targets::Names(
+            a.iter()
+                .map(|v| {
+                    v.as_str().map(str::to_owned).ok_or_else(|| {
+                        bad(format!("target_modules entries must be strings, got {v}"))
+                    })
+                })
+                .collect::<Result<_>>()?,
+        )),
+        _ => None,
+    };
     Ok(LoraConfig {
+        targets,
         r,
         alpha,
         rslora: flag("use_rslora"),
@@ -399,6 +447,37 @@ pub fn read_adapter(dir: &Path) -> Result<Adapter> {
                 continue;
             }
         };
+        // PEFT loads `base_model.model.<module>.lora_A.weight` (the prefix once, no adapter name)
+        // with strict=False: any other spelling is dropped and the served adapter does nothing
+        // there, so merging it would make a checkpoint that differs from the served adapter.
+        let factor = match (kind, is_a) {
+            (LoraKind::Linear, true) => "lora_A.weight",
+            (LoraKind::Linear, false) => "lora_B.weight",
+            (LoraKind::Embedding, true) => "lora_embedding_A",
+            (LoraKind::Embedding, false) => "lora_embedding_B",
+        };
+        if module.starts_with("base_model.") || t.name != format!("{PEFT_PREFIX}{module}.{factor}")
+        {
+            return Err(Error::dump(
+                &path,
+                Some(&t.name),
+                format!(
+                    "PEFT would not load this key (it loads {PEFT_PREFIX}<module>.{factor}, \
+                     the prefix once and no adapter name): refusing to merge what the served \
+                     adapter would not apply"
+                ),
+            ));
+        }
+        if !config.targets(module, &config_path)? {
+            return Err(Error::dump(
+                &path,
+                Some(&t.name),
+                format!(
+                    "module {module} is not in target_modules: PEFT would not load this key; \
+                     refusing to merge what the served adapter would not apply"
+                ),
+            ));
+        }
         let entry = factors.entry(module).or_insert_with(|| {
             order.push(module);
             (kind, None, None)
@@ -655,15 +734,6 @@ struct Target {
     scaling_f64: f64,
 }
 
-fn stored_name(t: StoredType) -> &'static str {
-    match t {
-        StoredType::Float(d) => d.name(),
-        StoredType::I32 => "int32",
-        StoredType::I64 => "int64",
-        StoredType::Other(n) => n,
-    }
-}
-
 fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut t = vec![0f32; m.len()];
     for i in 0..rows {
@@ -724,7 +794,7 @@ fn float_dtype(ckpt: &Checkpoint, shard: usize, t: &TensorInfo) -> Result<DType>
             format!(
                 "unsupported dtype {}: merging needs float32, float16 or bfloat16 weights \
                  (quantized checkpoints cannot be merged into)",
-                stored_name(other)
+                other.name()
             ),
         )),
     }
@@ -1908,16 +1978,21 @@ mod tests {
         json!({
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
             "bias": "none", "fan_in_fan_out": false, "use_rslora": false, "use_dora": false,
-            "rank_pattern": {}, "alpha_pattern": {}, "target_modules": ["o_proj"],
+            "rank_pattern": {}, "alpha_pattern": {},
         })
     }
 
     /// An adapter directory: config + `(module, A [r, d_in], B [d_out, r])` as f32.
+    /// `target_modules` is the modules written unless `config` names them.
     fn write_adapter(dir: &Path, config: &Value, loras: &[(&str, Vec<usize>, Vec<usize>)]) {
         fs::create_dir_all(dir).unwrap();
+        let mut config = config.clone();
+        if config.get("target_modules").is_none() {
+            config["target_modules"] = json!(loras.iter().map(|l| l.0).collect::<Vec<_>>());
+        }
         fs::write(
             dir.join(ADAPTER_CONFIG),
-            serde_json::to_vec(config).unwrap(),
+            serde_json::to_vec(&config).unwrap(),
         )
         .unwrap();
         let mut ts = Vec::new();
@@ -2336,9 +2411,11 @@ mod tests {
         write_tensors(&model.join("model.safetensors"), &ts);
         fs::write(model.join("config.json"), br#"{"model_type": "gpt2"}"#).unwrap();
         let adapter = root.path().join("adapter");
+        let mut config = lora_config(2, 2.0);
+        config["target_modules"] = json!(["c_attn", "c_proj", "wte"]);
         write_adapter(
             &adapter,
-            &lora_config(2, 2.0),
+            &config,
             &[
                 ("transformer.h.0.attn.c_attn", vec![2, 4], vec![12, 2]),
                 ("transformer.h.0.attn.c_proj", vec![2, 4], vec![4, 2]),
@@ -2916,6 +2993,60 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_clean(&out);
+    }
+
+    #[test]
+    fn keys_peft_would_not_load_are_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let loras = [("model.layers.0.self_attn.o_proj", vec![1, 4], vec![4, 1])];
+        let refused = |config: &Value, rename: Option<(&str, &str)>| {
+            let dir = root.path().join(format!("a{}", rand_suffix()));
+            write_adapter(&dir, config, &loras);
+            if let Some((from, to)) = rename {
+                let w = dir.join(ADAPTER_WEIGHTS);
+                let bytes = fs::read(&w).unwrap();
+                let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+                let header = String::from_utf8(bytes[8..8 + header_len].to_vec()).unwrap();
+                let header = header.replace(from, to);
+                let mut out = (header.len() as u64).to_le_bytes().to_vec();
+                out.extend_from_slice(header.as_bytes());
+                out.extend_from_slice(&bytes[8 + header_len..]);
+                fs::write(&w, out).unwrap();
+            }
+            match read_adapter(&dir) {
+                Err(e) => e.to_string(),
+                Ok(_) => "loaded".into(),
+            }
+        };
+        let mut other = lora_config(1, 1.0);
+        other["target_modules"] = json!(["q_proj"]);
+        assert!(refused(&other, None).ends_with(
+            "[base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight]: module \
+             model.layers.0.self_attn.o_proj is not in target_modules: PEFT would not load this \
+             key; refusing to merge what the served adapter would not apply"
+        ));
+        let mut pattern = lora_config(1, 1.0);
+        pattern["target_modules"] = json!(r".*\.o_proj");
+        assert_eq!(refused(&pattern, None), "loaded");
+        let doubled = refused(
+            &lora_config(1, 1.0),
+            Some(("base_model.model.", "base_model.model.base_model.model.")),
+        );
+        assert!(
+            doubled.contains("PEFT would not load this key"),
+            "{doubled}"
+        );
+        let named = refused(
+            &lora_config(1, 1.0),
+            Some(("lora_A.weight", "lora_A.default.weight")),
+        );
+        assert!(named.contains("PEFT would not load this key"), "{named}");
+    }
+
+    fn rand_suffix() -> u64 {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        N.fetch_add(1, Ordering::Relaxed)
     }
 
     #[test]

@@ -52,20 +52,69 @@ pub enum StoredType {
     Float(DType),
     I32,
     I64,
-    /// Anything else, kept by name so the error can say what it is.
+    /// Any other dtype of the safetensors format, kept by its torch-style name so errors can
+    /// say what it is (see [`SAFETENSORS_DTYPES`]).
     Other(&'static str),
 }
 
+/// Every dtype tag of the safetensors format (huggingface/safetensors `safetensors/src/tensor.rs`,
+/// `enum Dtype` and `Dtype::bitsize`): (tag, torch-style name, bits per element). Sub-byte
+/// types (F4, F6_*) are valid only where a tensor's bits fill whole bytes.
+pub const SAFETENSORS_DTYPES: &[(&str, &str, usize)] = &[
+    ("BOOL", "bool", 8),
+    ("F4", "float4_e2m1fn", 4),
+    ("F6_E2M3", "float6_e2m3fn", 6),
+    ("F6_E3M2", "float6_e3m2fn", 6),
+    ("U8", "uint8", 8),
+    ("I8", "int8", 8),
+    ("F8_E5M2", "float8_e5m2", 8),
+    ("F8_E4M3", "float8_e4m3fn", 8),
+    ("F8_E8M0", "float8_e8m0fnu", 8),
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz", 8),
+    ("F8_E5M2FNUZ", "float8_e5m2fnuz", 8),
+    ("I16", "int16", 16),
+    ("U16", "uint16", 16),
+    ("F16", "float16", 16),
+    ("BF16", "bfloat16", 16),
+    ("I32", "int32", 32),
+    ("U32", "uint32", 32),
+    ("F32", "float32", 32),
+    ("C64", "complex64", 64),
+    ("F64", "float64", 64),
+    ("I64", "int64", 64),
+    ("U64", "uint64", 64),
+];
+
 impl StoredType {
-    fn size(self) -> Option<usize> {
+    /// The type of a safetensors dtype tag, with its bits per element; None for an unknown tag.
+    pub fn from_safetensors(tag: &str) -> Option<(Self, usize)> {
+        let &(_, name, bits) = SAFETENSORS_DTYPES.iter().find(|(t, _, _)| *t == tag)?;
+        let stored = match tag {
+            "I32" => StoredType::I32,
+            "I64" => StoredType::I64,
+            _ => match DType::from_safetensors(tag) {
+                Some(d) => StoredType::Float(d),
+                None => StoredType::Other(name),
+            },
+        };
+        Some((stored, bits))
+    }
+
+    /// Bits per element.
+    pub fn bits(self) -> usize {
         match self {
-            StoredType::Float(d) => Some(d.size()),
-            StoredType::I32 => Some(4),
-            StoredType::I64 => Some(8),
-            StoredType::Other(_) => None,
+            StoredType::Float(d) => 8 * d.size(),
+            StoredType::I32 => 32,
+            StoredType::I64 => 64,
+            StoredType::Other(n) => SAFETENSORS_DTYPES
+                .iter()
+                .find(|(_, name, _)| *name == n)
+                .map_or(8, |&(_, _, bits)| bits),
         }
     }
-    fn name(self) -> &'static str {
+
+    /// The torch-style name ("float32", "int64", "float8_e4m3fn").
+    pub fn name(self) -> &'static str {
         match self {
             StoredType::Float(d) => d.name(),
             StoredType::I32 => "int32",
@@ -152,6 +201,26 @@ pub struct Sources {
 }
 
 impl Sources {
+    /// Leave out tensors with no rows (`[0, d]`); a site left with none is an error, as its
+    /// statistics would be empty (NaN means, infinite extrema).
+    fn drop_empty(&mut self) -> Result<()> {
+        for (name, list) in &mut self.sites {
+            if list.iter().all(|s| s.rows == 0) {
+                let s = &list[0];
+                return Err(Error::dump(
+                    s.path(),
+                    Some(name),
+                    format!(
+                        "the site has no rows (shape {:?}): nothing to analyze",
+                        s.tensor.shape
+                    ),
+                ));
+            }
+            list.retain(|s| s.rows > 0);
+        }
+        Ok(())
+    }
+
     fn push(&mut self, name: String, src: SiteSource) -> Result<()> {
         if let Some((_, list)) = self.sites.iter_mut().find(|(n, _)| *n == name) {
             let first = &list[0];
@@ -211,6 +280,7 @@ pub fn open(path: &Path) -> Result<Sources> {
             "no 2-D [tokens, dim] or 3-D [batch, seq, dim] float tensor found",
         ));
     }
+    sources.drop_empty()?;
     Ok(sources)
 }
 
@@ -220,25 +290,37 @@ fn extension(p: &Path) -> Option<String> {
 }
 
 fn open_file(path: &Path, sources: &mut Sources) -> Result<()> {
-    match extension(path).as_deref() {
-        Some("safetensors") => {
-            let tensors = read_safetensors(path)?;
-            add_safetensors_sites(path, tensors, sources, None)
+    let ext = extension(path);
+    let want = match ext.as_deref() {
+        Some("safetensors") => "a safetensors file",
+        Some("npy") => "a .npy file",
+        _ => {
+            return Err(Error::dump(
+                path,
+                None,
+                "unknown file type: expected .safetensors, .npy or a dump directory",
+            ))
         }
-        Some("npy") => {
-            let t = read_npy(path)?;
-            let name = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let src = site_source(path, &name, t, None, None)?;
-            sources.push(name, src)
-        }
-        _ => Err(Error::dump(
+    };
+    let file = MappedFile::open(path)?;
+    if let Some(is) = sniff(&file.map, file.map.len() as u64).filter(|&k| k != want) {
+        return Err(Error::dump(
             path,
             None,
-            "unknown file type: expected .safetensors, .npy or a dump directory",
-        )),
+            format!("is {is}, not {want} as its name says"),
+        ));
+    }
+    if want == "a .npy file" {
+        let t = parse_npy(&file.map, path)?.into_raw(&file);
+        let name = t.name.clone();
+        let src = site_source(path, &name, t, None, None)?;
+        sources.push(name, src)
+    } else {
+        let tensors = parse_safetensors(&file.map, path)?
+            .into_iter()
+            .map(|t| t.into_raw(&file))
+            .collect();
+        add_safetensors_sites(path, tensors, sources, None)
     }
 }
 
@@ -390,55 +472,119 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<RawTensor>> {
     Ok(infos.into_iter().map(|t| t.into_raw(&file)).collect())
 }
 
+/// The entries of a JSON object in file order, duplicates kept (serde_json's map would keep
+/// only the last of two equal keys, silently).
+struct Entries(Vec<(String, Value)>);
+
+impl<'de> serde::Deserialize<'de> for Entries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Entries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Entries, A::Error> {
+                let mut out = Vec::new();
+                while let Some(entry) = map.next_entry::<String, Value>()? {
+                    out.push(entry);
+                }
+                Ok(Entries(out))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
 /// Parse the header of safetensors bytes `buf` (the whole file); `path` names it in errors.
-/// Untrusted input: every length and offset is checked against `buf` before use.
+///
+/// Untrusted input: every length and offset is checked against `buf` before use. A file is
+/// accepted exactly when the reference reader (huggingface/safetensors
+/// `SafeTensors::read_metadata` and `Metadata::validate`) accepts it: a header length within
+/// the file and at most 100,000,000; a UTF-8 JSON object (whitespace padding allowed);
+/// `__metadata__`, when present, maps strings to strings; every tensor has a known dtype tag, a
+/// shape and `data_offsets`; sorted by offset, the tensors cover the data section exactly, with
+/// no overlap, gap or trailing byte; each spans the bytes its shape needs (zero-size tensors
+/// span none). A key given twice is refused too: the reference keeps the last one silently.
 pub fn parse_safetensors(buf: &[u8], path: &Path) -> Result<Vec<TensorInfo>> {
+    parse_safetensors_head(buf, buf.len() as u64, path)
+}
+
+/// [`parse_safetensors`] from the file's first bytes `head` and its length `file_len` (for files
+/// read as a stream, e.g. inside an archive): `head` holds the 8-byte length and the header, or
+/// at least as much of them as the file has; the data is not needed.
+pub fn parse_safetensors_head(head: &[u8], file_len: u64, path: &Path) -> Result<Vec<TensorInfo>> {
+    let buf = head;
     let bad = |msg: String| Error::dump(path, None, msg);
-    if buf.len() < 8 {
+    if file_len < 8 || buf.len() < 8 {
         return Err(bad(format!(
-            "truncated: {} bytes, a safetensors file starts with an 8-byte header length",
-            buf.len()
+            "truncated: {file_len} bytes, a safetensors file starts with an 8-byte header length"
         )));
     }
     let n = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
-    if n > MAX_HEADER || n > (buf.len() - 8) as u64 {
+    if n > MAX_HEADER || n > file_len - 8 {
         return Err(bad(format!(
-            "header length {n} is beyond the file ({} bytes) or the 100 MB limit",
-            buf.len()
+            "header length {n} is beyond the file ({file_len} bytes) or the 100 MB limit{}",
+            sniff(buf, file_len)
+                .map(|k| format!(": {k}"))
+                .unwrap_or_default()
+        )));
+    }
+    if (buf.len() as u64) < 8 + n {
+        return Err(bad(format!(
+            "the header needs {n} bytes, only {} were read",
+            buf.len() - 8
         )));
     }
     let n = n as usize;
-    let header: serde_json::Map<String, Value> = serde_json::from_slice(&buf[8..8 + n])
-        .map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
+    let text = std::str::from_utf8(&buf[8..8 + n])
+        .map_err(|e| bad(format!("header is not UTF-8 text: {e}")))?;
+    let Entries(header) =
+        serde_json::from_str(text).map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
     let data_start = 8 + n;
-    let data_len = buf.len() - data_start;
+    let data_len = (file_len - data_start as u64) as usize;
+    let mut seen = std::collections::HashSet::with_capacity(header.len());
     let mut tensors = Vec::with_capacity(header.len());
     for (name, entry) in &header {
+        let terr = |msg: String| Error::dump(path, Some(name), msg);
+        if !seen.insert(name.as_str()) {
+            return Err(terr("the header names this key twice".into()));
+        }
         if name == "__metadata__" {
+            let meta = entry
+                .as_object()
+                .ok_or_else(|| terr("must be an object of string values".into()))?;
+            if let Some((k, v)) = meta.iter().find(|(_, v)| !v.is_string()) {
+                return Err(terr(format!(
+                    "value of {k:?} is {}, the format allows only strings",
+                    json_kind(v)
+                )));
+            }
             continue;
         }
-        let terr = |msg: String| Error::dump(path, Some(name), msg);
+        if !entry.is_object() {
+            return Err(terr(format!(
+                "is {}, expected an object with dtype, shape and data_offsets",
+                json_kind(entry)
+            )));
+        }
         let dtype_tag = entry
             .get("dtype")
             .and_then(Value::as_str)
             .ok_or_else(|| terr("missing or non-string \"dtype\"".into()))?;
-        let stored = match dtype_tag {
-            "I32" => StoredType::I32,
-            "I64" => StoredType::I64,
-            tag => match DType::from_safetensors(tag) {
-                Some(d) => StoredType::Float(d),
-                None => StoredType::Other(match tag {
-                    "F64" => "float64",
-                    "F8_E4M3" => "float8_e4m3fn",
-                    "F8_E5M2" => "float8_e5m2",
-                    "I8" => "int8",
-                    "U8" => "uint8",
-                    "I16" => "int16",
-                    "BOOL" => "bool",
-                    _ => "an unknown dtype",
-                }),
-            },
-        };
+        let (stored, bits) = StoredType::from_safetensors(dtype_tag).ok_or_else(|| {
+            terr(format!(
+                "unknown dtype tag {dtype_tag:?} (the format knows {})",
+                SAFETENSORS_DTYPES
+                    .iter()
+                    .map(|(t, _, _)| *t)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
         let shape: Vec<usize> = entry
             .get("shape")
             .and_then(Value::as_array)
@@ -447,30 +593,34 @@ pub fn parse_safetensors(buf: &[u8], path: &Path) -> Result<Vec<TensorInfo>> {
             .map(|v| v.as_u64().and_then(|x| usize::try_from(x).ok()))
             .collect::<Option<_>>()
             .ok_or_else(|| terr("shape entries must be non-negative integers".into()))?;
-        let offs = entry
+        let (begin, end) = entry
             .get("data_offsets")
             .and_then(Value::as_array)
             .filter(|a| a.len() == 2)
             .and_then(|a| Some((a[0].as_u64()?, a[1].as_u64()?)))
             .ok_or_else(|| terr("missing \"data_offsets\" [begin, end]".into()))?;
-        let (begin, end) = offs;
         if begin > end || end > data_len as u64 {
             return Err(terr(format!(
                 "data offsets [{begin}, {end}] out of range: the file holds {data_len} data bytes (truncated?)"
             )));
         }
         let nbytes = (end - begin) as usize;
-        if let Some(size) = stored.size() {
-            let expect = shape
-                .iter()
-                .try_fold(size, |acc, &s| acc.checked_mul(s))
-                .ok_or_else(|| terr(format!("shape {shape:?} overflows")))?;
-            if expect != nbytes {
-                return Err(terr(format!(
-                    "shape {shape:?} of {} needs {expect} bytes but data_offsets span {nbytes}",
-                    stored.name()
-                )));
-            }
+        let nbits = shape
+            .iter()
+            .try_fold(bits, |acc, &s| acc.checked_mul(s))
+            .ok_or_else(|| terr(format!("shape {shape:?} overflows")))?;
+        if nbits % 8 != 0 {
+            return Err(terr(format!(
+                "shape {shape:?} of {} fills {nbits} bits, not whole bytes",
+                stored.name()
+            )));
+        }
+        if nbits / 8 != nbytes {
+            return Err(terr(format!(
+                "shape {shape:?} of {} needs {} bytes but data_offsets span {nbytes}",
+                stored.name(),
+                nbits / 8
+            )));
         }
         tensors.push(TensorInfo {
             name: name.clone(),
@@ -480,28 +630,103 @@ pub fn parse_safetensors(buf: &[u8], path: &Path) -> Result<Vec<TensorInfo>> {
             nbytes,
         });
     }
-    // Overlapping tensors mean a corrupt or crafted header.
-    let mut spans: Vec<(usize, usize, &str)> = tensors
-        .iter()
-        .filter(|t| t.nbytes > 0)
-        .map(|t| (t.offset, t.offset + t.nbytes, t.name.as_str()))
-        .collect();
-    spans.sort_unstable();
-    for w in spans.windows(2) {
-        if w[1].0 < w[0].1 {
+    // The reference's layout rule: in offset order, each tensor starts where the previous ends.
+    tensors.sort_by_key(|t| (t.offset, t.offset + t.nbytes));
+    let mut end = data_start;
+    let mut last: Option<&str> = None;
+    for t in &tensors {
+        if t.offset < end {
             return Err(Error::dump(
                 path,
-                Some(w[1].2),
-                format!("data overlaps tensor {}", w[0].2),
+                Some(&t.name),
+                format!("data overlaps tensor {}", last.unwrap_or("?")),
             ));
         }
+        if t.offset > end {
+            return Err(Error::dump(
+                path,
+                Some(&t.name),
+                format!(
+                    "{} unused bytes before this tensor's data (offset {}): tensors must be \
+                     packed without gaps",
+                    t.offset - end,
+                    end - data_start
+                ),
+            ));
+        }
+        end = t.offset + t.nbytes;
+        last = Some(&t.name);
     }
-    // Keep the header order stable (serde_json's map is sorted by name).
-    tensors.sort_by_key(|t| t.offset);
+    if end as u64 != file_len {
+        return Err(bad(format!(
+            "{} bytes after the last tensor's data: the tensors must end where the file ends",
+            file_len - end as u64
+        )));
+    }
     Ok(tensors)
 }
 
-/// Read a `.npy` file's header (format versions 1-3, little-endian float32/float16, C order).
+/// The `__metadata__` strings of safetensors bytes that [`parse_safetensors`] accepted.
+pub fn safetensors_metadata(buf: &[u8]) -> Vec<(String, String)> {
+    let n = buf.get(..8).map_or(0, |b| {
+        u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize
+    });
+    let header: Value = buf
+        .get(8..8usize.saturating_add(n))
+        .and_then(|h| serde_json::from_slice(h).ok())
+        .unwrap_or_default();
+    header
+        .get("__metadata__")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// What a file is, from its first bytes `head` and its length: "a safetensors file", "a .npy
+/// file", "a GGUF file", "a zip archive (torch.save writes these)", "a pickle (torch.save's
+/// legacy format)", or None.
+pub fn sniff(head: &[u8], file_len: u64) -> Option<&'static str> {
+    let buf = head;
+    if buf.starts_with(b"\x93NUMPY") {
+        Some("a .npy file")
+    } else if buf.starts_with(b"GGUF") {
+        Some("a GGUF file")
+    } else if buf.starts_with(b"PK\x03\x04") || buf.starts_with(b"PK\x05\x06") {
+        Some("a zip archive (torch.save writes these)")
+    } else if buf.len() >= 2 && buf[0] == 0x80 && (2..=5).contains(&buf[1]) {
+        Some("a pickle (torch.save's legacy format)")
+    } else if buf.len() > 9
+        && buf[8..]
+            .iter()
+            .take(4096)
+            .find(|b| !b.is_ascii_whitespace())
+            == Some(&b'{')
+    {
+        let n = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
+        (n <= file_len.saturating_sub(8)).then_some("a safetensors file")
+    } else {
+        None
+    }
+}
+
+/// Read a `.npy` file's header (format versions 1-3, little-endian float32/float16, C order;
+/// Fortran order, big-endian, structured and raw 2-byte (ml_dtypes bfloat16) arrays are refused
+/// by name).
 pub fn read_npy(path: &Path) -> Result<RawTensor> {
     let file = MappedFile::open(path)?;
     Ok(parse_npy(&file.map, path)?.into_raw(&file))
@@ -534,6 +759,13 @@ pub fn parse_npy(buf: &[u8], path: &Path) -> Result<TensorInfo> {
         let rest = header[i..].trim_start().strip_prefix(':')?.trim_start();
         Some(rest)
     };
+    if field("descr").is_some_and(|r| r.starts_with('[')) {
+        return Err(bad(
+            "structured dtype (a record array): .npy sites must be plain float32 or float16 \
+             arrays"
+                .into(),
+        ));
+    }
     let descr = field("descr")
         .and_then(|r| r.strip_prefix('\''))
         .and_then(|r| r.split('\'').next())
@@ -541,6 +773,18 @@ pub fn parse_npy(buf: &[u8], path: &Path) -> Result<TensorInfo> {
     let dtype = match descr {
         "<f4" | "=f4" => DType::F32,
         "<f2" | "=f2" => DType::F16,
+        ">f4" | ">f2" => {
+            return Err(bad(format!(
+                "big-endian dtype '{descr}': .npy sites must be little-endian (save \
+                 x.astype(x.dtype.newbyteorder('<')))"
+            )))
+        }
+        "<V2" | "|V2" => {
+            return Err(bad(format!(
+                "2-byte raw dtype '{descr}' (how numpy stores ml_dtypes.bfloat16): the file \
+                 does not say it is bfloat16; save bfloat16 sites as .safetensors"
+            )))
+        }
         other => {
             return Err(bad(format!(
                 "unsupported dtype '{other}': .npy sites must be little-endian float32 or float16 (bfloat16 needs .safetensors)"
@@ -704,6 +948,169 @@ fn open_dump(dir: &Path, manifest_path: &Path) -> Result<Sources> {
             "the dump holds no shard yet",
         ));
     }
+    sources.drop_empty()?;
     sources.manifest = Some(manifest.value);
     Ok(sources)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A safetensors file from a raw JSON header and `data` bytes.
+    fn st(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut v = (header.len() as u64).to_le_bytes().to_vec();
+        v.extend_from_slice(header.as_bytes());
+        v.extend_from_slice(data);
+        v
+    }
+
+    fn err(buf: &[u8]) -> String {
+        parse_safetensors(buf, Path::new("f.safetensors"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn safetensors_accepts_what_the_reference_accepts() {
+        // Zero-size tensors anywhere in the order, leading and trailing whitespace padding.
+        let h = r#"  {"e":{"dtype":"I32","shape":[2,0],"data_offsets":[0,0]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"z":{"dtype":"BF16","shape":[0],"data_offsets":[8,8]}}  "#;
+        let t = parse_safetensors(&st(h, &[0; 8]), Path::new("f")).unwrap();
+        let names: Vec<_> = t.iter().map(|t| (t.name.as_str(), t.nbytes)).collect();
+        assert_eq!(names, [("e", 0), ("a", 8), ("z", 0)]);
+        // F8 and F4 parse (as data they are refused by name when used as a site).
+        let h = r#"{"__metadata__":{"k":"v"},"q":{"dtype":"F8_E4M3","shape":[3],"data_offsets":[0,3]},"p":{"dtype":"F4","shape":[4],"data_offsets":[3,5]}}"#;
+        let t = parse_safetensors(&st(h, &[0; 5]), Path::new("f")).unwrap();
+        assert_eq!(t[0].stored, StoredType::Other("float8_e4m3fn"));
+        assert_eq!(t[1].stored, StoredType::Other("float4_e2m1fn"));
+        assert_eq!(t[1].stored.bits(), 4);
+    }
+
+    #[test]
+    fn safetensors_refuses_what_the_reference_refuses() {
+        let two = |a: &str, b: &str, n: usize| {
+            st(
+                &format!(
+                    r#"{{"a":{{"dtype":"F32","shape":[2],"data_offsets":{a}}},"b":{{"dtype":"F32","shape":[2],"data_offsets":{b}}}}}"#
+                ),
+                &vec![0; n],
+            )
+        };
+        assert_eq!(
+            err(&two("[0,8]", "[16,24]", 24)),
+            "f.safetensors [b]: 8 unused bytes before this tensor's data (offset 8): tensors \
+             must be packed without gaps"
+        );
+        assert_eq!(
+            err(&two("[0,8]", "[4,12]", 12)),
+            "f.safetensors [b]: data overlaps tensor a"
+        );
+        assert_eq!(
+            err(&two("[0,8]", "[8,16]", 20)),
+            "f.safetensors: 4 bytes after the last tensor's data: the tensors must end where \
+             the file ends"
+        );
+        let dup = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#;
+        assert_eq!(
+            err(&st(dup, &[0; 16])),
+            "f.safetensors [a]: the header names this key twice"
+        );
+        let meta =
+            r#"{"__metadata__":{"step":3},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+        assert_eq!(
+            err(&st(meta, &[0; 8])),
+            "f.safetensors [__metadata__]: value of \"step\" is a number, the format allows \
+             only strings"
+        );
+        let tag = r#"{"a":{"dtype":"F128","shape":[1],"data_offsets":[0,16]}}"#;
+        assert!(err(&st(tag, &[0; 16])).starts_with(
+            "f.safetensors [a]: unknown dtype tag \"F128\" (the format knows BOOL, F4,"
+        ));
+        let odd = r#"{"a":{"dtype":"F4","shape":[3],"data_offsets":[0,2]}}"#;
+        assert_eq!(
+            err(&st(odd, &[0; 2])),
+            "f.safetensors [a]: shape [3] of float4_e2m1fn fills 12 bits, not whole bytes"
+        );
+        assert_eq!(
+            err(&st("[1, 2]", &[])),
+            "f.safetensors: header is not a JSON object: invalid type: sequence, expected a \
+             JSON object at line 1 column 0"
+        );
+        let mut zip = b"PK\x03\x04".to_vec();
+        zip.extend_from_slice(&[0xff; 60]);
+        assert!(err(&zip).ends_with(": a zip archive (torch.save writes these)"));
+    }
+
+    fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    fn open_err(p: &Path) -> String {
+        let dir = p.parent().unwrap().display().to_string();
+        open(p).unwrap_err().to_string().replace(&dir, "")
+    }
+
+    #[test]
+    fn zero_row_sites_and_misnamed_files_are_errors() {
+        let d = tempfile::tempdir().unwrap();
+        let h = r#"{"h":{"dtype":"F32","shape":[0,4],"data_offsets":[0,0]}}"#;
+        let p = write(d.path(), "e.safetensors", &st(h, &[]));
+        assert_eq!(
+            open_err(&p),
+            "/e.safetensors [h]: the site has no rows (shape [0, 4]): nothing to analyze"
+        );
+        // A zero-row tensor beside others of the same site is left out.
+        let h2 = r#"{"h":{"dtype":"F32","shape":[1,4],"data_offsets":[0,16]}}"#;
+        write(d.path(), "f.safetensors", &st(h2, &[0; 16]));
+        let s = open(d.path()).unwrap();
+        assert_eq!(s.sites[0].1.len(), 1);
+        assert_eq!(s.sites[0].1[0].rows, 1);
+
+        let p = write(d.path(), "t.npy", &st(h2, &[0; 16]));
+        assert_eq!(
+            open_err(&p),
+            "/t.npy: is a safetensors file, not a .npy file as its name says"
+        );
+        let p = write(d.path(), "g.safetensors", b"GGUF\x03\x00\x00\x00rest");
+        assert_eq!(
+            open_err(&p),
+            "/g.safetensors: is a GGUF file, not a safetensors file as its name says"
+        );
+    }
+
+    fn npy(descr: &str, fortran: bool, shape: &str, data: usize) -> Vec<u8> {
+        let mut h = format!(
+            "{{'descr': {descr}, 'fortran_order': {}, 'shape': {shape}, }}",
+            if fortran { "True" } else { "False" }
+        )
+        .into_bytes();
+        h.push(b'\n');
+        let mut v = b"\x93NUMPY\x01\x00".to_vec();
+        v.extend_from_slice(&(h.len() as u16).to_le_bytes());
+        v.extend_from_slice(&h);
+        v.extend(std::iter::repeat_n(0u8, data));
+        v
+    }
+
+    #[test]
+    fn npy_variants_are_named() {
+        let e = |b: &[u8]| parse_npy(b, Path::new("x.npy")).unwrap_err().to_string();
+        assert_eq!(
+            e(&npy("'>f4'", false, "(2, 2)", 16)),
+            "x.npy: big-endian dtype '>f4': .npy sites must be little-endian (save \
+             x.astype(x.dtype.newbyteorder('<')))"
+        );
+        assert!(e(&npy("'<V2'", false, "(2, 2)", 8))
+            .starts_with("x.npy: 2-byte raw dtype '<V2' (how numpy stores ml_dtypes.bfloat16)"));
+        assert_eq!(
+            e(&npy("[('a', '<f4'), ('b', '<f4')]", false, "(2,)", 16)),
+            "x.npy: structured dtype (a record array): .npy sites must be plain float32 or \
+             float16 arrays"
+        );
+        assert!(e(&npy("'<f4'", true, "(2, 2)", 16)).contains("Fortran-ordered"));
+        let ok = parse_npy(&npy("'<f2'", false, "(3, 2)", 12), Path::new("x.npy")).unwrap();
+        assert_eq!((ok.shape, ok.nbytes), (vec![3, 2], 12));
+    }
 }

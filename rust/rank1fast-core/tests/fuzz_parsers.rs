@@ -1,12 +1,15 @@
 //! Mutation fuzzing of the untrusted-input parsers: safetensors headers, .npy headers and dump
-//! manifests. No input may panic; every accepted tensor must lie inside the buffer.
+//! manifests. No input may panic; every accepted tensor must lie inside the buffer; a
+//! safetensors header read alone (from a stream) is judged exactly as the whole file.
 //!
 //! Runs RANK1FAST_FUZZ_CASES cases per parser (default 20,000, a few seconds). The full run:
 //!     RANK1FAST_FUZZ_CASES=1000000 cargo test --release -p rank1fast-core --test fuzz_parsers
 
 use std::path::Path;
 
-use rank1fast_core::source::{parse_manifest, parse_npy, parse_safetensors, TensorInfo};
+use rank1fast_core::source::{
+    parse_manifest, parse_npy, parse_safetensors, parse_safetensors_head, TensorInfo,
+};
 
 struct Rng(u64);
 
@@ -142,10 +145,28 @@ fn fuzz_safetensors_headers() {
     let mut accepted = 0;
     for _ in 0..cases() {
         let input = mutate(&mut rng, &seed);
-        if let Ok(infos) = parse_safetensors(&input, Path::new("fuzz.safetensors")) {
-            check_inside(&infos, input.len());
+        let p = Path::new("fuzz.safetensors");
+        let whole = parse_safetensors(&input, p);
+        if let Ok(infos) = &whole {
+            check_inside(infos, input.len());
             accepted += 1;
         }
+        // The header alone (as read from a stream) must be judged exactly as the whole file.
+        let head = match input.get(..8) {
+            Some(b) => {
+                let n = u64::from_le_bytes(b.try_into().unwrap());
+                &input[..input
+                    .len()
+                    .min(8usize.saturating_add(n.min(1 << 40) as usize))]
+            }
+            None => &input[..],
+        };
+        let streamed = parse_safetensors_head(head, input.len() as u64, p);
+        assert_eq!(
+            whole.as_ref().map_err(|e| e.to_string()),
+            streamed.as_ref().map_err(|e| e.to_string()),
+            "{input:?}"
+        );
     }
     assert!(accepted > 0, "the mutator never produced a valid file");
 }

@@ -364,6 +364,61 @@ fn gram_kernels() -> (Vec<&'static str>, &'static str, &'static str) {
     )
 }
 
+/// The tensors of a safetensors file, validated as the reference reader validates them:
+/// `(name, dtype, shape, byte offset in the file, byte length)` in file order, and the
+/// `__metadata__` strings. With `head` (the file's first bytes, up to the end of its header) and
+/// `file_len`, `path` only names the file in errors (a file read from an archive).
+#[pyfunction]
+#[pyo3(signature = (path, head=None, file_len=None))]
+#[allow(clippy::type_complexity)]
+fn safetensors_header(
+    py: Python<'_>,
+    path: PathBuf,
+    head: Option<Vec<u8>>,
+    file_len: Option<u64>,
+) -> PyResult<(
+    Vec<(String, &'static str, Vec<usize>, usize, usize)>,
+    HashMap<String, String>,
+)> {
+    py.detach(|| -> core::Result<_> {
+        let (tensors, meta) = match (head, file_len) {
+            (Some(head), Some(len)) => (
+                core::source::parse_safetensors_head(&head, len, &path)?,
+                core::source::safetensors_metadata(&head),
+            ),
+            _ => {
+                let file = core::source::MappedFile::open(&path)?;
+                (
+                    core::source::parse_safetensors(&file.map, &path)?,
+                    core::source::safetensors_metadata(&file.map),
+                )
+            }
+        };
+        Ok((
+            tensors
+                .into_iter()
+                .map(|t| (t.name, t.stored.name(), t.shape, t.offset, t.nbytes))
+                .collect(),
+            meta.into_iter().collect(),
+        ))
+    })
+    .map_err(to_py)
+}
+
+/// What a file is from its first bytes ("a safetensors file", "a .npy file", "a GGUF file",
+/// "a zip archive (torch.save writes these)", "a pickle (torch.save's legacy format)"), or
+/// None.
+#[pyfunction]
+fn file_kind(path: PathBuf) -> PyResult<Option<&'static str>> {
+    use std::io::Read;
+    let io = |e| to_py(core::Error::io(&path, e));
+    let mut f = std::fs::File::open(&path).map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    let mut head = Vec::with_capacity(4096);
+    f.by_ref().take(4096).read_to_end(&mut head).map_err(io)?;
+    Ok(core::source::sniff(&head, len))
+}
+
 /// The default ridge grid (λ relative to tr(G)/d).
 #[pyfunction]
 fn default_ridges() -> Vec<f64> {
@@ -377,6 +432,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(default_ridges, m)?)?;
     m.add_function(wrap_pyfunction!(gram_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(second_moment_shifts, m)?)?;
+    m.add_function(wrap_pyfunction!(safetensors_header, m)?)?;
+    m.add_function(wrap_pyfunction!(file_kind, m)?)?;
     m.add_function(wrap_pyfunction!(write_lora, m)?)?;
     m.add_function(wrap_pyfunction!(merge, m)?)?;
     m.add("FOLD_BLOCK_ROWS", core::analyze::FOLD_BLOCK_ROWS)?;
