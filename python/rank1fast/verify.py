@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from .adapter import CONFIG_FILE, WEIGHTS_FILE, read_adapter_info, write_adapter
-from .errors import AdapterError, InvalidArgumentError
+from .errors import AdapterError, DumpError, InvalidArgumentError
 from .report import Report
 
 __all__ = [
@@ -745,9 +745,12 @@ def _target_modules(path: Path) -> set[str]:
     names = set(targets)
     weights = path / WEIGHTS_FILE
     if weights.is_file():
-        with open(weights, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
+        from ._files import safetensors_header
+
+        try:
+            header, _ = safetensors_header(weights)
+        except DumpError as e:
+            raise AdapterError(str(e)) from e
         for key in header:
             if key.endswith(".lora_A.weight"):
                 names.add(key.removeprefix("base_model.model.").removesuffix(".lora_A.weight"))
