@@ -630,7 +630,9 @@ def test_gguf_lora_matches_the_control_vector_in_llama_cpp(
         # The same vector one layer off (after, then before: one of each per site).
         shift = 1 if site == CV_SITES[0] else -1
         moved = {f"resid_post.{layer + shift}": v}
-        set_control_vector(llm, control_vector_to_gguf(moved, steering["root"] / f"{site}.off"))
+        set_control_vector(
+            llm, control_vector_to_gguf(moved, steering["root"] / f"{site}.off.gguf")
+        )
         shifted = _kl(hook, _llama_logprobs(llm, ids))
         set_control_vector(llm, None)
         lora = _llama_logprobs(_llama(lora_path=os.fspath(steering[site]["lora"])), ids)
