@@ -135,6 +135,27 @@ def build_adapter(smollm: Any, work: Path, log: Any = print) -> dict[str, Any]:
     return {"peft": adapter, "lora": lora, "cvec": cvec, "vector": vector, "base": base_gguf}
 
 
+def export_hf(smollm: Any, out: Path) -> Path:
+    """The transformers model (dequantized from the GGUF) as a float32 Hugging Face directory.
+
+    ``save_pretrained`` refuses a model loaded from a GGUF, so the tensors and the config are
+    written directly (without ``quantization_config``; tied embeddings once)."""
+    from safetensors.torch import save_file
+
+    model, tokenizer = smollm
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, os.fspath(out / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["torch_dtype"] = config["dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def prompts() -> list[str]:
     from rank1fast.verify import default_eval_texts
 
@@ -407,6 +428,17 @@ class Reference:
         return torch.log_softmax(logits.double(), -1).numpy()
 
 
+def binned_kl(ref_lp: np.ndarray, tops: list[tuple[np.ndarray, np.ndarray]]) -> list[float]:
+    """Per position, KL(reference || server) over the server's returned tokens (``(ids,
+    logprobs)``) plus one bin for the rest of the vocabulary."""
+    out = []
+    for k, (keys, lp) in enumerate(tops):
+        p, q = np.exp(ref_lp[k][keys]), np.exp(lp.astype(np.float64))
+        p_rest, q_rest = max(1.0 - p.sum(), 1e-12), max(1.0 - q.sum(), 1e-12)
+        out.append(float((p * (np.log(p) - np.log(q))).sum() + p_rest * np.log(p_rest / q_rest)))
+    return out
+
+
 def compare(ref: Reference, prompt_ids: list[int], answer: dict[str, Any], which: str) -> dict:
     """Per generated token: binned KL(transformers || server), top-1 agreement, and the
     transformers-side steer and PEFT KLs; the continuation stops at its first token whose text
@@ -424,24 +456,20 @@ def compare(ref: Reference, prompt_ids: list[int], answer: dict[str, Any], which
     ids = prompt_ids + gen
     pos = slice(len(prompt_ids) - 1, len(prompt_ids) - 1 + n)
     ref_lp = ref.logprobs(ids, which)[pos]
-    kl, rest_mass = [], []
+    tops = []
     for k in range(n):
         named = ((ref.token_id(t), lp) for t, lp in answer["top"][k].items())
         top = {i: lp for i, lp in named if i is not None}
-        keys = np.array(list(top), dtype=np.int64)
-        p = np.exp(ref_lp[k][keys])
-        q = np.exp(np.array(list(top.values()), dtype=np.float64))
-        p_rest, q_rest = max(1.0 - p.sum(), 1e-12), max(1.0 - q.sum(), 1e-12)
-        kl.append(float((p * (np.log(p) - np.log(q))).sum() + p_rest * np.log(p_rest / q_rest)))
-        rest_mass.append(q_rest)
-    out["kl"] = kl
+        tops.append((np.array(list(top), dtype=np.int64), np.array(list(top.values()))))
+    out["kl"] = binned_kl(ref_lp, tops)
     out["top1"] = [float(ref_lp[k].argmax() == gen[k]) for k in range(n)]
-    out["rest_mass"] = rest_mass
+    out["rest_mass"] = [max(1.0 - float(np.exp(lp).sum()), 0.0) for _, lp in tops]
     if which == "hook":
         base = ref.logprobs(ids, "base")[pos]
         peft = ref.logprobs(ids, "peft")[pos]
         out["steer_kl"] = list((np.exp(ref_lp) * (ref_lp - base)).sum(-1))
         out["peft_kl"] = list((np.exp(ref_lp) * (ref_lp - peft)).sum(-1))
+        out["kl_vs_peft"] = binned_kl(peft, tops)
     return out
 
 
@@ -467,7 +495,7 @@ def check_server(
             answer = query(server, name, kind, text)
             row = compare(ref, served or hf_ids, answer, which)
             dropped += row["dropped"]
-            for key in ("kl", "top1", "rest_mass", "steer_kl", "peft_kl"):
+            for key in ("kl", "top1", "rest_mass", "steer_kl", "peft_kl", "kl_vs_peft"):
                 for group in (kind, "all"):
                     acc[group].setdefault(key, []).extend(row.get(key, []))
             if kind == "chat" and text == CHATS[0]:
@@ -507,9 +535,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ref = Reference(smollm, adapter)
     summary: dict[str, Any] = {"cpu": cpu, "amx": amx, "site": SITE, "servers": {}}
     if "vllm" in args.servers:  # vLLM loads a Hugging Face directory: the same weights
-        adapter["hf"] = work / "hf"
-        smollm[0].save_pretrained(adapter["hf"])
-        smollm[1].save_pretrained(adapter["hf"])
+        adapter["hf"] = export_hf(smollm, work / "hf")
     for name in args.servers:
         python = str(Path(args.venvs) / name / "bin" / "python")
         start, dist = SERVERS[name]
@@ -540,12 +566,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def print_table(summary: dict[str, Any]) -> None:
     print(
         f"\n{SITE}; KL = binned KL(transformers || server) per generated token, nats (the floor: "
-        "unsteered server || unsteered model); PEFT = KL(hook || PEFT adapter), steer = "
-        "KL(hook || base), both in transformers on the same tokens"
+        "unsteered server || unsteered model; KL vs PEFT: the same against transformers + the "
+        "PEFT adapter); PEFT = KL(hook || PEFT adapter), steer = KL(hook || base), both in "
+        "transformers on the same tokens, full vocabulary"
     )
-    head = "| server | version | served | requests (tokens) | KL vs hook | top-1 | floor KL | "
-    print(head + "floor top-1 | PEFT | steer |")
-    print("| --- " * 10 + "|")
+    head = "| server | version | served | requests (tokens) | KL vs hook | top-1 | KL vs PEFT | "
+    print(head + "floor KL | floor top-1 | PEFT | steer |")
+    print("| --- " * 11 + "|")
     for name, entry in summary["servers"].items():
         if "error" in entry:
             print(f"| {name} | {entry.get('version', '?')} | - | {entry['error']} |")
@@ -560,7 +587,8 @@ def print_table(summary: dict[str, Any]) -> None:
                     continue
                 print(
                     f"| {name} | {entry['version']} | {label} | {group} ({r['tokens']}) | "
-                    f"{r['kl']:.4f} | {r['top1']:.3f} | {floor['kl']:.4f} | {floor['top1']:.3f} | "
+                    f"{r['kl']:.4f} | {r['top1']:.3f} | {r['kl_vs_peft']:.4f} | "
+                    f"{floor['kl']:.4f} | {floor['top1']:.3f} | "
                     f"{r['peft_kl']:.4f} | {r['steer_kl']:.3f} |"
                 )
 
