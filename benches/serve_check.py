@@ -57,6 +57,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -518,7 +519,6 @@ def check_server(
 def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import rank1fast
     import torch
 
     torch.set_num_threads(1)
@@ -534,6 +534,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"CPU: {cpu} (AMX: {'yes' if amx else 'no'}), Python {platform.python_version()}")
     work = Path(args.work or tempfile.mkdtemp(prefix="rank1fast-serve-"))
     work.mkdir(parents=True, exist_ok=True)
+    try:
+        return check_all(args, work, cpu, amx)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def check_all(args: argparse.Namespace, work: Path, cpu: str, amx: bool) -> dict[str, Any]:
+    import rank1fast
+
     smollm = rank1fast.load_model(None, device="cpu", dtype="float32")
     adapter = build_adapter(smollm, work)
     ref = Reference(smollm, adapter)
@@ -612,7 +622,11 @@ def main(argv: list[str] | None = None) -> int:
         "temporary directory)",
     )
     p.add_argument("--json", default=None, help="write the figures here")
-    run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    unknown = [s for s in args.servers if s not in SERVERS]
+    if unknown:
+        p.error(f"unknown servers {unknown}; known: {', '.join(SERVERS)}")
+    run(args)
     return 0
 
 
