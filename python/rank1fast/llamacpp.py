@@ -39,16 +39,30 @@ llama.cpp has no tensor for block 0 (``direction.0`` is rejected), so ``resid_po
 control vector. ``resid_mid.L`` (between attention and MLP) has no control-vector equivalent;
 serve it as a LoRA. ``controlvector.model_hint`` (repeng requires it) and
 ``controlvector.layer_count`` are written; llama.cpp reads neither.
+
+llama.cpp itself (llama-cpp-python): :func:`set_control_vector` steers a loaded model the way
+``--control-vector`` does. Loading a model on every CPU: :func:`load_llama` and
+:func:`no_repack`. By default llama.cpp repacks quantized weights into its CPU backend's "extra
+buffer types" (``use_extra_bufts`` in ``llama_model_params``); on CPUs with AMX (Intel Xeon
+Sapphire Rapids and later) that is the AMX buffer, and llama.cpp as built by llama-cpp-python
+0.3.36 ends in a segmentation fault on the first decode there (ggml-org/llama.cpp#20824). With
+``use_extra_bufts = False`` the weights stay in plain CPU buffers and decode correctly on every
+CPU; llama-cpp-python's ``Llama`` takes no argument for it (its ``**kwargs`` are ignored), so
+these helpers set it on the parameters ``Llama`` starts from. The command-line equivalent is
+``llama-server --no-repack`` (``-nr``; environment ``LLAMA_ARG_REPACK=0``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +85,9 @@ __all__ = [
     "control_vector_to_gguf",
     "gguf_tensor_name",
     "control_vector_layer",
+    "load_llama",
+    "no_repack",
+    "set_control_vector",
     "ARCHITECTURES",
     "add_cli",
 ]
@@ -122,6 +139,169 @@ def _gguf() -> Any:
     except ImportError as e:  # pragma: no cover - gguf is a dependency of the torch extra
         raise InvalidArgumentError("GGUF files need the gguf package: pip install gguf") from e
     return gguf
+
+
+# --------------------------------------------------------------------------- llama.cpp itself
+
+#: Held while :func:`no_repack` has replaced llama-cpp-python's default model parameters.
+_REPACK_LOCK = threading.RLock()
+
+
+def _llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise InvalidArgumentError(
+            "loading a GGUF in llama.cpp needs llama-cpp-python: pip install llama-cpp-python"
+        ) from e
+    return llama_cpp
+
+
+@contextlib.contextmanager
+def no_repack() -> Iterator[None]:
+    """Within the block, every ``llama_cpp.Llama`` loads its weights without repacking.
+
+    llama-cpp-python's ``Llama`` starts from ``llama_cpp.llama_model_default_params()`` and takes
+    no argument for ``use_extra_bufts`` (llama.cpp's ``llama_model_params``: "use extra buffer
+    types (used for weight repacking)"). This context replaces that function in
+    ``llama_cpp.llama_cpp``, the module ``Llama`` calls it from, with one that returns the same
+    parameters with ``use_extra_bufts = False``, and restores it on exit. Weights then stay in
+    plain CPU buffers: what ``llama-server --no-repack`` does, and what keeps llama.cpp from the
+    segmentation fault of its AMX buffer on Intel Sapphire Rapids and later CPUs
+    (ggml-org/llama.cpp#20824). On other CPUs it only skips a load-time optimisation (interleaved
+    layouts of some quantization types for faster matmuls), so decoding may be slower there.
+    Use it where ``Llama`` is built for you (llama-cpp-python's server,
+    ``Llama.from_pretrained``); :func:`load_llama` wraps the common case.
+
+    The replacement is process-wide while the block runs: a ``Llama`` built by another thread
+    meanwhile also loads without repacking. Blocks nest; a lock keeps concurrent blocks from
+    restoring each other's replacement out of order.
+
+    Raises:
+        InvalidArgumentError: llama-cpp-python is not installed, or its ``llama_model_params``
+            has no ``use_extra_bufts`` field (llama.cpp before that parameter existed).
+
+    Example:
+        >>> with no_repack():  # doctest: +SKIP
+        ...     llm = llama_cpp.Llama.from_pretrained("org/repo", "*Q4_K_M.gguf")
+    """
+    llama_cpp = _llama_cpp()
+    native = llama_cpp.llama_cpp
+    if "use_extra_bufts" not in {f[0] for f in native.llama_model_params._fields_}:
+        raise InvalidArgumentError(
+            f"llama-cpp-python {getattr(llama_cpp, '__version__', '?')} has no use_extra_bufts "
+            "model parameter; weight repacking cannot be turned off from Python with it"
+        )
+    with _REPACK_LOCK:
+        original = native.llama_model_default_params
+
+        def default_params() -> Any:
+            params = original()
+            params.use_extra_bufts = False
+            return params
+
+        native.llama_model_default_params = default_params
+        try:
+            yield
+        finally:
+            native.llama_model_default_params = original
+
+
+def load_llama(model_path: str | os.PathLike[str], *, repack: bool = False, **kwargs: Any) -> Any:
+    """``llama_cpp.Llama(model_path, **kwargs)``, without llama.cpp's weight repacking.
+
+    The model loads with ``use_extra_bufts = False`` (see :func:`no_repack`), which runs on every
+    CPU, AMX ones (Intel Sapphire Rapids and later) included; ``repack=True`` keeps llama.cpp's
+    default instead (faster matmuls on some CPUs; crashes on AMX ones with llama-cpp-python
+    0.3.36).
+
+    Args:
+        model_path: The model's ``.gguf`` file.
+        repack: Let llama.cpp repack the weights into its extra buffer types (its default).
+        **kwargs: Passed to ``llama_cpp.Llama`` (``n_ctx``, ``lora_path``, ``logits_all``, ...).
+
+    Returns:
+        The ``llama_cpp.Llama``; ``llm.model_params.use_extra_bufts`` shows what it loaded with.
+
+    Raises:
+        PathNotFoundError: ``model_path`` does not exist.
+        InvalidArgumentError: llama-cpp-python is missing or has no ``use_extra_bufts``.
+
+    Example:
+        >>> llm = load_llama("model.Q4_1.gguf", lora_path="happy-lora.gguf")  # doctest: +SKIP
+        >>> llm.create_completion("Today", max_tokens=8)["choices"][0]["text"]  # doctest: +SKIP
+    """
+    path = Path(model_path)
+    if not path.is_file():
+        raise PathNotFoundError(f"{path}: no such model file")
+    llama_cpp = _llama_cpp()
+    with contextlib.nullcontext() if repack else no_repack():
+        return llama_cpp.Llama(model_path=os.fspath(path), **kwargs)
+
+
+def set_control_vector(
+    llm: Any, vectors: Mapping[str, Any] | str | os.PathLike[str] | None, *, scale: float = 1.0
+) -> None:
+    """Steer a llama-cpp-python model with vectors at ``resid_post`` sites (a control vector).
+
+    What ``llama-server --control-vector-scaled FILE SCALE`` does (``common_control_vector_load``
+    then ``llama_set_adapter_cvec``): ``resid_post.L`` goes to ``direction.L``, at offset
+    ``(L - 1) * n_embd`` of one float32 buffer that starts at layer 1, applied to layers
+    ``1 .. n_layer``; llama.cpp copies it, so ``vectors`` may be freed afterwards. llama-cpp-python
+    exposes ``llama_set_adapter_cvec`` but no ``Llama`` argument or server option for it.
+
+    Args:
+        llm: A ``llama_cpp.Llama``.
+        vectors: ``{site: vector}`` (``resid_post.L`` with ``1 <= L < n_layer``, float vectors of
+            the model's ``n_embd``), a file :func:`rank1fast.vectors.load` reads (a control
+            vector ``.gguf`` as :func:`control_vector_to_gguf` writes it), or ``None`` to clear
+            the control vector.
+        scale: Multiplies every vector.
+
+    Raises:
+        AdapterError: A site that is not ``resid_post.L`` with ``1 <= L < n_layer``, two vectors
+            for one layer, a vector that is not 1-D of size ``n_embd``, or non-finite values.
+        Rank1Error: llama.cpp refused the buffer (its return code is in the message).
+
+    Example:
+        >>> llm = load_llama("model.Q4_1.gguf")                           # doctest: +SKIP
+        >>> set_control_vector(llm, "happy-cv.gguf", scale=0.5)            # doctest: +SKIP
+    """
+    llama_cpp = _llama_cpp()
+    n_embd = int(llm.n_embd())
+    if vectors is None:
+        rc = llama_cpp.llama_set_adapter_cvec(llm.ctx, None, 0, n_embd, -1, -1)
+        if rc != 0:
+            raise Rank1Error(f"llama_set_adapter_cvec returned {rc} clearing the control vector")
+        return
+    if not isinstance(vectors, Mapping):
+        from .vectors import load
+
+        vectors = load(vectors)
+    n_layer = int(llama_cpp.llama_model_n_layer(llm.model))
+    layers: dict[int, np.ndarray] = {}
+    for site, v in vectors.items():
+        layer = control_vector_layer(str(site))
+        if layer >= n_layer:
+            raise AdapterError(f"site {site}: the model has layers 0..{n_layer - 1}")
+        if layer in layers:
+            raise AdapterError(f"site {site}: a second vector for direction.{layer}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            arr = float(scale) * np.asarray(v, dtype=np.float64)
+        if arr.shape != (n_embd,):
+            raise AdapterError(f"site {site}: expected a vector of {n_embd}, got {arr.shape}")
+        if not np.isfinite(arr).all():
+            raise AdapterError(f"site {site}: the scaled vector is not finite")
+        layers[layer] = arr
+    if not layers:
+        raise AdapterError("no steering vectors given")
+    data = np.zeros(n_embd * max(layers), dtype=np.float32)
+    for layer, arr in layers.items():
+        data[(layer - 1) * n_embd : layer * n_embd] = arr
+    ptr = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    rc = llama_cpp.llama_set_adapter_cvec(llm.ctx, ptr, data.size, n_embd, 1, n_layer)
+    if rc != 0:
+        raise Rank1Error(f"llama_set_adapter_cvec returned {rc} for layers {sorted(layers)}")
 
 
 # --------------------------------------------------------------------------- names
