@@ -181,6 +181,7 @@ def main() -> None:
                 eval_texts,
                 max_length=args.max_length,
                 combined=True,
+                each_site=len(vecs) == 1,
                 generate=args.generate,
                 prompts=None,
                 progress=False,

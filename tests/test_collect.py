@@ -611,7 +611,10 @@ def test_quiet_collect_of_the_default_model_prints_no_loading_bars(tmp_path, cap
     from rank1fast.cli import main
 
     out = tmp_path / "d"
-    assert main(["collect", "--sites", "resid_mid.1", "--tokens", "40", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(["collect", "--sites", "resid_mid.1", "--tokens", "40", "--out", str(out), "--quiet"])
+        == 0
+    )
     captured = capsys.readouterr()
     assert "GGUF" not in captured.err and "Loading weights" not in captured.err, captured.err[-500:]
     assert Dump.open(out).tokens == 40

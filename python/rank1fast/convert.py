@@ -14,8 +14,9 @@ inputs ``b`` was fitted on, so convert fits each site on the inputs it will see 
    (:func:`rank1fast.collect` with ``statistics=True``): no dump is written.
 
 Then the adapter is written (:func:`rank1fast.write_adapter`, least squares with the sink
-pinned), verified against hook steering on held-out texts (:func:`rank1fast.verify`, the
-one-hot adapter side by side, with the generation check on chat prompts), the fidelity
+pinned), verified against hook steering on held-out texts (:func:`rank1fast.verify`: all
+sites steered together, and each site alone when there are at most ``EACH_SITE_MAX``; the
+one-hot adapter side by side; the generation check on chat prompts), the fidelity
 table is stored in the adapter's ``rank1fast.json`` (``"convert"``) and printed. The
 directory appears at ``out`` only when all of this has succeeded.
 
@@ -39,6 +40,9 @@ __all__ = ["convert", "fit_report", "add_cli"]
 
 #: Held-out texts verify uses by default (chat conversations and prose interleaved).
 DEFAULT_EVAL_TEXTS = 24
+#: Up to this many sites, verify also steers each site alone (a row per site); beyond, only
+#: all of them together (the workload the adapter was fitted for).
+EACH_SITE_MAX = 6
 #: Prompts of the generation check, and tokens generated per prompt.
 DEFAULT_GENERATE_PROMPTS, DEFAULT_GENERATE_TOKENS = 16, 24
 
@@ -260,6 +264,7 @@ def convert(
                 onehot=report,
                 max_length=max_length,
                 batch_size=batch_size,
+                each_site=len(vecs) <= EACH_SITE_MAX,
                 generate=generate,
                 prompts=_generation_prompts(tok, held) if generate else None,
                 progress=progress,

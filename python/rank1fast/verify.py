@@ -288,6 +288,7 @@ def verify(
     batch_size: int = 4,
     device: str | None = "auto",
     combined: bool = True,
+    each_site: bool = True,
     generate: int = 0,
     prompts: Sequence[str] | None = None,
     progress: bool | None = None,
@@ -314,6 +315,8 @@ def verify(
         batch_size: texts per forward pass.
         device: where to run a model loaded here.
         combined: also evaluate all sites steered together (the row ``"all"``).
+        each_site: evaluate each site steered alone (False: only the ``"all"`` row, for an
+            adapter fitted for all its sites at once).
         generate: with ``n > 0``, also a generation check per row: greedy continuations of
             ``n`` tokens of each prompt under hook steering, then teacher-forced through each
             adapter and through the unsteered model: the share of those tokens each ranks
@@ -332,7 +335,8 @@ def verify(
     Raises:
         AdapterError: an adapter that does not cover a site, loads with missing or unexpected
             keys, or was written with another scale.
-        InvalidArgumentError: no texts, or no vectors.
+        InvalidArgumentError: no texts, or no vectors, or nothing to evaluate
+            (``each_site`` and ``combined`` both False for several sites).
 
     Example:
         >>> fid = rank1fast.verify(None, "happy-lora", "happy.gguf", texts,
@@ -425,9 +429,13 @@ def verify(
                 )
         lora_layers = _lora_layers(peft_model, labels)
 
-        units: list[tuple[str, list[str]]] = [(s, [s]) for s in vecs]
+        units: list[tuple[str, list[str]]] = []
+        if each_site or len(vecs) == 1:
+            units = [(s, [s]) for s in vecs]
         if combined and len(vecs) > 1:
             units.append((ALL_SITES, list(vecs)))
+        if not units:
+            raise InvalidArgumentError("each_site=False and combined=False: nothing to evaluate")
         acc = {u: _Acc(labels) for u, _ in units}
         total_tokens = 0
         batches = [text_list[i : i + batch_size] for i in range(0, len(text_list), batch_size)]
