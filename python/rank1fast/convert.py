@@ -174,7 +174,7 @@ def convert(
         update_adapter_info,
         write_adapter,
     )
-    from .corpus import read_texts, served_corpus
+    from .corpus import chat_prompts, has_chat_template, read_texts, served_corpus
     from .models import load_model, unwrap_model
     from .serving import get_profile
     from .steering import steered_vectors
@@ -266,7 +266,9 @@ def convert(
                 batch_size=batch_size,
                 each_site=len(vecs) <= EACH_SITE_MAX,
                 generate=generate,
-                prompts=_generation_prompts(tok, held) if generate else None,
+                prompts=chat_prompts(tok, "eval", DEFAULT_GENERATE_PROMPTS)
+                if generate and has_chat_template(tok)
+                else None,
                 progress=progress,
             )
             record["fidelity"] = fid.to_json()
@@ -284,20 +286,6 @@ def _base_model_name(is_default: bool, name: str | None) -> str | None:
     from .adapter import DEFAULT_BASE_MODEL
 
     return DEFAULT_BASE_MODEL if is_default else name
-
-
-def _generation_prompts(tokenizer: Any, held: Sequence[str]) -> list[str] | None:
-    """The generation check's prompts: the built-in held-out chat prompts (verify's default)
-    for a chat model, capped at DEFAULT_GENERATE_PROMPTS."""
-    from .corpus import chat_conversations, has_chat_template, render_chat
-
-    if not has_chat_template(tokenizer):
-        return None
-    prompts = []
-    for conv in chat_conversations("eval")[:DEFAULT_GENERATE_PROMPTS]:
-        first = next(i for i, m in enumerate(conv) if m["role"] == "user")
-        prompts.append(render_chat(tokenizer, conv[: first + 1], add_generation_prompt=True))
-    return prompts
 
 
 # --------------------------------------------------------------------------- CLI

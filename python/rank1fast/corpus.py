@@ -46,6 +46,7 @@ __all__ = [
     "render_chat",
     "has_chat_template",
     "served_corpus",
+    "chat_prompts",
     "prose_texts",
     "build_chat_corpus",
 ]
@@ -361,6 +362,21 @@ def prose_texts(split: str = "fit") -> list[str]:
     if split == "fit":  # a stride spreads the documents over the corpus (sorted by source)
         prose = prose[::4] + prose[1::4] + prose[2::4] + prose[3::4]
     return prose
+
+
+def chat_prompts(tokenizer: Any, split: str = "eval", limit: int | None = None) -> list[str]:
+    """The first user turn of each built-in conversation of ``split``, rendered with the
+    model's chat template and its assistant header: prompts for the model to answer.
+
+    Example:
+        >>> chat_prompts(tok, limit=1)[0].endswith("<|im_start|>assistant\\n")  # doctest: +SKIP
+        True
+    """
+    out = []
+    for conv in chat_conversations(split)[:limit]:
+        first = next(i for i, m in enumerate(conv) if m["role"] == "user")
+        out.append(render_chat(tokenizer, conv[: first + 1], add_generation_prompt=True))
+    return out
 
 
 def served_corpus(tokenizer: Any, split: str = "fit", *, prose_every: int = 4) -> list[str]:

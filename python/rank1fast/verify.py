@@ -872,16 +872,12 @@ def _generation_prompts(
     tokenizer: Any, prompts: Sequence[str] | None, texts: Sequence[str]
 ) -> list[list[int]]:
     """Token ids of the generation check's prompts (see ``prompts`` of :func:`verify`)."""
-    from .corpus import chat_conversations, has_chat_template, render_chat
+    from .corpus import chat_prompts, has_chat_template
 
     if prompts is not None:
         ids = [tokenizer(p)["input_ids"] for p in prompts]
     elif has_chat_template(tokenizer):
-        ids = []
-        for conv in chat_conversations("eval"):
-            first = next(i for i, m in enumerate(conv) if m["role"] == "user")
-            text = render_chat(tokenizer, conv[: first + 1], add_generation_prompt=True)
-            ids.append(tokenizer(text)["input_ids"])
+        ids = [tokenizer(p)["input_ids"] for p in chat_prompts(tokenizer, "eval")]
     else:
         ids = [tokenizer(t)["input_ids"][:_PROMPT_TOKENS] for t in texts]
     ids = [i for i in ids if i]
