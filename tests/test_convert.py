@@ -131,7 +131,41 @@ def test_convert_refuses_before_the_fit(smollm, tmp_path):
         rank1fast.convert(smollm, {"resid_post.3": np.ones(5)}, tmp_path / "x", log=None)
     with pytest.raises(InvalidArgumentError, match="unknown serving profile"):
         rank1fast.convert(smollm, v, tmp_path / "y", target="nope", log=None)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(AdapterError, match="afile is not a directory"):
+        rank1fast.convert(smollm, v, tmp_path / "afile" / "sub", log=None)
+    for kwargs, message in [
+        ({"rank": 0}, "rank must be a positive integer"),
+        ({"scale": {"resid_post.3": 2.0}}, "scale must be a finite number"),
+        ({"scale": float("nan")}, "scale must be a finite number"),
+        ({"dtype": "int8"}, "dtype must be one of"),
+        ({"tokens": 0}, "tokens must be at least 1"),
+        ({"eval_texts": []}, "eval_texts holds no texts"),
+    ]:
+        with pytest.raises(InvalidArgumentError, match=message):
+            rank1fast.convert(smollm, v, tmp_path / "n" / "x", log=None, **kwargs)
+    with pytest.raises(InvalidArgumentError, match="got list"):
+        rank1fast.convert(smollm, [np.ones(576)], tmp_path / "z", log=None)
+    with pytest.raises(InvalidArgumentError, match="loaded model"):
+        with rank1fast.steering(None, v):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "taken"]
+
+
+def test_convert_names_sites_canonically_and_the_default_model_by_its_hub_id(smollm, tmp_path):
+    # A loaded default model is recognised (not its package folder); resid_post.-1 is layer 29.
+    path = rank1fast.convert(
+        smollm,
+        {"resid_post.-1": np.ones(576)},
+        tmp_path / "new" / "a",
+        tokens=300,
+        verify=False,
+        log=None,
+        progress=False,
+    )
+    info = rank1fast.adapter.read_adapter_info(path)
+    assert list(info["sites"]) == ["resid_post.29"]
+    assert info["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def test_convert_cli_writes_a_peft_adapter(smollm, tmp_path, held):
@@ -169,4 +203,4 @@ def test_convert_cli_writes_a_peft_adapter(smollm, tmp_path, held):
     info = rank1fast.adapter.read_adapter_info(out)
     assert info["convert"]["fit"]["corpus"] == str(corpus)
     assert "fidelity" not in info["convert"]
-    assert not rank1fast.serving.check(out, "vllm")
+    assert not [p for p in rank1fast.serving.check(out, "vllm") if p.severity == "error"]

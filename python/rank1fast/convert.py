@@ -15,8 +15,8 @@ inputs ``b`` was fitted on, so convert fits each site on the inputs it will see 
 
 Then the adapter is written (:func:`rank1fast.write_adapter`, least squares with the sink
 pinned), verified against hook steering on held-out texts (:func:`rank1fast.verify`: all
-sites steered together, and each site alone when there are at most ``EACH_SITE_MAX``; the
-one-hot adapter side by side; the generation check on chat prompts), the fidelity
+sites steered together, the workload the adapter was fitted for; the one-hot adapter side by
+side; the generation check on chat prompts), the fidelity
 table is stored in the adapter's ``rank1fast.json`` (``"convert"``) and printed. The
 directory appears at ``out`` only when all of this has succeeded.
 
@@ -26,6 +26,8 @@ table and the command).
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import shutil
 import tempfile
@@ -34,15 +36,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidArgumentError
+from .errors import AdapterError, InvalidArgumentError
 
 __all__ = ["convert", "fit_report", "add_cli"]
 
 #: Held-out texts verify uses by default (chat conversations and prose interleaved).
 DEFAULT_EVAL_TEXTS = 24
-#: Up to this many sites, verify also steers each site alone (a row per site); beyond, only
-#: all of them together (the workload the adapter was fitted for).
-EACH_SITE_MAX = 6
 #: Prompts of the generation check, and tokens generated per prompt.
 DEFAULT_GENERATE_PROMPTS, DEFAULT_GENERATE_TOKENS = 16, 24
 
@@ -168,6 +167,7 @@ def convert(
         PosixPath('happy-lora')
     """
     from .adapter import (
+        DTYPES,
         check_destination,
         move_adapter,
         read_adapter_info,
@@ -175,25 +175,64 @@ def convert(
         write_adapter,
     )
     from .corpus import chat_prompts, has_chat_template, read_texts, served_corpus
-    from .models import load_model, unwrap_model
+    from .models import (
+        default_model_path,
+        get_module,
+        load_model,
+        module_dims,
+        resolve_sites,
+        unwrap_model,
+    )
     from .serving import get_profile
     from .steering import steered_vectors
     from .verify import verify as run_verify
 
     say = log or (lambda _msg: None)
     out = Path(out)
-    if tokens < 1:
+    # Everything that can be checked without the model is checked before it loads.
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int)):
+        raise InvalidArgumentError(f"tokens must be an integer or None, got {tokens!r}")
+    if tokens is not None and tokens < 1:
         raise InvalidArgumentError(f"tokens must be at least 1, got {tokens}")
     if generate < 0:
         raise InvalidArgumentError(f"generate must be at least 0, got {generate}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise InvalidArgumentError(f"scale must be a finite number, got {scale!r}")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise InvalidArgumentError(f"rank must be a positive integer or None, got {rank!r}")
+    if dtype not in DTYPES:
+        raise InvalidArgumentError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     get_profile(target)  # an unknown target fails now, not after the fit
     check_destination(out, overwrite)
+    for parent in out.parents:  # the first existing ancestor must be a directory
+        if parent.exists():
+            if not parent.is_dir():
+                raise AdapterError(f"{out}: {parent} is not a directory")
+            break
     vecs = steered_vectors(vectors)
     t_start = time.perf_counter()
 
-    is_default = model is None or model == "default"
     net, tok = load_model(model, device=device, quiet=progress is False)
     name = getattr(unwrap_model(net), "name_or_path", "") or None
+    is_default = model is None or model == "default"
+    with contextlib.suppress(Exception):  # a loaded default model names its package folder
+        is_default = is_default or (name is not None and Path(name) == default_model_path())
+    # Sites by their canonical names (resid_post.-1 -> resid_post.29), sizes checked.
+    canonical: dict[str, Any] = {}
+    for site, v in vecs.items():
+        resolved = resolve_sites(net, [site])
+        if len(resolved) != 1:
+            raise InvalidArgumentError(f"site {site!r} names {len(resolved)} modules; give one")
+        key, path = next(iter(resolved.items()))
+        d_out = module_dims(get_module(net, path))[1]
+        if v.size != d_out:
+            raise InvalidArgumentError(
+                f"site {site} ({path}): the vector has {v.size} values, the module outputs {d_out}"
+            )
+        if key in canonical:
+            raise InvalidArgumentError(f"sites {site!r} and {key!r} are the same module")
+        canonical[key] = v
+    vecs = canonical
     if texts is None:
         fit_texts = served_corpus(tok, "fit")
         held = served_corpus(tok, "eval")[:DEFAULT_EVAL_TEXTS]
@@ -212,10 +251,16 @@ def convert(
     if not fit_texts:
         raise InvalidArgumentError("no fit texts")
     if verify and not held:
-        raise InvalidArgumentError("no held-out texts to verify on (pass eval_texts)")
+        raise InvalidArgumentError(
+            "eval_texts holds no texts"
+            if eval_texts is not None
+            else "no held-out texts to verify on (pass eval_texts)"
+        )
 
     say(
-        f"convert: fitting {', '.join(vecs)} on {tokens:,} tokens of {corpus}"
+        f"convert: fitting {', '.join(vecs)} on "
+        + (f"{tokens:,} tokens" if tokens else "all texts")
+        + f" of {corpus}"
         + (", under the steering" if under_steering else "")
     )
     t0 = time.perf_counter()
@@ -231,15 +276,17 @@ def convert(
         progress=progress,
     )
     fit_seconds = time.perf_counter() - t0
+    created = [p for p in reversed(out.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.convert-", dir=out.parent))
+    done = False
     try:
         adapter = write_adapter(
             report,
             vecs,
             work / "adapter",
             scale=scale,
-            rank=rank or 1,
+            rank=rank if rank is not None else 1,
             dtype=dtype,
             base_model=_base_model_name(is_default, name),
             target=target,
@@ -264,7 +311,7 @@ def convert(
                 onehot=report,
                 max_length=max_length,
                 batch_size=batch_size,
-                each_site=len(vecs) <= EACH_SITE_MAX,
+                each_site=len(vecs) == 1,
                 generate=generate,
                 prompts=chat_prompts(tok, "eval", DEFAULT_GENERATE_PROMPTS)
                 if generate and has_chat_template(tok)
@@ -276,8 +323,13 @@ def convert(
         update_adapter_info(adapter, {"convert": record})
         assert read_adapter_info(adapter) is not None
         move_adapter(adapter, out, overwrite)
+        done = True
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if not done:  # leave no folders behind that this call made
+            for p in reversed(created):
+                with contextlib.suppress(OSError):
+                    p.rmdir()
     say(f"convert: wrote {out} in {time.perf_counter() - t_start:.0f} s")
     return out
 
@@ -325,8 +377,13 @@ def add_cli(sub: Any) -> None:
 
 
 def _run_convert(args: Any) -> int:
+    from .adapter import check_destination
     from .vectors import load
 
+    try:
+        check_destination(args.out, args.overwrite)
+    except AdapterError as e:
+        raise AdapterError(str(e).replace("overwrite=True", "--overwrite")) from None
     vecs = load(args.vectors)
     if args.sites:
         missing = [s for s in args.sites if s not in vecs]

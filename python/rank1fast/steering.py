@@ -65,10 +65,14 @@ def steered_vectors(
         InvalidArgumentError: no vectors, a vector that is not 1-D or not finite, or a scale
             that is not finite.
     """
-    if not isinstance(vectors, Mapping):
+    if isinstance(vectors, (str, os.PathLike)):
         from .vectors import load
 
         vectors = load(vectors)
+    if not isinstance(vectors, Mapping):
+        raise InvalidArgumentError(
+            f"vectors must be {{site: vector}} or a vector file, got {type(vectors).__name__}"
+        )
     if not vectors:
         raise InvalidArgumentError("no steering vectors given")
     out = {}
@@ -120,6 +124,11 @@ def steering(
 
     if isinstance(model, tuple):
         model = model[0]
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidArgumentError(
+            f"steering needs a loaded model or (model, tokenizer), got {type(model).__name__}; "
+            "load one with rank1fast.load_model"
+        )
     vecs = steered_vectors(vectors, scale)
     modules: dict[str, str] = {}
     for site in vecs:
