@@ -354,7 +354,9 @@ def add_cli(sub: Any) -> None:
     )
     p.add_argument("vectors", help="vector file (control-vector .gguf, .safetensors, .npy, .pt)")
     p.add_argument("-o", "--out", required=True, help="the adapter directory to create")
-    p.add_argument("--model", default=None, help="base model (default: built-in SmolLM2-135M)")
+    p.add_argument(
+        "--model", default=None, help="base model (default: built-in SmolLM2-135M-Instruct)"
+    )
     p.add_argument(
         "--corpus",
         default=None,
