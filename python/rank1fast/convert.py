@@ -102,7 +102,7 @@ def convert(
     texts: Any = None,
     eval_texts: Any = None,
     scale: float = 1.0,
-    tokens: int = 40_000,
+    tokens: int | None = 40_000,
     target: str = "peft",
     rank: int | None = None,
     dtype: str = "float32",
@@ -135,7 +135,7 @@ def convert(
             served corpus when ``texts`` is None, else every 8th of ``texts`` (left out of
             the fit).
         scale: the hook steering adds ``scale·v``; ``lora_B = scale·v``.
-        tokens: fit tokens (the online statistics stop there).
+        tokens: fit tokens (the online statistics stop there); None: every fit text.
         target: the server profile (:data:`rank1fast.serving.PROFILES`: ``peft``, ``vllm``,
             ``fireworks``, ``together``, ``cloudflare``); the rank is padded for it.
         rank: the LoRA rank (None: 1, or the target's smallest).
@@ -157,10 +157,14 @@ def convert(
         (:meth:`rank1fast.Fidelity.to_json`).
 
     Raises:
-        AdapterError: ``out`` exists (without ``overwrite``), or the adapter cannot be written
-            (see :func:`rank1fast.write_adapter`).
-        SiteError: a site that does not resolve on the model.
-        InvalidArgumentError: no vectors, a vector of the wrong size, bad numbers.
+        AdapterError: ``out`` exists (without ``overwrite``; or it is not an adapter
+            directory), a path component of ``out`` is a file, or the adapter cannot be
+            written (see :func:`rank1fast.write_adapter`). Checked before the model loads.
+        InvalidArgumentError: no vectors or not a dict/file, a non-finite or non-numeric
+            ``scale``, a bad ``rank``/``dtype``/``tokens``/``generate``, an unknown
+            ``target`` (all before the model loads); a vector of the wrong size, or no
+            held-out texts (before the fit).
+        SiteError: a site that does not resolve on the model (before the fit).
 
     Example:
         >>> rank1fast.convert(None, "happy.gguf", "happy-lora", scale=4.0)      # doctest: +SKIP
