@@ -708,20 +708,29 @@ pub fn sniff(head: &[u8], file_len: u64) -> Option<&'static str> {
         Some("a GGUF file")
     } else if buf.starts_with(b"PK\x03\x04") || buf.starts_with(b"PK\x05\x06") {
         Some("a zip archive (torch.save writes these)")
+    } else if looks_like_safetensors(buf, file_len) {
+        // Before the pickle test: a header length whose low bytes are 0x80 0x02..0x05 (a
+        // 1,408-byte header, say) starts like a pickle's protocol marker.
+        Some("a safetensors file")
     } else if buf.len() >= 2 && buf[0] == 0x80 && (2..=5).contains(&buf[1]) {
         Some("a pickle (torch.save's legacy format)")
-    } else if buf.len() > 9
-        && buf[8..]
-            .iter()
-            .take(4096)
-            .find(|b| !b.is_ascii_whitespace())
-            == Some(&b'{')
-    {
-        let n = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
-        (n <= file_len.saturating_sub(8)).then_some("a safetensors file")
     } else {
         None
     }
+}
+
+/// An 8-byte little-endian header length that fits the file, then (after whitespace) `{`.
+fn looks_like_safetensors(buf: &[u8], file_len: u64) -> bool {
+    if buf.len() <= 9 {
+        return false;
+    }
+    let brace = buf[8..]
+        .iter()
+        .take(4096)
+        .find(|b| !b.is_ascii_whitespace())
+        == Some(&b'{');
+    let n = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
+    brace && n <= file_len.saturating_sub(8)
 }
 
 /// Read a `.npy` file's header (format versions 1-3, little-endian float32/float16, C order;
@@ -969,6 +978,23 @@ mod tests {
         parse_safetensors(buf, Path::new("f.safetensors"))
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn a_header_length_that_starts_like_a_pickle_is_still_safetensors() {
+        // 0x0580 = 1408 bytes of header: the file starts 0x80 0x05, a pickle's protocol 5.
+        let header = format!(
+            "{{\"__metadata__\":{{\"x\":\"{}\"}}}}",
+            "y".repeat(1408 - 25)
+        );
+        assert_eq!(header.len(), 1408);
+        let file = st(&header, &[]);
+        assert_eq!(&file[..2], &[0x80, 0x05]);
+        assert_eq!(sniff(&file, file.len() as u64), Some("a safetensors file"));
+        assert_eq!(
+            sniff(&[0x80, 0x02, b'}', 0, 0], 5),
+            Some("a pickle (torch.save's legacy format)")
+        );
     }
 
     #[test]
