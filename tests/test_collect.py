@@ -536,8 +536,18 @@ def test_sites_gpt2_neox_and_all():
         "resid_mid.1": "transformer.h.1.attn.c_proj",
         "resid_post.1": "transformer.h.1.mlp.c_proj",
     }
+    # Pythia's parallel residual: attention and MLP both read the block's input, so there is
+    # no residual stream between them; the sequential variant has one.
     neox = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**_small()))
-    assert resolve_sites(neox, "resid_mid.2,resid_post.0") == {
+    assert resolve_sites(neox, "resid_post.0") == {
+        "resid_post.0": "gpt_neox.layers.0.mlp.dense_4h_to_h"
+    }
+    with pytest.raises(SiteError, match="in parallel"):
+        resolve_sites(neox, "resid_mid.2")
+    sequential = transformers.GPTNeoXForCausalLM(
+        transformers.GPTNeoXConfig(**_small(use_parallel_residual=False))
+    )
+    assert resolve_sites(sequential, "resid_mid.2,resid_post.0") == {
         "resid_mid.2": "gpt_neox.layers.2.attention.dense",
         "resid_post.0": "gpt_neox.layers.0.mlp.dense_4h_to_h",
     }

@@ -25,6 +25,7 @@ from .errors import (
     Rank1Error,
     Rank1IOError,
     RankDeficientWarning,
+    ResidualSiteError,
     SiteError,
 )
 from .explain import (  # light: torch is imported by the token pass and vector_share()
@@ -67,6 +68,7 @@ __all__ = [
     "Rank1IOError",
     "InvalidArgumentError",
     "SiteError",
+    "ResidualSiteError",
     "AdapterError",
     "RankDeficientWarning",
     "write_adapter",

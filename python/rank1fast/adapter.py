@@ -23,8 +23,9 @@ alone, where pinning would triple the error (and the KL ratio went from 0.4 % to
 An adapter directory holds:
 
 - ``adapter_config.json``: ``peft_type: LORA``, ``r``, ``lora_alpha = r`` (scaling 1), the
-  full module paths in ``target_modules``, ``bias: none``, ``task_type: CAUSAL_LM``,
-  ``base_model_name_or_path``;
+  full module paths in ``target_modules``, ``bias: none``, ``task_type: CAUSAL_LM``
+  (``FEATURE_EXTRACTION`` for a model without an LM head, e.g. an encoder loaded as
+  ``AutoModel``), ``base_model_name_or_path``;
 - ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A.weight`` ``[r, d_in]``
   and ``...lora_B.weight`` ``[d_out, r]`` (extra ranks zero; norms balanced);
 - ``rank1fast.json``: what the adapter steers (site -> module, sizes, scale, method), read by
@@ -52,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from .errors import AdapterError, InvalidArgumentError, Rank1IOError
+from .errors import AdapterError, InvalidArgumentError, Rank1IOError, ResidualSiteError
 from .report import Report
 from .serving import (
     CONFIG_FILE,
@@ -145,7 +146,15 @@ def write_adapter(
     Returns:
         The adapter directory.
 
+    Residual-stream sites (``resid_mid.L``/``resid_post.L``) are written only where the
+    module's output joins the residual stream unchanged (the dump records this per site:
+    :func:`rank1fast.models.site_carrier`); on Granite the vector is divided by the
+    ``residual_multiplier`` the block applies. Post-norm blocks (Gemma 2/3, OLMo-2) are refused.
+
     Raises:
+        ResidualSiteError: a residual-stream site whose module's output is normalised before
+            the residual add (post-norm blocks); the message names the norm and the
+            alternatives (hook steering, or the module's raw path).
         AdapterError: a site missing from the report or without a module path, a vector
             whose size does not match the site, a site without a least-squares direction
             (analysed without second moments), ``out`` existing (without ``overwrite``), or
@@ -403,6 +412,8 @@ class _Sites:
         self.report = report
         self.opts = opts
         self.manifest = _manifest(report)
+        carriers = self.manifest.get("carriers")
+        self.carriers = {**(carriers if isinstance(carriers, dict) else {}), **report.carriers}
         self._done: dict[str, tuple[dict[str, Any], np.ndarray, int | None]] = {}
 
     def get(self, site: str) -> tuple[dict[str, Any], np.ndarray, int | None]:
@@ -427,6 +438,7 @@ class _Sites:
                     "a bare file, not a dump with a manifest); name the site by its module path"
                 )
             module = site
+        gain = self._check_carrier(site)
         if s.count == 0:
             raise AdapterError(f"site {site}: the report holds no tokens for it")
         extra: dict[str, Any]
@@ -451,11 +463,61 @@ class _Sites:
             "direction_error": float(err),
             **extra,
         }
+        if gain != 1.0:
+            info["gain"] = gain
         if self.opts.pin_sink:
             mu0 = s.sink_mean
             if mu0 is not None and np.isfinite(mu0).all() and np.any(mu0):
                 b, info["sink"] = _pinned(s, b, mu0)
         return info, b, _expected_out_dim(self.manifest, site)
+
+    def _check_carrier(self, site: str) -> float:
+        """The gain of a resid_* site's module (what the residual gets per unit of its output;
+        1 but on Granite), after refusing a site no linear module carries faithfully.
+
+        The dump records each site's carrier (``carriers`` in the manifest, from
+        :func:`rank1fast.models.site_carrier`); for a dump made before it did, the model type
+        in the manifest decides.
+        """
+        if not _RESID.match(site):
+            return 1.0
+        c = self.carriers.get(site)
+        if not isinstance(c, dict):
+            c = _legacy_carrier(self.manifest, site)
+        if c.get("kind") in ("fitted", "refused"):
+            raise ResidualSiteError(
+                f"{c.get('reason') or f'site {site}: its module does not join the residual'}. "
+                "No adapter is written for it: rank1fast writes residual-stream sites only "
+                "where a linear module's output joins the residual stream unchanged"
+            )
+        gain = c.get("gain", 1.0)
+        if not isinstance(gain, (int, float)) or not np.isfinite(gain) or gain == 0:
+            raise AdapterError(f"site {site}: the dump records a bad gain {gain!r}")
+        return float(gain)
+
+
+def _legacy_carrier(manifest: dict[str, Any], site: str) -> dict[str, Any]:
+    """A carrier for a dump that does not record one: post-norm families by model type."""
+    model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    kind = model.get("type")
+    if not isinstance(kind, str):
+        return {}
+    try:
+        from .models import FAMILIES
+    except ImportError:  # no torch: nothing to look up
+        return {}
+    fam = FAMILIES.get(kind)
+    norm = None if fam is None else (fam.attn_norm if "mid" in site else fam.mlp_norm)
+    if norm is None:
+        return {}
+    return {
+        "kind": "fitted",
+        "norm": norm,
+        "reason": f"site {site!r} is the residual stream, but {kind} blocks normalise the "
+        f"sublayer output with {norm} before the residual add (a post-norm block; this dump "
+        "predates carrier records). Hook steering (rank1fast.steering) steers the site "
+        "exactly; to adapt the module's output itself, collect with its raw module path",
+    }
 
 
 def _vector(site: str, module: str, vector: Any, expect: int | None) -> np.ndarray:
@@ -492,6 +554,8 @@ def _plan(
         site = str(key)
         shared, b, expect = sites.get(site)
         v = _vector(site, shared["module"], vector, expect)
+        # Granite scales the module output by residual_multiplier before the residual add.
+        written = v / shared.get("gain", 1.0)
         info = {"module": shared["module"], "d_in": shared["d_in"], "d_out": int(v.size)}
         info["tokens"] = shared["tokens"]
         info["direction_error"] = shared["direction_error"]
@@ -499,7 +563,7 @@ def _plan(
         info.update((k, val) for k, val in shared.items() if k not in info)
         infos[site] = info
         directions.append(b)
-        vecs.append(v)
+        vecs.append(written)
     _check_residual_widths(infos)
     modules = [s["module"] for s in infos.values()]
     if len(set(modules)) != len(modules):
@@ -508,7 +572,7 @@ def _plan(
     from . import __version__
 
     base = base_model if base_model is not None else _manifest_model_name(sites.manifest)
-    config = _peft_config(modules, opts.rank, base)
+    config = _peft_config(modules, opts.rank, base, _task_type(sites.manifest))
     if opts.profile.model_types is not None:
         config["model_type"] = _model_type(sites.manifest, base)
     info_doc = {
@@ -765,11 +829,21 @@ def _manifest_model_name(manifest: dict[str, Any]) -> str | None:
 # --------------------------------------------------------------------------- files
 
 
-def _peft_config(modules: list[str], rank: int, base_model: str | None) -> dict[str, Any]:
+def _task_type(manifest: dict[str, Any]) -> str:
+    """PEFT's task type: ``FEATURE_EXTRACTION`` for a model without an LM head (an encoder
+    loaded as ``AutoModel``, which ``PeftModelForCausalLM`` would call with ``labels``)."""
+    model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    task = model.get("task_type")
+    return task if task in ("CAUSAL_LM", "FEATURE_EXTRACTION") else "CAUSAL_LM"
+
+
+def _peft_config(
+    modules: list[str], rank: int, base_model: str | None, task_type: str = "CAUSAL_LM"
+) -> dict[str, Any]:
     # Only keys every PEFT release since 0.6 understands (older releases reject unknown ones).
     return {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": task_type,
         "base_model_name_or_path": base_model,
         "revision": None,
         "r": rank,

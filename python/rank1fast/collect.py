@@ -425,6 +425,7 @@ def collect(
     is_default = model is None or (isinstance(model, str) and model == "default")
     net, tokenizer = load_model(model, device=device, dtype=dtype, quiet=progress is False)
     site_map = resolve_sites(net, sites)
+    carriers = _carriers(net, site_map)
     modules = {name: get_module(net, path) for name, path in site_map.items()}
     dims = {name: module_dims(m) for name, m in modules.items()}
 
@@ -448,6 +449,7 @@ def collect(
             name: {"module": path, "dim": dims[name][0], "out_dim": dims[name][1], "dtype": dname}
             for name, path in site_map.items()
         },
+        "carriers": carriers,
         "shards": [],
         "tokens": 0,
         "documents": 0,
@@ -589,6 +591,7 @@ def _collect_statistics(
         skip_positions=skip_positions,
         source=f"collect(statistics=True) of {manifest['model']['name'] or 'a model'}",
         modules=dict(site_map),
+        carriers=manifest.get("carriers"),
     )
 
 
@@ -983,6 +986,26 @@ class _ShardWriter:
 # --------------------------------------------------------------------------- resume
 
 
+def _carriers(model: nn.Module, site_map: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """How each resid_* site's module joins the residual stream, for the adapter writer
+    (:func:`rank1fast.models.site_carrier`): ``{"kind", "gain"}`` plus, for a post-norm
+    block, ``"norm"`` and ``"reason"``."""
+    from .models import site_carrier
+
+    out = {}
+    for name in site_map:
+        if not name.startswith(("resid_mid.", "resid_post.")):
+            continue
+        c = site_carrier(model, name)
+        entry: dict[str, Any] = {"kind": c.kind, "hook": c.hook, "gain": c.gain}
+        if c.norm is not None:
+            entry["norm"] = c.norm
+        if c.reason is not None:
+            entry["reason"] = c.reason
+        out[name] = entry
+    return out
+
+
 def _model_identity(model: nn.Module, default: bool) -> dict:
     import torch
 
@@ -1006,9 +1029,13 @@ def _model_identity(model: nn.Module, default: bool) -> dict:
     if heads:
         digest.update(torch.cat([h.cpu() for h in heads]).numpy().tobytes())
     dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     return {
         "name": f"default ({DEFAULT_GGUF})" if default else getattr(base, "name_or_path", ""),
         "type": getattr(config, "model_type", None),
+        # PEFT's task type for an adapter on this model: a model without an LM head (an
+        # encoder loaded as AutoModel) is wrapped as feature extraction.
+        "task_type": "CAUSAL_LM" if head is not None else "FEATURE_EXTRACTION",
         "architecture": type(base).__name__,
         "layers": layers,
         "hidden_size": getattr(text, "hidden_size", None),

@@ -10,6 +10,7 @@ __all__ = [
     "InvalidArgumentError",
     "SiteError",
     "AdapterError",
+    "ResidualSiteError",
     "RankDeficientWarning",
 ]
 
@@ -43,6 +44,14 @@ class SiteError(InvalidArgumentError):
 
 class AdapterError(Rank1Error, ValueError):
     """An adapter cannot be written or read as asked."""
+
+
+class ResidualSiteError(SiteError, AdapterError):
+    """No linear module carries a residual-stream site (``resid_mid.L``/``resid_post.L``)
+    faithfully on this model, so no LoRA adapter is written for it: a norm sits between the
+    module and the residual add (post-norm blocks: Gemma 2/3, OLMo-2), or the MLP is a mixture
+    of experts. The message names the norm or the experts and the alternatives; hook steering
+    (:func:`rank1fast.steering`) still steers the site exactly."""
 
 
 class RankDeficientWarning(UserWarning):

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InvalidArgumentError, PathNotFoundError, SiteError
+from .errors import InvalidArgumentError, PathNotFoundError, ResidualSiteError, SiteError
 
 __all__ = [
     "DEFAULT_MODEL_PACKAGE",
@@ -57,19 +57,50 @@ _DEFAULT_VERSION = "0.1.2"
 
 
 @dataclass(frozen=True)
-class _Family:
-    """Where the resid_mid / resid_post modules sit inside one decoder layer."""
+class Family:
+    """How one family's decoder block joins each sublayer's output to the residual stream.
+
+    Attributes:
+        attn_out: the attention output projection (a linear module, relative to the layer).
+        mlp_out: the MLP output projection (relative to the layer); on MoE families the
+            projection of the layers that keep a dense MLP.
+        attn_norm: post-norm ("sandwich") blocks: the norm applied to the attention output
+            before the residual add (its output joins the residual stream; ``attn_out``'s
+            does not).
+        mlp_norm: likewise after the MLP.
+        moe: MoE families: the sparse block replacing the MLP (its output joins the residual
+            stream; no single linear module's output does).
+        gain: the config attribute that scales each sublayer output before the residual add
+            (Granite's ``residual_multiplier``).
+        parallel: attention and MLP read the same input and are added together (GPT-J, Phi-1/2,
+            Cohere; GPT-NeoX when ``use_parallel_residual``, Falcon when ``parallel_attn`` or
+            ``new_decoder_architecture``): True, or the config attributes any of which makes
+            it so. A parallel block has no residual stream between attention and MLP.
+    """
 
     attn_out: str
-    mlp_out: str
+    mlp_out: str | None
+    attn_norm: str | None = None
+    mlp_norm: str | None = None
+    moe: str | None = None
+    gain: str | None = None
+    parallel: bool | tuple[str, ...] = False
 
 
-_LLAMA = _Family("self_attn.o_proj", "mlp.down_proj")
-_GPT2 = _Family("attn.c_proj", "mlp.c_proj")
-_NEOX = _Family("attention.dense", "mlp.dense_4h_to_h")
+_LLAMA = Family("self_attn.o_proj", "mlp.down_proj")
+_SANDWICH = Family(
+    "self_attn.o_proj",
+    "mlp.down_proj",
+    attn_norm="post_attention_layernorm",
+    mlp_norm="post_feedforward_layernorm",
+)
+_GPT2 = Family("attn.c_proj", "mlp.c_proj")
+_NEOX = Family("attention.dense", "mlp.dense_4h_to_h", parallel=("use_parallel_residual",))
+_MOE = Family("self_attn.o_proj", "mlp.down_proj", moe="mlp")
 
-#: Architecture families by ``config.model_type``.
-FAMILIES: dict[str, _Family] = {
+#: Architecture families by ``config.model_type``: the one place that says which module
+#: carries ``resid_mid.L`` / ``resid_post.L`` (see :func:`site_carrier` and the README table).
+FAMILIES: dict[str, Family] = {
     **dict.fromkeys(
         [
             "llama",
@@ -77,29 +108,74 @@ FAMILIES: dict[str, _Family] = {
             "qwen2",
             "qwen3",
             "gemma",
-            "gemma2",
-            "gemma3",
-            "gemma3_text",
             "phi3",
             "olmo",
-            "olmo2",
-            "granite",
-            "cohere",
             "smollm3",
             "helium",
             "glm",
         ],
         _LLAMA,
     ),
+    **dict.fromkeys(["gemma2", "gemma3", "gemma3_text", "olmo2", "olmo3"], _SANDWICH),
+    **dict.fromkeys(["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"], _MOE),
+    "granite": Family("self_attn.o_proj", "mlp.down_proj", gain="residual_multiplier"),
+    "granitemoe": Family(
+        "self_attn.o_proj", None, moe="block_sparse_moe", gain="residual_multiplier"
+    ),
+    "cohere": Family("self_attn.o_proj", "mlp.down_proj", parallel=True),
     "gpt2": _GPT2,
     "gpt_neox": _NEOX,
-    "starcoder2": _Family("self_attn.o_proj", "mlp.c_proj"),
-    "phi": _Family("self_attn.dense", "mlp.fc2"),
-    "gptj": _Family("attn.out_proj", "mlp.fc_out"),
-    "falcon": _Family("self_attention.dense", "mlp.dense_4h_to_h"),
+    "starcoder2": Family("self_attn.o_proj", "mlp.c_proj"),
+    "phi": Family("self_attn.dense", "mlp.fc2", parallel=True),
+    "gptj": Family("attn.out_proj", "mlp.fc_out", parallel=True),
+    "falcon": Family(
+        "self_attention.dense",
+        "mlp.dense_4h_to_h",
+        parallel=("parallel_attn", "new_decoder_architecture"),
+    ),
 }
-# For model types not in the table, these layouts are tried by module names.
-_LAYOUTS = [_LLAMA, _GPT2, _NEOX, FAMILIES["starcoder2"], FAMILIES["phi"], FAMILIES["gptj"]]
+# For model types not in the table, these pre-norm layouts are tried by module names (a layer
+# holding a post-sublayer norm is refused: its sites would not be the residual stream).
+_LAYOUTS = [
+    _LLAMA,
+    _GPT2,
+    Family("attention.dense", "mlp.dense_4h_to_h"),
+    FAMILIES["starcoder2"],
+]
+_POST_NORM_NAMES = re.compile(r"post_(feedforward|ffw|mlp|self_attn|attn)_?(layer)?norm")
+
+#: How an adapter carries a site: its module's output joins the residual stream unchanged
+#: (times a known gain), or a norm sits in between (a LoRA can only approximate the site), or
+#: no linear module carries it.
+EXACT, FITTED, REFUSED = "exact", "fitted", "refused"
+
+
+@dataclass(frozen=True)
+class Carrier:
+    """Which modules carry one site (:func:`site_carrier`).
+
+    Attributes:
+        site: the site name (``resid_post.3``, or a module path).
+        hook: the module whose output :func:`rank1fast.steering` adds to; for ``resid_*``
+            sites that output joins the residual stream directly (times ``gain``).
+        gain: the residual stream moves by ``gain`` times what is added at ``hook``'s output
+            (Granite's ``residual_multiplier``; 1 elsewhere): steering adds ``v / gain``.
+        module: the linear module an adapter uses (its input is what a dump records), or None.
+        kind: ``"exact"`` (``module``'s output joins the residual stream, times ``gain``),
+            ``"fitted"`` (a norm sits between ``module`` and the residual: an adapter can only
+            approximate the site) or ``"refused"`` (no linear module carries it).
+        norm: for ``"fitted"``: the norm between ``module`` and the residual stream.
+        reason: for ``"fitted"`` and ``"refused"``: why, and the alternatives.
+    """
+
+    site: str
+    hook: str
+    gain: float
+    module: str | None
+    kind: str
+    norm: str | None = None
+    reason: str | None = None
+
 
 _RESID = re.compile(r"^(resid_mid|resid_post)\.(-?\d+)(?:-(\d+))?$")
 
@@ -467,7 +543,8 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
     Args:
         model: a transformers model, or a PEFT model wrapping one.
         path: a dotted module path such as ``model.layers.3.self_attn.o_proj``; a
-            ``base_model.model.`` prefix (PEFT's naming) is accepted too.
+            ``base_model.model.`` prefix (PEFT's naming) is accepted too, and so is a path with
+            or without the wrapper's base-model prefix (``bert.encoder...`` / ``encoder...``).
 
     Returns:
         The module (for a PEFT model with a LoRA on it, the LoRA layer wrapping the linear).
@@ -480,7 +557,7 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
         Linear(in_features=1536, out_features=576, bias=False)
     """
     base = unwrap_model(model)
-    canonical = _canonical(path)
+    canonical = _module_path(base, _canonical(path))
     try:
         return base.get_submodule(canonical) if canonical else base
     except AttributeError:
@@ -489,6 +566,22 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
         f"the model ({type(base).__name__}) has no module {path!r}; "
         f"linear modules: {_candidates(base)}"
     )
+
+
+def _module_path(base: nn.Module, path: str) -> str:
+    """``path`` as ``base`` names it: a wrapper's prefix (``bert.``, ``model.``) added when
+    ``base`` is the head model and the path was given relative to the base model
+    (``AutoModel``'s naming), or dropped when ``base`` is the base model; else unchanged."""
+    if not path or _has(base, path):
+        return path
+    prefix = getattr(base, "base_model_prefix", "") or ""
+    if not prefix:
+        return path
+    if isinstance(getattr(base, prefix, None), nn.Module) and _has(base, f"{prefix}.{path}"):
+        return f"{prefix}.{path}"
+    if path.startswith(prefix + ".") and _has(base, path[len(prefix) + 1 :]):
+        return path[len(prefix) + 1 :]
+    return path
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -528,32 +621,205 @@ def _candidates(model: nn.Module, limit: int = 12) -> str:
     return ", ".join(items[:limit]) + more
 
 
-def _layer_list(model: nn.Module) -> tuple[str, nn.ModuleList, _Family]:
+def _layer_list(model: nn.Module) -> tuple[str, nn.ModuleList, Family]:
     """The decoder layer list of ``model`` and the family of its site modules.
 
     The family comes from ``config.model_type`` when the table knows it, else from the module
-    names of the layers (the first layout whose two modules exist in every layer).
+    names of the layers (the first pre-norm layout whose two modules exist in every layer; a
+    layer that holds a post-sublayer norm is refused, since its sites would not be the
+    residual stream).
     """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     known = FAMILIES.get(model_type) if model_type else None
     layouts = [known] if known else _LAYOUTS
-    best: tuple[str, nn.ModuleList, _Family] | None = None
+    best: tuple[str, nn.ModuleList, Family] | None = None
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         for fam in layouts:
-            if all(_has(layer, fam.attn_out) and _has(layer, fam.mlp_out) for layer in module):
+            if all(_has(layer, fam.attn_out) and _has_mlp(layer, fam) for layer in module):
                 if best is None or len(module) > len(best[1]):
                     best = (name, module, fam)
                 break
+    what = f"model type {model_type!r}" if model_type else type(model).__name__
+    if best is not None and known is None:
+        norms = sorted({n for n, _ in best[1][0].named_modules() if _POST_NORM_NAMES.search(n)})
+        if norms:
+            raise SiteError(
+                f"resid_mid/resid_post sites are not known for {what}: its layers hold "
+                f"{', '.join(norms)} (a norm after a sublayer), so no linear module's output is "
+                f"the residual stream; name modules by their path instead. Linear modules: "
+                f"{_candidates(model)}"
+            )
     if best is None:
-        what = f"model type {model_type!r}" if model_type else type(model).__name__
         raise SiteError(
             f"resid_mid/resid_post sites are not known for {what}; name modules by their "
             f"path instead. Linear modules: {_candidates(model)}"
         )
     return best
+
+
+def _has_mlp(layer: nn.Module, fam: Family) -> bool:
+    return (fam.mlp_out is not None and _has(layer, fam.mlp_out)) or (
+        fam.moe is not None and _has(layer, fam.moe)
+    )
+
+
+def _text_config(model: nn.Module) -> Any:
+    config = getattr(model, "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _parallel(fam: Family, config: Any) -> bool:
+    if isinstance(fam.parallel, bool):
+        return fam.parallel
+    return any(bool(getattr(config, attr, False)) for attr in fam.parallel)
+
+
+def _carrier(
+    base: nn.Module, layers: tuple[str, nn.ModuleList, Family], kind: str, i: int
+) -> Carrier:
+    """The :class:`Carrier` of ``resid_mid.i`` or ``resid_post.i`` (kind), per the family table."""
+    prefix, mlist, fam = layers
+    config = _text_config(base)
+    layer = f"{prefix}.{i}"
+    site = f"{kind}.{i}"
+    gain = float(getattr(config, fam.gain)) if fam.gain else 1.0
+    if kind == "resid_mid":
+        if _parallel(fam, config):
+            raise SiteError(
+                f"site {site!r}: {type(mlist[i]).__name__} adds attention and MLP to the residual "
+                "in parallel (both read the block's input), so there is no residual stream "
+                f"between them. Use resid_post.{i} (the residual after block {i}), or the raw "
+                f"path {layer}.{fam.attn_out} to steer the attention output itself"
+            )
+        linear, norm = f"{layer}.{fam.attn_out}", fam.attn_norm
+        other = f"resid_post.{i}"
+    else:
+        norm = fam.mlp_norm
+        dense = fam.mlp_out is not None and _has(mlist[i], fam.mlp_out)
+        if not dense or not is_linear(mlist[i].get_submodule(fam.mlp_out)):
+            return Carrier(
+                site,
+                hook=f"{layer}.{fam.moe}",
+                gain=gain,
+                module=None,
+                kind=REFUSED,
+                reason=_moe_reason(base, layer, fam, i),
+            )
+        linear, other = f"{layer}.{fam.mlp_out}", f"resid_mid.{i}"
+    if norm is None:
+        return Carrier(site, hook=linear, gain=gain, module=linear, kind=EXACT)
+    norm_path = f"{layer}.{norm}"
+    reason = (
+        f"site {site!r} is the residual stream, but {type(mlist[i]).__name__} normalises "
+        f"{linear}'s output with {norm_path} before the residual add (a post-norm block): no "
+        "linear module's output joins the residual stream, and the change needed at "
+        f"{linear}'s output depends on each token (the norm rescales it). Hook steering "
+        f"(rank1fast.steering) adds to {norm_path}'s output, exactly. To steer and adapt "
+        f"{linear}'s output itself (before the norm), name that raw path as the site"
+        + (f"; {other} has the same norm" if other else "")
+    )
+    return Carrier(
+        site, hook=norm_path, gain=gain, module=linear, kind=FITTED, norm=norm_path, reason=reason
+    )
+
+
+def _moe_reason(base: nn.Module, layer: str, fam: Family, i: int) -> str:
+    config = _text_config(base)
+    block = base.get_submodule(f"{layer}.{fam.moe}")
+    n = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    k = getattr(config, "num_experts_per_tok", None)
+    experts = f"a mixture of {n} experts" if n else "a mixture of experts"
+    if k:
+        experts += f", top-{k} routed"
+    # Mixtral and Granite-MoE take a softmax over the top-k (gates sum to 1); Qwen-MoE and
+    # OLMoE renormalise only with norm_topk_prob.
+    renorm = getattr(config, "norm_topk_prob", None)
+    if renorm is None:
+        renorm = getattr(config, "model_type", "") in ("mixtral", "granitemoe")
+    gates = (
+        "The top-k gate weights sum to 1, so a LoRA on every expert's "
+        "down_proj adding v would add sum_k g_k v = v exactly, but"
+        if renorm
+        else "The top-k gate weights are not renormalised (norm_topk_prob=False), so a LoRA on "
+        "every expert's down_proj would add v scaled by the token's gate mass, and"
+    )
+    shared = ""
+    if hasattr(block, "shared_expert") and hasattr(block, "shared_expert_gate"):
+        shared = (
+            f"; its shared expert ({layer}.{fam.moe}.shared_expert.down_proj) reaches the "
+            "residual multiplied by a per-token sigmoid gate, not 1"
+        )
+    fused = ""
+    experts_module = getattr(block, "experts", None)
+    if experts_module is not None and not any(
+        is_linear(m) for m in experts_module.modules() if m is not experts_module
+    ):
+        fused = (
+            f" transformers stores the experts as fused 3-D tensors ({layer}.{fam.moe}.experts), "
+            "not linear modules a LoRA server adapts"
+        )
+    return (
+        f"site 'resid_post.{i}': layer {i}'s MLP ({layer}.{fam.moe}) is {experts}: no single "
+        f"linear module's output joins the residual stream. {gates}{fused}{shared}. Hook "
+        f"steering (rank1fast.steering) steers resid_post.{i} exactly (at the block's output). "
+        f"For an adapter: resid_mid.{i} (the attention output of the same block: the residual "
+        f"after block {i} moves by v too, but the experts of layer {i} see v), resid_mid.{i + 1} "
+        f"(after the next block's attention, which does not see v), or a raw module path"
+    )
+
+
+def site_carrier(model: nn.Module, site: str) -> Carrier:
+    """Which modules carry ``site``: where hook steering adds, and what an adapter can use.
+
+    ``resid_mid.L`` / ``resid_post.L`` mean the residual stream (after layer L's attention /
+    after block L), as llama.cpp's ``direction.L`` and Gemma Scope's ``hook_resid_post`` do.
+    The family table (:data:`FAMILIES`) says which module's output joins the residual there:
+
+    - pre-norm blocks (Llama, Mistral, Qwen, Gemma 1, OLMo, Phi-3, GPT-2, GPT-NeoX, Granite):
+      the output projection itself (``"exact"``; Granite scales it by ``residual_multiplier``,
+      the ``gain``);
+    - post-norm blocks (Gemma 2/3, OLMo-2): the norm after the sublayer (``post_attention_
+      layernorm``, ``post_feedforward_layernorm``) is the hook; an adapter on the projection
+      can only approximate the site (``"fitted"``);
+    - MoE layers: ``resid_post`` is hooked at the sparse block's output; no adapter
+      (``"refused"``);
+    - a raw module path: that module, exactly (its output, whatever follows it).
+
+    Args:
+        model: a transformers model (PEFT wrappers allowed).
+        site: ``resid_mid.L``, ``resid_post.L`` (``L`` may be negative) or a module path.
+
+    Returns:
+        A :class:`Carrier`.
+
+    Raises:
+        SiteError: an unknown architecture, a layer out of range, no such module, or
+            ``resid_mid`` on a parallel-residual block (GPT-NeoX, GPT-J, Phi-1/2, Cohere).
+
+    Example:
+        >>> site_carrier(gemma2, "resid_post.3").hook                       # doctest: +SKIP
+        'model.layers.3.post_feedforward_layernorm'
+    """
+    base = unwrap_model(model)
+    m = _RESID.match(site.strip())
+    if not m or m.group(3) is not None:
+        if site.strip().startswith(("resid_mid", "resid_post")) or "," in site or site == "all":
+            raise SiteError(
+                f"site {site!r}: expected one site (resid_mid.L, resid_post.L or a module path)"
+            )
+        path = _module_path(base, _canonical(site))
+        get_module(base, path)
+        return Carrier(path, hook=path, gain=1.0, module=path, kind=EXACT)
+    layers = _layer_list(base)
+    n = len(layers[1])
+    first = int(m.group(2))
+    index = first + n if first < 0 else first
+    if not 0 <= index < n:
+        raise SiteError(f"site {site!r}: layer {first} out of range (0..{n - 1})")
+    return _carrier(base, layers, m.group(1), index)
 
 
 def _has(module: nn.Module, path: str) -> bool:
@@ -578,23 +844,34 @@ def num_layers(model: nn.Module) -> int:
 
 
 def resolve_sites(model: nn.Module, sites: str | Iterable[str]) -> dict[str, str]:
-    """Map site names to module paths.
+    """Map site names to the linear modules an adapter (and a dump) uses for them.
+
+    For ``resid_*`` sites this is :attr:`Carrier.module` of :func:`site_carrier`: the output
+    projection whose output joins the residual stream (``"exact"``), or on post-norm blocks
+    (Gemma 2/3, OLMo-2) the projection before the norm (``"fitted"``: an adapter there only
+    approximates the site, and :func:`rank1fast.write_adapter` refuses it). Hook steering
+    resolves with :func:`site_carrier` instead, which is exact on every family.
 
     Args:
         model: a transformers model (PEFT wrappers allowed).
         sites: a comma-separated string or a list of: ``resid_mid.L``, ``resid_post.L``
             (``L`` may be negative, counted from the end), ranges ``resid_mid.4-20``
-            (inclusive), ``all`` (every resid_mid and resid_post, layer by layer), or raw
-            module paths of ``nn.Linear``/``Conv1D`` modules (named by the path).
+            (inclusive), ``all`` (every resid_mid and resid_post that a linear module
+            carries, layer by layer: no resid_mid on parallel-residual blocks, no resid_post on
+            MoE layers), or raw module paths of ``nn.Linear``/``Conv1D`` modules (named by the
+            path, with or without the wrapper's prefix: ``encoder.layer.3.output.dense`` and
+            ``bert.encoder.layer.3.output.dense`` name the same module).
 
     Returns:
         ``{site name: module path}`` in the order given, without duplicates; paths are
-        relative to the transformers model (no PEFT prefix).
+        relative to the transformers model (no PEFT prefix) and spelled as in that model.
 
     Raises:
-        SiteError: an unknown architecture for resid_* names, a layer out of range, a path
-            that is no module, or a module that is not linear. The message lists the linear
-            modules of the model.
+        ResidualSiteError: ``resid_post.L`` on an MoE layer (no linear module carries it; the
+            message explains the experts and names the alternatives).
+        SiteError: an unknown architecture for resid_* names, a layer out of range,
+            ``resid_mid`` on a parallel-residual block, a path that is no module, or a module
+            that is not linear. The message lists the linear modules of the model.
 
     Example:
         >>> resolve_sites(model, "resid_mid.3,resid_post.3")                  # doctest: +SKIP
@@ -610,9 +887,9 @@ def resolve_sites(model: nn.Module, sites: str | Iterable[str]) -> dict[str, str
     if not items:
         raise SiteError("no sites given")
     out: dict[str, str] = {}
-    layers: tuple[str, nn.ModuleList, _Family] | None = None
+    layers: tuple[str, nn.ModuleList, Family] | None = None
 
-    def layer_info() -> tuple[str, nn.ModuleList, _Family]:
+    def layer_info() -> tuple[str, nn.ModuleList, Family]:
         nonlocal layers
         if layers is None:
             layers = _layer_list(base)
@@ -621,14 +898,18 @@ def resolve_sites(model: nn.Module, sites: str | Iterable[str]) -> dict[str, str
     for item in items:
         m = _RESID.match(item)
         if item == "all":
-            prefix, mlist, fam = layer_info()
-            for i in range(len(mlist)):
-                out[f"resid_mid.{i}"] = f"{prefix}.{i}.{fam.attn_out}"
-                out[f"resid_post.{i}"] = f"{prefix}.{i}.{fam.mlp_out}"
+            info = layer_info()
+            parallel = _parallel(info[2], _text_config(base))
+            for i in range(len(info[1])):
+                for kind in ("resid_mid", "resid_post"):
+                    if kind == "resid_mid" and parallel:
+                        continue  # no residual stream between attention and MLP
+                    c = _carrier(base, info, kind, i)
+                    if c.module is not None:
+                        out[c.site] = c.module
         elif m:
             kind, first, last = m.group(1), int(m.group(2)), m.group(3)
-            prefix, mlist, fam = layer_info()
-            n = len(mlist)
+            n = len(layer_info()[1])
             if last is None:
                 index = first + n if first < 0 else first
                 if not 0 <= index < n:
@@ -641,15 +922,17 @@ def resolve_sites(model: nn.Module, sites: str | Iterable[str]) -> dict[str, str
                         f"site {item!r}: layer range {first}-{stop} out of range (0..{n - 1})"
                     )
                 indices = list(range(first, stop + 1))
-            rel = fam.attn_out if kind == "resid_mid" else fam.mlp_out
             for i in indices:
-                out[f"{kind}.{i}"] = f"{prefix}.{i}.{rel}"
+                c = _carrier(base, layer_info(), kind, i)
+                if c.module is None:
+                    raise ResidualSiteError(c.reason or f"site {c.site}: no linear module")
+                out[c.site] = c.module
         elif item.startswith(("resid_mid", "resid_post")):
             raise SiteError(
                 f"site {item!r}: expected resid_mid.L, resid_post.L or a range like resid_mid.4-20"
             )
         else:
-            path = _canonical(item)
+            path = _module_path(base, _canonical(item))
             module = get_module(base, path)
             if not is_linear(module):
                 raise SiteError(

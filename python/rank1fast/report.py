@@ -312,12 +312,17 @@ class Report:
         skip_positions: int,
         source: str | None = None,
         modules: dict[str, str] | None = None,
+        carriers: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self._sites = {s.name: s for s in sites}
         self.skip_positions = skip_positions
         self.source = source
         #: site name -> module path, when the dump's manifest says so.
         self.modules = dict(modules or {})
+        #: resid_* site -> how its module joins the residual stream (``kind``, ``gain``,
+        #: ``norm``: see :func:`rank1fast.models.site_carrier`), when the collection recorded
+        #: it here; a dump's manifest holds it too (``carriers``).
+        self.carriers = dict(carriers or {})
 
     @property
     def sites(self) -> list[str]:
@@ -363,6 +368,7 @@ class Report:
             "skip_positions": self.skip_positions,
             "source": self.source,
             "modules": self.modules,
+            "carriers": self.carriers,
             "sites": [],
         }
         for i, s in enumerate(self):
@@ -441,6 +447,7 @@ class Report:
             skip_positions=meta["skip_positions"],
             source=meta.get("source"),
             modules=meta.get("modules"),
+            carriers=meta.get("carriers"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -504,6 +511,7 @@ def merge(reports: Iterable[Report]) -> Report:
     first = reports[0]
     sites: dict[str, SiteReport] = {}
     modules: dict[str, str] = {}
+    carriers: dict[str, dict[str, Any]] = {}
     for r in reports:
         if r.skip_positions != first.skip_positions:
             raise InvalidArgumentError(
@@ -511,6 +519,13 @@ def merge(reports: Iterable[Report]) -> Report:
                 f"and {r.skip_positions}"
             )
         modules.update(r.modules)
+        carriers.update(r.carriers)
         for s in r:
             sites[s.name] = sites[s.name].merge(s) if s.name in sites else s
-    return Report(sites.values(), skip_positions=first.skip_positions, source=None, modules=modules)
+    return Report(
+        sites.values(),
+        skip_positions=first.skip_positions,
+        source=None,
+        modules=modules,
+        carriers=carriers,
+    )

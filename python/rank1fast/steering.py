@@ -1,12 +1,16 @@
 """``rank1fast.steering``: hook-based activation steering, the reference every adapter matches.
 
 Inside ``with rank1fast.steering(model, {site: v}, scale=s):`` every forward pass of ``model``
-adds ``s·v`` to the output of each site's module (``resid_mid.L``: the attention output
-projection of layer L, whose output joins the residual stream; ``resid_post.L``: the MLP
-output projection, so the residual stream after block L moves by ``s·v``; a raw module path:
-that module's output). This is how repeng's ``ControlModel`` and llama.cpp's control vectors
-steer, and it is what :func:`rank1fast.verify`, :func:`rank1fast.verify.calibrate_scale` and
-:func:`rank1fast.convert` compare adapters against.
+moves each site by ``s·v``: ``resid_mid.L`` and ``resid_post.L`` are the residual stream (after
+layer L's attention, after block L), whatever module carries it on the model's family
+(:func:`rank1fast.models.site_carrier`): the output projection on pre-norm blocks (Llama & co.;
+Granite's ``residual_multiplier`` divided out), the norm after the sublayer on post-norm blocks
+(Gemma 2/3, OLMo-2: ``post_attention_layernorm``, ``post_feedforward_layernorm``), the sparse
+block on MoE layers. A raw module path steers that module's output, whatever follows it (on a
+post-norm block, ``model.layers.L.mlp.down_proj`` is steered before the norm rescales it). This
+is how repeng's ``ControlModel``, llama.cpp's control vectors and Gemma Scope's
+``hook_resid_post`` steer, and it is what :func:`rank1fast.verify`,
+:func:`rank1fast.verify.calibrate_scale` and :func:`rank1fast.convert` compare adapters against.
 
 The hooks are plain ``register_forward_hook`` hooks, removed on exit (also on an exception);
 they work on a PEFT-wrapped model too (the LoRA layer's output is steered). Several
@@ -33,9 +37,10 @@ class Steering:
     """What a :func:`steering` block applies (returned by ``with ... as s``).
 
     Attributes:
-        modules: ``{site: module path}`` steered.
-        vectors: ``{site: float64 [d_out] array}``: the vector added at each site, scale
-            included.
+        modules: ``{site: module path}`` hooked (for ``resid_*`` sites the module whose output
+            joins the residual stream: :attr:`rank1fast.models.Carrier.hook`).
+        vectors: ``{site: float64 [d_out] array}``: how far each site moves, scale included
+            (on Granite the hook adds it divided by ``residual_multiplier``).
     """
 
     def __init__(self, modules: dict[str, str], vectors: dict[str, np.ndarray]) -> None:
@@ -95,7 +100,11 @@ def steering(
     vectors: Mapping[str, Any] | str | os.PathLike[str],
     scale: float | Mapping[str, float] = 1.0,
 ) -> Iterator[Steering]:
-    """Add ``scale·v`` to each site's module output for every forward pass in the block.
+    """Move each site by ``scale·v`` for every forward pass in the block.
+
+    ``resid_mid.L``/``resid_post.L`` move the residual stream by exactly ``scale·v`` on every
+    family (see the module docs and :func:`rank1fast.models.site_carrier`); a module path adds
+    ``scale·v`` to that module's output.
 
     Args:
         model: a transformers model (PEFT wrappers allowed) or a ``(model, tokenizer)`` pair.
@@ -106,10 +115,12 @@ def steering(
         scale: one multiplier for every vector, or ``{site: multiplier}``.
 
     Yields:
-        A :class:`Steering` naming the modules and the vectors added (scale included).
+        A :class:`Steering` naming the hooked modules and the vectors moving each site (scale
+        included).
 
     Raises:
-        SiteError: a site that does not resolve on this model.
+        SiteError: a site that does not resolve on this model (``resid_mid.L`` on a
+            parallel-residual block has no residual stream to move).
         InvalidArgumentError: a vector whose size is not the module's output size, or one that
             is not 1-D / finite.
 
@@ -120,7 +131,7 @@ def steering(
     """
     import torch
 
-    from .models import get_module, module_dims, resolve_sites
+    from .models import _text_config, get_module, module_dims, site_carrier, unwrap_model
 
     if isinstance(model, tuple):
         model = model[0]
@@ -130,16 +141,13 @@ def steering(
             "load one with rank1fast.load_model"
         )
     vecs = steered_vectors(vectors, scale)
-    modules: dict[str, str] = {}
+    carriers = {}
     for site in vecs:
-        resolved = resolve_sites(model, [site])
-        if len(resolved) != 1:
-            raise SiteError(
-                f"site {site!r} names {len(resolved)} modules; give one site per vector"
-            )
-        modules[site] = next(iter(resolved.values()))
+        carriers[site] = site_carrier(model, site)
+    modules = {site: c.hook for site, c in carriers.items()}
     if len(set(modules.values())) != len(modules):
         raise SiteError(f"two sites name the same module: {modules}")
+    hidden = getattr(_text_config(unwrap_model(model)), "hidden_size", None)
     handles = []
     try:
         for site, path in modules.items():
@@ -147,20 +155,24 @@ def steering(
             try:
                 d_out = module_dims(module)[1]
             except SiteError:
-                d_out = None
+                d_out = hidden if carriers[site].site.startswith("resid_") else None
             v = vecs[site]
             if d_out is not None and v.size != d_out:
                 raise InvalidArgumentError(
                     f"site {site} ({path}): the vector has {v.size} values, the module outputs "
                     f"{d_out}"
                 )
+            added = v / carriers[site].gain  # Granite: the residual gets gain x the output
             cache: dict[tuple[Any, Any], torch.Tensor] = {}
 
-            def hook(_m: Any, _i: Any, out: Any, v: np.ndarray = v, cache: dict = cache) -> Any:
-                key = (out.device, out.dtype)
+            def hook(_m: Any, _i: Any, out: Any, v: np.ndarray = added, cache: dict = cache) -> Any:
+                first = out[0] if isinstance(out, tuple) else out
+                key = (first.device, first.dtype)
                 t = cache.get(key)
                 if t is None:
-                    t = cache[key] = torch.as_tensor(v, dtype=out.dtype, device=out.device)
+                    t = cache[key] = torch.as_tensor(v, dtype=first.dtype, device=first.device)
+                if isinstance(out, tuple):
+                    return (first + t, *out[1:])
                 return out + t
 
             handles.append(module.register_forward_hook(hook))
