@@ -41,6 +41,11 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "resolve_sites",
+    "site_carrier",
+    "site_carriers",
+    "Carrier",
+    "Family",
+    "FAMILIES",
     "get_module",
     "num_layers",
     "unwrap_model",
@@ -299,8 +304,11 @@ def load_model(
             - an already loaded model: a ``(model, tokenizer)`` tuple, or a bare model whose
               tokenizer is loaded from ``model.name_or_path``.
 
-            Causal LMs load with ``AutoModelForCausalLM``; other checkpoints (encoders) fall
-            back to ``AutoModel``.
+            A checkpoint loads as the causal LM its ``config.architectures`` declares; an
+            encoder (BERT and the like: a sentence-transformers folder, a masked-LM head) or
+            any other declared class loads as the base ``AutoModel``, so module paths are those
+            of the user's own ``AutoModel`` (``encoder.layer.3.output.dense``) and adapters
+            load with ``PeftModel.from_pretrained`` on it.
         device: ``"auto"`` (CUDA, then MPS, then CPU) or a torch device. A model that was
             passed in already loaded stays where it is under ``"auto"``; an explicit device
             moves it (in place). Models dispatched by accelerate (``hf_device_map``) are never
@@ -410,17 +418,47 @@ def _load_pretrained(source: Any, dtype: torch.dtype | None) -> tuple[nn.Module,
             kwargs[dtype_key] = torch.float32  # GGUF weights dequantize to float32
     where = f"{directory}/{gguf}" if gguf else str(directory)
     try:
-        try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(directory, **kwargs)
-        except ValueError as e:
-            if "Unrecognized configuration class" not in str(e):
-                raise
-            model = transformers.AutoModel.from_pretrained(directory, **kwargs)
+        model = _model_class(directory, gguf).from_pretrained(directory, **kwargs)
         tok_kwargs = {"gguf_file": gguf} if gguf else {}
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory, **tok_kwargs)
     except (OSError, ValueError) as e:
         raise InvalidArgumentError(f"cannot load model {where}: {e}") from e
     return model, tokenizer
+
+
+def _model_class(directory: Any, gguf: str | None) -> Any:
+    """The class to load a checkpoint with: the causal LM its ``config.architectures``
+    declares; else (an encoder such as BERT, a base model, a head that is no LM, e.g.
+    ``BertForMaskedLM``) ``AutoModel``, whose module paths are those of the user's own
+    ``AutoModel`` (no ``bert.`` prefix); a config declaring nothing loads with
+    ``AutoModelForCausalLM`` unless its model type is an encoder's (one with a masked-LM
+    head). Raises what ``AutoConfig`` raises."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    if gguf is not None:
+        return transformers.AutoModelForCausalLM
+    config = transformers.AutoConfig.from_pretrained(directory)
+    model_type = getattr(config, "model_type", None)
+    causal = {
+        n
+        for names in (
+            modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type),
+            getattr(modeling_auto, "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", {}).get(
+                model_type
+            ),
+        )
+        if names
+        for n in ([names] if isinstance(names, str) else names)
+    }
+    declared = list(getattr(config, "architectures", None) or [])
+    for name in declared:
+        if name in causal and hasattr(transformers, name):
+            return getattr(transformers, name)
+    if declared or model_type in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        # An encoder, a base model, or a task head that is no LM: the base model.
+        return transformers.AutoModel
+    return transformers.AutoModelForCausalLM
 
 
 def _transformers_version() -> tuple[int, int]:
@@ -878,6 +916,29 @@ def resolve_sites(model: nn.Module, sites: str | Iterable[str]) -> dict[str, str
         {'resid_mid.3': 'model.layers.3.self_attn.o_proj',
          'resid_post.3': 'model.layers.3.mlp.down_proj'}
     """
+    return {site: c.module for site, c in site_carriers(model, sites).items()}  # type: ignore[misc]
+
+
+def site_carriers(
+    model: nn.Module, sites: str | Iterable[str], *, adapter: bool = True
+) -> dict[str, Carrier]:
+    """:func:`site_carrier` of every site in ``sites`` (expanded as :func:`resolve_sites`
+    expands them).
+
+    Args:
+        model: a transformers model (PEFT wrappers allowed).
+        sites: as for :func:`resolve_sites`.
+        adapter: True: only sites a linear module carries (as :func:`resolve_sites`: an MoE
+            ``resid_post`` raises, ``all`` leaves it out, a raw path must be linear); False:
+            every site hook steering can move (an MoE ``resid_post`` is its sparse block, a raw
+            path any module).
+
+    Returns:
+        ``{site name: Carrier}`` in the order given, without duplicates.
+
+    Raises:
+        ResidualSiteError, SiteError: as :func:`resolve_sites`.
+    """
     base = unwrap_model(model)
     if isinstance(sites, str):
         specs = [sites]
@@ -886,7 +947,7 @@ def resolve_sites(model: nn.Module, sites: str | Iterable[str]) -> dict[str, str
     items = [s.strip() for spec in specs for s in str(spec).split(",") if s.strip()]
     if not items:
         raise SiteError("no sites given")
-    out: dict[str, str] = {}
+    out: dict[str, Carrier] = {}
     layers: tuple[str, nn.ModuleList, Family] | None = None
 
     def layer_info() -> tuple[str, nn.ModuleList, Family]:
@@ -905,8 +966,8 @@ def resolve_sites(model: nn.Module, sites: str | Iterable[str]) -> dict[str, str
                     if kind == "resid_mid" and parallel:
                         continue  # no residual stream between attention and MLP
                     c = _carrier(base, info, kind, i)
-                    if c.module is not None:
-                        out[c.site] = c.module
+                    if c.module is not None or not adapter:
+                        out[c.site] = c
         elif m:
             kind, first, last = m.group(1), int(m.group(2)), m.group(3)
             n = len(layer_info()[1])
@@ -924,9 +985,9 @@ def resolve_sites(model: nn.Module, sites: str | Iterable[str]) -> dict[str, str
                 indices = list(range(first, stop + 1))
             for i in indices:
                 c = _carrier(base, layer_info(), kind, i)
-                if c.module is None:
+                if c.module is None and adapter:
                     raise ResidualSiteError(c.reason or f"site {c.site}: no linear module")
-                out[c.site] = c.module
+                out[c.site] = c
         elif item.startswith(("resid_mid", "resid_post")):
             raise SiteError(
                 f"site {item!r}: expected resid_mid.L, resid_post.L or a range like resid_mid.4-20"
@@ -934,10 +995,10 @@ def resolve_sites(model: nn.Module, sites: str | Iterable[str]) -> dict[str, str
         else:
             path = _module_path(base, _canonical(item))
             module = get_module(base, path)
-            if not is_linear(module):
+            if adapter and not is_linear(module):
                 raise SiteError(
                     f"site {item!r} is a {type(module).__name__}, not a linear module; "
                     f"linear modules: {_candidates(base)}"
                 )
-            out[path] = path
+            out[path] = Carrier(path, hook=path, gain=1.0, module=path, kind=EXACT)
     return out

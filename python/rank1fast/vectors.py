@@ -74,7 +74,8 @@ def contrastive(
 ) -> np.ndarray | Vectors:
     """A CAA-style steering vector: mean site output on ``positive`` minus on ``negative``.
 
-    The site module's OUTPUT (what steering adds to) is recorded for every prompt, reduced to
+    What the site adds to the residual stream (the output of the module steering hooks:
+    :attr:`rank1fast.models.Carrier.hook`, times its gain) is recorded for every prompt, reduced to
     one vector per prompt (the mean over its tokens, or its last token) and averaged over the
     prompts of each side; the vector is ``mean(positive) - mean(negative)``.
 
@@ -108,14 +109,18 @@ def contrastive(
     """
     import torch
 
-    from .models import get_module, load_model, resolve_sites
+    from .models import get_module, load_model, site_carriers
 
     if tokens not in ("mean", "last"):
         raise InvalidArgumentError(f"tokens must be 'mean' or 'last', got {tokens!r}")
     positive, negative = _prompts(positive, "positive"), _prompts(negative, "negative")
     single = isinstance(site, str) and "," not in site
     model, tokenizer = load_model(model, device=device)
-    modules = resolve_sites(model, site)
+    # What steering adds to: for resid_* sites the module whose output joins the residual
+    # stream (the post-sublayer norm on Gemma 2/3 and OLMo-2, the sparse block on MoE layers),
+    # its output times the block's gain (Granite) being the residual's share.
+    carriers = site_carriers(model, site, adapter=False)
+    modules = {name: c.hook for name, c in carriers.items()}
     device_ = next(model.parameters()).device
 
     def side(prompts: list[str]) -> dict[str, np.ndarray]:
@@ -148,7 +153,7 @@ def contrastive(
         return {s: v / len(prompts) for s, v in sums.items()}
 
     pos, neg = side(positive), side(negative)
-    vectors = {s: pos[s] - neg[s] for s in modules}
+    vectors = {s: (pos[s] - neg[s]) * carriers[s].gain for s in modules}
     return next(iter(vectors.values())) if single else vectors
 
 
