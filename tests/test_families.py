@@ -313,3 +313,119 @@ def test_granite_adapter_divides_the_residual_multiplier(tokenizer, tmp_path):
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+# --------------------------------------------------------------------------- encoders
+
+
+def _bert_config(tokenizer):
+    return transformers.BertConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def test_encoder_checkpoint_end_to_end_with_automodel_paths(tokenizer, tmp_path):
+    peft = pytest.importorskip("peft")
+    from rank1fast.models import load_model, resolve_sites
+
+    # A plain checkpoint directory as sentence-transformers ships them: BertModel weights.
+    torch.manual_seed(0)
+    ckpt = tmp_path / "bert"
+    transformers.BertModel(_bert_config(tokenizer)).save_pretrained(ckpt)
+    tokenizer.save_pretrained(ckpt)
+    model, _ = load_model(str(ckpt), device="cpu")
+    assert type(model).__name__ == "BertModel"  # not BertLMHeadModel (no bert. prefix)
+    site = "encoder.layer.1.output.dense"
+    assert resolve_sites(model, f"bert.{site}") == {f"bert.{site}": site}
+    # An encoder head checkpoint loads as its base model too.
+    mlm = tmp_path / "mlm"
+    transformers.BertForMaskedLM(_bert_config(tokenizer)).save_pretrained(mlm)
+    tokenizer.save_pretrained(mlm)
+    assert type(load_model(str(mlm), device="cpu")[0]).__name__ == "BertModel"
+    head = transformers.BertForMaskedLM(_bert_config(tokenizer))
+    assert resolve_sites(head, site) == {site: f"bert.{site}"}
+    with rank1fast.steering(head, {site: np.ones(32)}) as st:
+        assert st.modules == {site: f"bert.{site}"}
+
+    texts = ["A sentence to embed.", "Another, somewhat longer sentence to embed here."] * 4
+    dump = rank1fast.collect(
+        str(ckpt),
+        texts,
+        [site],
+        tmp_path / "d",
+        device="cpu",
+        storage_dtype="float32",
+        progress=False,
+    )
+    assert dump.sites == {site: site}
+    report = rank1fast.analyze(dump.path)
+    v = np.random.default_rng(0).normal(size=32)
+    adapter = rank1fast.write_adapter(report, {site: v}, tmp_path / "a", pin_sink=False)
+
+    user = transformers.AutoModel.from_pretrained(ckpt).eval()  # the user's own model
+    wrapped = peft.PeftModel.from_pretrained(user, adapter).eval()
+    assert wrapped.peft_config["default"].task_type == "FEATURE_EXTRACTION"
+    lora = wrapped.get_submodule(f"base_model.model.{site}")
+    seen = {}
+    lora.register_forward_pre_hook(lambda _m, args: seen.__setitem__("x", args[0]))
+    lora.register_forward_hook(lambda _m, _i, out: seen.__setitem__("y", out))
+    batch = tokenizer(texts[:2], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        wrapped(**batch)
+        x, y = seen["x"].double(), seen["y"].double()
+        with wrapped.disable_adapter():
+            wrapped(**batch)
+        y0 = seen["y"].double()
+    b = torch.as_tensor(report[site].direction.vector)
+    want = (x @ b)[..., None] * torch.as_tensor(v)
+    torch.testing.assert_close(y - y0, want, atol=1e-4, rtol=1e-4)
+    assert want.abs().max() > 0.1  # the adapter acts
+
+
+# --------------------------------------------------------------------------- vector files
+
+
+def test_control_vector_and_gemma_scope_sae_steer_the_residual_of_a_post_norm_model(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from rank1fast import vectors
+
+    torch.manual_seed(0)
+    model = FAMILIES["gemma2"][0]().eval()
+    ids = torch.tensor([[5, 17, 30, 99, 12]])
+    rng = np.random.default_rng(3)
+    # A llama.cpp control vector (cvector-generator's layout): direction.L for block L.
+    w = gguf.GGUFWriter(str(tmp_path / "c.gguf"), "controlvector")
+    w.add_string("controlvector.model_hint", "gemma2")
+    w.add_uint32("controlvector.layer_count", 2)
+    directions = {layer: rng.normal(size=64).astype(np.float32) for layer in (1, 2)}
+    for layer, d in directions.items():
+        w.add_tensor(f"direction.{layer}", d)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    cvec = vectors.load(tmp_path / "c.gguf")
+    assert sorted(cvec) == ["resid_post.1", "resid_post.2"]
+    # A Gemma Scope residual-stream SAE (blocks.1.hook_resid_post), feature 4.
+    folder = tmp_path / "gemma-scope-2b-pt-res" / "layer_1" / "width_16k" / "average_l0_71"
+    folder.mkdir(parents=True)
+    w_dec = rng.normal(size=(10, 64)).astype(np.float32)
+    np.savez(folder / "params.npz", W_enc=w_dec.T.copy(), W_dec=w_dec)
+    sae = vectors.from_sae(folder, 4)
+    assert list(sae) == ["resid_post.1"]
+
+    for layer, vecs, want in (
+        (1, {"resid_post.1": cvec["resid_post.1"]}, directions[1]),
+        (2, {"resid_post.2": cvec["resid_post.2"]}, directions[2]),
+        (1, sae, w_dec[4]),
+    ):
+        _, base = _capture(model, ids, layer, None)
+        _, steered = _capture(model, ids, layer, None, vecs)
+        moved = (steered - base).double().numpy()[0]
+        np.testing.assert_allclose(moved, np.broadcast_to(want, moved.shape), atol=2e-5)

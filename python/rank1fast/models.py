@@ -901,8 +901,9 @@ def resolve_sites(model: nn.Module, sites: str | Iterable[str]) -> dict[str, str
             ``bert.encoder.layer.3.output.dense`` name the same module).
 
     Returns:
-        ``{site name: module path}`` in the order given, without duplicates; paths are
-        relative to the transformers model (no PEFT prefix) and spelled as in that model.
+        ``{site name: module path}`` in the order given, without duplicates; a raw path's
+        site is named as given, its module path relative to the transformers model (no PEFT
+        prefix) and spelled as in that model.
 
     Raises:
         ResidualSiteError: ``resid_post.L`` on an MoE layer (no linear module carries it; the
@@ -1000,5 +1001,6 @@ def site_carriers(
                     f"site {item!r} is a {type(module).__name__}, not a linear module; "
                     f"linear modules: {_candidates(base)}"
                 )
-            out[path] = Carrier(path, hook=path, gain=1.0, module=path, kind=EXACT)
+            name = _canonical(item)  # named as given; the module as this model spells it
+            out[name] = Carrier(name, hook=path, gain=1.0, module=path, kind=EXACT)
     return out
