@@ -174,15 +174,15 @@ def test_steering_moves_the_residual_by_exactly_s_v(family, kind):
 
 
 def test_carrier_kinds(family):
-    from rank1fast.models import EXACT, FITTED, REFUSED, resolve_sites, site_carrier
+    from rank1fast.models import EXACT, NORMED, REFUSED, resolve_sites, site_carrier
 
     name, model = family
     post = site_carrier(model, "resid_post.1")
     if name in POST_NORM:
-        assert post.kind == FITTED and post.norm.endswith("post_feedforward_layernorm")
+        assert post.kind == NORMED and post.norm.endswith("post_feedforward_layernorm")
         assert post.hook == post.norm and post.module.endswith("mlp.down_proj")
         mid = site_carrier(model, "resid_mid.1")
-        assert mid.kind == FITTED and mid.norm.endswith("post_attention_layernorm")
+        assert mid.kind == NORMED and mid.norm.endswith("post_attention_layernorm")
     elif name in MOE_SPARSE:
         assert post.kind == REFUSED and post.module is None and post.hook.endswith(".mlp")
         with pytest.raises(ResidualSiteError, match="experts") as e:
@@ -253,7 +253,7 @@ def _collect(model, tokenizer, sites, out, **kw):
 def test_post_norm_adapter_is_refused_naming_the_norm(tokenizer, tmp_path):
     model = _with_vocab("gemma2", tokenizer)
     dump = _collect(model, tokenizer, "resid_post.1,resid_mid.2", tmp_path / "d")
-    assert dump.manifest["carriers"]["resid_post.1"]["kind"] == "fitted"
+    assert dump.manifest["carriers"]["resid_post.1"]["kind"] == "normed"
     report = rank1fast.analyze(dump.path)
     v = np.random.default_rng(0).normal(size=64)
     for site, norm in (
@@ -297,9 +297,17 @@ def _lora_product(adapter, module):
     return b @ a
 
 
-def test_granite_adapter_divides_the_residual_multiplier(tokenizer, tmp_path):
+def test_granite_adapter_divides_the_residual_multiplier(tokenizer, prose, tmp_path):
     model = _with_vocab("granite", tokenizer)
-    dump = _collect(model, tokenizer, "resid_post.1", tmp_path / "d")
+    dump = rank1fast.collect(
+        (model, tokenizer),
+        prose[:40],
+        "resid_post.1",
+        tmp_path / "d",
+        storage_dtype="float32",
+        max_tokens=3000,
+        progress=False,
+    )
     assert dump.manifest["carriers"]["resid_post.1"]["gain"] == pytest.approx(0.22)
     report = rank1fast.analyze(dump.path)
     v = np.random.default_rng(0).normal(size=64)
@@ -313,6 +321,12 @@ def test_granite_adapter_divides_the_residual_multiplier(tokenizer, tmp_path):
         rtol=1e-5,
         atol=1e-6,
     )
+    # verify steers the module by v / gain too: the adapter's output error is that of the
+    # rank-1 fit (b·x ≈ 1), not the 1/0.22 - 1 = 3.5 a module steered by v would show.
+    fid = rank1fast.verify(
+        (model, tokenizer), out, {"resid_post.1": v}, texts=prose[40:44], scale=2.0
+    )
+    assert fid["resid_post.1"].adapters["least-squares"].output_error < 1.0
 
 
 # --------------------------------------------------------------------------- encoders

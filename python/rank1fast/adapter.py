@@ -484,7 +484,7 @@ class _Sites:
         c = self.carriers.get(site)
         if not isinstance(c, dict):
             c = _legacy_carrier(self.manifest, site)
-        if c.get("kind") in ("fitted", "refused"):
+        if c.get("kind") in ("normed", "refused"):
             raise ResidualSiteError(
                 f"{c.get('reason') or f'site {site}: its module does not join the residual'}. "
                 "No adapter is written for it: rank1fast writes residual-stream sites only "
@@ -511,7 +511,7 @@ def _legacy_carrier(manifest: dict[str, Any], site: str) -> dict[str, Any]:
     if norm is None:
         return {}
     return {
-        "kind": "fitted",
+        "kind": "normed",
         "norm": norm,
         "reason": f"site {site!r} is the residual stream, but {kind} blocks normalise the "
         f"sublayer output with {norm} before the residual add (a post-norm block; this dump "

@@ -152,7 +152,7 @@ _POST_NORM_NAMES = re.compile(r"post_(feedforward|ffw|mlp|self_attn|attn)_?(laye
 #: How an adapter carries a site: its module's output joins the residual stream unchanged
 #: (times a known gain), or a norm sits in between (a LoRA can only approximate the site), or
 #: no linear module carries it.
-EXACT, FITTED, REFUSED = "exact", "fitted", "refused"
+EXACT, NORMED, REFUSED = "exact", "normed", "refused"
 
 
 @dataclass(frozen=True)
@@ -167,10 +167,11 @@ class Carrier:
             (Granite's ``residual_multiplier``; 1 elsewhere): steering adds ``v / gain``.
         module: the linear module an adapter uses (its input is what a dump records), or None.
         kind: ``"exact"`` (``module``'s output joins the residual stream, times ``gain``),
-            ``"fitted"`` (a norm sits between ``module`` and the residual: an adapter can only
-            approximate the site) or ``"refused"`` (no linear module carries it).
-        norm: for ``"fitted"``: the norm between ``module`` and the residual stream.
-        reason: for ``"fitted"`` and ``"refused"``: why, and the alternatives.
+            ``"normed"`` (a norm sits between ``module`` and the residual: an adapter could
+            only approximate the site; :func:`rank1fast.write_adapter` refuses it) or
+            ``"refused"`` (no linear module carries it).
+        norm: for ``"normed"``: the norm between ``module`` and the residual stream.
+        reason: for ``"normed"`` and ``"refused"``: why, and the alternatives.
     """
 
     site: str
@@ -760,7 +761,7 @@ def _carrier(
         + (f"; {other} has the same norm" if other else "")
     )
     return Carrier(
-        site, hook=norm_path, gain=gain, module=linear, kind=FITTED, norm=norm_path, reason=reason
+        site, hook=norm_path, gain=gain, module=linear, kind=NORMED, norm=norm_path, reason=reason
     )
 
 
@@ -819,9 +820,11 @@ def site_carrier(model: nn.Module, site: str) -> Carrier:
     - pre-norm blocks (Llama, Mistral, Qwen, Gemma 1, OLMo, Phi-3, GPT-2, GPT-NeoX, Granite):
       the output projection itself (``"exact"``; Granite scales it by ``residual_multiplier``,
       the ``gain``);
-    - post-norm blocks (Gemma 2/3, OLMo-2): the norm after the sublayer (``post_attention_
-      layernorm``, ``post_feedforward_layernorm``) is the hook; an adapter on the projection
-      can only approximate the site (``"fitted"``);
+    - post-norm blocks (Gemma 2/3, OLMo-2): the norm after the sublayer
+      (``post_attention_layernorm``, ``post_feedforward_layernorm``) is the hook; an adapter
+      on the projection could only approximate the site (``"normed"``);
+    - parallel blocks (GPT-NeoX with ``use_parallel_residual``, GPT-J, Phi-1/2, Cohere):
+      ``resid_post`` as above; ``resid_mid`` does not exist (SiteError);
     - MoE layers: ``resid_post`` is hooked at the sparse block's output; no adapter
       (``"refused"``);
     - a raw module path: that module, exactly (its output, whatever follows it).
@@ -886,7 +889,7 @@ def resolve_sites(model: nn.Module, sites: str | Iterable[str]) -> dict[str, str
 
     For ``resid_*`` sites this is :attr:`Carrier.module` of :func:`site_carrier`: the output
     projection whose output joins the residual stream (``"exact"``), or on post-norm blocks
-    (Gemma 2/3, OLMo-2) the projection before the norm (``"fitted"``: an adapter there only
+    (Gemma 2/3, OLMo-2) the projection before the norm (``"normed"``: an adapter there only
     approximates the site, and :func:`rank1fast.write_adapter` refuses it). Hook steering
     resolves with :func:`site_carrier` instead, which is exact on every family.
 

@@ -404,6 +404,16 @@ def verify(
                 unknown.append(site)
         if unknown:
             modules.update(resolve_sites(base, unknown))
+        # Granite scales the module's output by residual_multiplier before the residual add;
+        # the adapter holds v / gain (rank1fast.json), so the module is steered by that too.
+        for site in vecs:
+            gains = {
+                float(i["sites"][site].get("gain", 1.0))
+                for i in infos.values()
+                if i and site in i.get("sites", {})
+            }
+            if len(gains) == 1 and (gain := gains.pop()) != 1.0:
+                vecs[site] = vecs[site] / gain
         for label, path in adapters.items():
             targets = _target_modules(Path(path))
             missing = [s for s, m in modules.items() if m not in targets]
