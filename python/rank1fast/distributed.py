@@ -695,6 +695,8 @@ def join_parts(out: str | os.PathLike[str], world: int | None = None) -> Dump:
     }
     if "outputs" in first:
         manifest["outputs"] = first["outputs"]
+    if "carriers" in first:  # how each resid_* site joins the residual (the adapter reads it)
+        manifest["carriers"] = first["carriers"]
     _write_json_atomic(out / _MANIFEST, manifest)
     return Dump.open(out)
 
