@@ -264,6 +264,14 @@ def test_post_norm_adapter_is_refused_naming_the_norm(tokenizer, tmp_path):
             rank1fast.write_adapter(report, {site: v}, tmp_path / "a")
         assert norm in str(e.value) and "raw path" in str(e.value)
     assert not (tmp_path / "a").exists()
+    # A dump from before carriers were recorded: the model type decides.
+    import json
+
+    manifest = json.loads((dump.path / "manifest.json").read_text())
+    del manifest["carriers"]
+    (dump.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ResidualSiteError, match="post_feedforward_layernorm"):
+        rank1fast.write_adapter(rank1fast.analyze(dump.path), {"resid_post.1": v}, tmp_path / "a")
     # The same refusal from in-memory statistics (no manifest on disk).
     stats = _collect(model, tokenizer, "resid_post.1", None, statistics=True)
     with pytest.raises(ResidualSiteError, match="post_feedforward_layernorm"):

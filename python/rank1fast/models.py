@@ -2,12 +2,16 @@
 
 A *site* is where steering is added and which linear module carries the LoRA (see DESIGN.md):
 
-- ``resid_mid.L``: the attention output projection of layer ``L`` (its output is added to the
-  residual stream mid-layer), e.g. ``model.layers.L.self_attn.o_proj``;
-- ``resid_post.L``: the MLP output projection of layer ``L`` (the residual after layer ``L``),
-  e.g. ``model.layers.L.mlp.down_proj``;
-- a raw module path (any ``nn.Linear`` or GPT-2 style ``Conv1D``) in any architecture,
-  encoders included; the site is then named by the path.
+- ``resid_mid.L``: the residual stream after layer ``L``'s attention;
+- ``resid_post.L``: the residual stream after block ``L``;
+- a raw module path (any module for steering; an ``nn.Linear`` or GPT-2 style ``Conv1D`` for
+  a dump or an adapter) in any architecture, encoders included; the site is then named by the
+  path, and means that module's output.
+
+Which module carries a ``resid_*`` site depends on the family: :data:`FAMILIES` is the one
+table, :func:`site_carrier` reads it for a loaded model (the module hook steering adds to, the
+linear module an adapter uses, and whether that adapter is exact), :func:`resolve_sites` gives
+the adapter's modules.
 
 Module paths are always given relative to the underlying transformers model: for a PEFT-wrapped
 model, ``model.layers.3.self_attn.o_proj`` and ``base_model.model.model.layers.3.self_attn.o_proj``
