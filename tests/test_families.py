@@ -283,6 +283,23 @@ def test_post_norm_adapter_is_refused_naming_the_norm(tokenizer, tmp_path):
     assert (out / "adapter_model.safetensors").is_file()
 
 
+def test_convert_refuses_a_post_norm_site_before_the_fit(tokenizer, tmp_path, monkeypatch):
+    model = _with_vocab("gemma2", tokenizer)
+
+    def no_fit(*_a, **_k):
+        raise AssertionError("convert collected before refusing the site")
+
+    import sys
+
+    monkeypatch.setattr(sys.modules["rank1fast.convert"], "fit_report", no_fit)
+    v = np.random.default_rng(0).normal(size=64)
+    with pytest.raises(ResidualSiteError, match="post_feedforward_layernorm"):
+        rank1fast.convert(
+            (model, tokenizer), {"resid_post.1": v}, tmp_path / "a", texts=["a text"] * 8, log=None
+        )
+    assert not (tmp_path / "a").exists()
+
+
 def test_moe_resid_post_is_refused_and_resid_mid_is_written(tokenizer, tmp_path):
     model = _with_vocab("mixtral", tokenizer)
     with pytest.raises(ResidualSiteError, match="mixture of 4 experts"):

@@ -36,7 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import AdapterError, InvalidArgumentError
+from .errors import AdapterError, InvalidArgumentError, ResidualSiteError
 
 __all__ = ["convert", "fit_report", "add_cli"]
 
@@ -165,6 +165,8 @@ def convert(
             ``target`` (all before the model loads); a vector of the wrong size, or no
             held-out texts (before the fit).
         SiteError: a site that does not resolve on the model (before the fit).
+        ResidualSiteError: a ``resid_*`` site no linear module carries exactly on this model
+            (post-norm blocks: Gemma 2/3, OLMo-2; MoE ``resid_post``), before the fit.
 
     Example:
         >>> rank1fast.convert(None, "happy.gguf", "happy-lora", scale=4.0)      # doctest: +SKIP
@@ -185,6 +187,7 @@ def convert(
         load_model,
         module_dims,
         resolve_sites,
+        site_carrier,
         unwrap_model,
     )
     from .serving import get_profile
@@ -235,6 +238,13 @@ def convert(
             )
         if key in canonical:
             raise InvalidArgumentError(f"sites {site!r} and {key!r} are the same module")
+        carrier = site_carrier(net, key)
+        if carrier.kind != "exact":  # refused before the fit, not after it (write_adapter's rule)
+            raise ResidualSiteError(
+                f"{carrier.reason or f'site {key}: its module does not join the residual'}. "
+                "convert writes residual-stream sites only where a linear module's output joins "
+                "the residual stream unchanged; rank1fast.steering steers this site exactly"
+            )
         canonical[key] = v
     vecs = canonical
     if texts is None:
