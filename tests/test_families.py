@@ -211,6 +211,16 @@ def test_moe_messages_tell_the_gates_apart():
     assert site_carrier(qwen, "resid_post.0").module == "model.layers.0.mlp.down_proj"
 
 
+def test_moe_message_on_the_last_layer_names_no_layer_past_the_end():
+    from rank1fast.models import site_carrier
+
+    torch.manual_seed(0)
+    model = FAMILIES["mixtral"][0]()  # 3 layers
+    reason = site_carrier(model, "resid_post.-1").reason
+    assert "resid_mid.2" in reason and "resid_mid.3" not in reason
+    assert "resid_mid.2" in site_carrier(model, "resid_post.1").reason
+
+
 def test_raw_module_path_steers_the_module_output_before_the_norm():
     # On a post-norm block the raw path means the module's output: the norm then rescales it,
     # so the residual does NOT move by v (this is what resid_post used to do silently).
@@ -468,3 +478,46 @@ def test_control_vector_and_gemma_scope_sae_steer_the_residual_of_a_post_norm_mo
         _, steered = _capture(model, ids, layer, None, vecs)
         moved = (steered - base).double().numpy()[0]
         np.testing.assert_allclose(moved, np.broadcast_to(want, moved.shape), atol=2e-5)
+
+
+def test_encoder_adapter_from_statistics_or_convert_is_feature_extraction(tokenizer, tmp_path):
+    # The in-memory statistics (and convert, which fits from them) have no manifest on disk:
+    # the adapter must still be written for AutoModel, not as a causal LM PEFT cannot wrap.
+    peft = pytest.importorskip("peft")
+    from rank1fast.errors import InvalidArgumentError
+    from rank1fast.report import Report
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "bert"
+    transformers.BertModel(_bert_config(tokenizer)).save_pretrained(ckpt)
+    tokenizer.save_pretrained(ckpt)
+    site = "encoder.layer.1.output.dense"
+    texts = ["A sentence to embed.", "Another, somewhat longer sentence to embed here."] * 8
+    v = np.random.default_rng(0).normal(size=32)
+    stats = rank1fast.collect(
+        str(ckpt), texts, [site], None, statistics=True, device="cpu", progress=False
+    )
+    assert stats.task_type == "FEATURE_EXTRACTION"
+    stats.save(tmp_path / "r.npz")
+    assert Report.load(tmp_path / "r.npz").task_type == "FEATURE_EXTRACTION"
+    assert rank1fast.merge([stats]).task_type == "FEATURE_EXTRACTION"
+    written = [rank1fast.write_adapter(stats, {site: v}, tmp_path / "a", pin_sink=False)]
+    # convert cannot verify without an LM head: refused before the fit, nothing written.
+    with pytest.raises(InvalidArgumentError, match="no LM head"):
+        rank1fast.convert(str(ckpt), {site: v}, tmp_path / "c", texts=texts, device="cpu", log=None)
+    assert not (tmp_path / "c").exists()
+    written.append(
+        rank1fast.convert(
+            str(ckpt), {site: v}, tmp_path / "c", texts=texts, device="cpu", verify=False, log=None
+        )
+    )
+    batch = tokenizer(texts[:2], return_tensors="pt", padding=True)
+    for adapter in written:
+        user = transformers.AutoModel.from_pretrained(ckpt).eval()
+        wrapped = peft.PeftModel.from_pretrained(user, adapter).eval()
+        assert wrapped.peft_config["default"].task_type == "FEATURE_EXTRACTION"
+        with torch.no_grad():
+            y = wrapped(**batch).last_hidden_state
+            with wrapped.disable_adapter():
+                y0 = wrapped(**batch).last_hidden_state
+        assert (y - y0).abs().max() > 1e-3  # the adapter acts

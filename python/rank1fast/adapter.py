@@ -572,7 +572,8 @@ def _plan(
     from . import __version__
 
     base = base_model if base_model is not None else _manifest_model_name(sites.manifest)
-    config = _peft_config(modules, opts.rank, base, _task_type(sites.manifest))
+    task = _task_type(sites.manifest, getattr(sites.report, "task_type", None))
+    config = _peft_config(modules, opts.rank, base, task)
     if opts.profile.model_types is not None:
         config["model_type"] = _model_type(sites.manifest, base)
     info_doc = {
@@ -829,11 +830,12 @@ def _manifest_model_name(manifest: dict[str, Any]) -> str | None:
 # --------------------------------------------------------------------------- files
 
 
-def _task_type(manifest: dict[str, Any]) -> str:
+def _task_type(manifest: dict[str, Any], recorded: str | None = None) -> str:
     """PEFT's task type: ``FEATURE_EXTRACTION`` for a model without an LM head (an encoder
-    loaded as ``AutoModel``, which ``PeftModelForCausalLM`` would call with ``labels``)."""
+    loaded as ``AutoModel``, which ``PeftModelForCausalLM`` would call with ``labels``), from
+    the dump's manifest or else the report's ``task_type`` (in-memory statistics, convert)."""
     model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
-    task = model.get("task_type")
+    task = model.get("task_type") or recorded
     return task if task in ("CAUSAL_LM", "FEATURE_EXTRACTION") else "CAUSAL_LM"
 
 

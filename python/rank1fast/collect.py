@@ -592,6 +592,7 @@ def _collect_statistics(
         source=f"collect(statistics=True) of {manifest['model']['name'] or 'a model'}",
         modules=dict(site_map),
         carriers=manifest.get("carriers"),
+        task_type=manifest["model"].get("task_type"),
     )
 
 

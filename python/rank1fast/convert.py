@@ -162,8 +162,9 @@ def convert(
             written (see :func:`rank1fast.write_adapter`). Checked before the model loads.
         InvalidArgumentError: no vectors or not a dict/file, a non-finite or non-numeric
             ``scale``, a bad ``rank``/``dtype``/``tokens``/``generate``, an unknown
-            ``target`` (all before the model loads); a vector of the wrong size, or no
-            held-out texts (before the fit).
+            ``target`` (all before the model loads); a vector of the wrong size, no
+            held-out texts, or ``verify`` on a model without an LM head (an encoder), before
+            the fit.
         SiteError: a site that does not resolve on the model (before the fit).
         ResidualSiteError: a ``resid_*`` site no linear module carries exactly on this model
             (post-norm blocks: Gemma 2/3, OLMo-2; MoE ``resid_post``), before the fit.
@@ -192,6 +193,7 @@ def convert(
     )
     from .serving import get_profile
     from .steering import steered_vectors
+    from .verify import require_lm_head
     from .verify import verify as run_verify
 
     say = log or (lambda _msg: None)
@@ -220,6 +222,8 @@ def convert(
     t_start = time.perf_counter()
 
     net, tok = load_model(model, device=device, quiet=progress is False)
+    if verify:
+        require_lm_head(net)  # an encoder has no next-token distribution: refused before the fit
     name = getattr(unwrap_model(net), "name_or_path", "") or None
     is_default = model is None or model == "default"
     with contextlib.suppress(Exception):  # a loaded default model names its package folder

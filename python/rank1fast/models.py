@@ -804,13 +804,20 @@ def _moe_reason(base: nn.Module, layer: str, fam: Family, i: int) -> str:
             f" transformers stores the experts as fused 3-D tensors ({layer}.{fam.moe}.experts), "
             "not linear modules a LoRA server adapts"
         )
+    # The next block's resid_mid exists only below the last layer.
+    last = i + 1 >= len(_layer_list(base)[1])
+    after = (
+        ""
+        if last
+        else f"resid_mid.{i + 1} (after the next block's attention, which does not see v), "
+    )
     return (
         f"site 'resid_post.{i}': layer {i}'s MLP ({layer}.{fam.moe}) is {experts}: no single "
         f"linear module's output joins the residual stream. {gates}{fused}{shared}. Hook "
         f"steering (rank1fast.steering) steers resid_post.{i} exactly (at the block's output). "
         f"For an adapter: resid_mid.{i} (the attention output of the same block: the residual "
-        f"after block {i} moves by v too, but the experts of layer {i} see v), resid_mid.{i + 1} "
-        f"(after the next block's attention, which does not see v), or a raw module path"
+        f"after block {i} moves by v too, but the experts of layer {i} see v), {after}"
+        "or a raw module path"
     )
 
 

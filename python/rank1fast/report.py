@@ -313,6 +313,7 @@ class Report:
         source: str | None = None,
         modules: dict[str, str] | None = None,
         carriers: dict[str, dict[str, Any]] | None = None,
+        task_type: str | None = None,
     ) -> None:
         self._sites = {s.name: s for s in sites}
         self.skip_positions = skip_positions
@@ -323,6 +324,10 @@ class Report:
         #: ``norm``: see :func:`rank1fast.models.site_carrier`), when the collection recorded
         #: it here; a dump's manifest holds it too (``carriers``).
         self.carriers = dict(carriers or {})
+        #: PEFT task type of the collected model (``CAUSAL_LM``, or ``FEATURE_EXTRACTION`` for
+        #: a model without an LM head), when the collection recorded it here; a dump's
+        #: manifest holds it too (``model.task_type``).
+        self.task_type = task_type
 
     @property
     def sites(self) -> list[str]:
@@ -369,6 +374,7 @@ class Report:
             "source": self.source,
             "modules": self.modules,
             "carriers": self.carriers,
+            "task_type": self.task_type,
             "sites": [],
         }
         for i, s in enumerate(self):
@@ -448,6 +454,7 @@ class Report:
             source=meta.get("source"),
             modules=meta.get("modules"),
             carriers=meta.get("carriers"),
+            task_type=meta.get("task_type"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -528,4 +535,5 @@ def merge(reports: Iterable[Report]) -> Report:
         source=None,
         modules=modules,
         carriers=carriers,
+        task_type=next((r.task_type for r in reports if r.task_type), None),
     )

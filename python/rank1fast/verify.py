@@ -275,6 +275,22 @@ def default_eval_texts() -> list[str]:
     return default_corpus()[EVAL_OFFSET::EVAL_STRIDE]
 
 
+def require_lm_head(model: Any) -> None:
+    """Raise :class:`InvalidArgumentError` unless ``model`` has an LM head: verification
+    compares next-token distributions, which a model without one (an encoder loaded as
+    ``AutoModel``) does not give."""
+    from .models import unwrap_model
+
+    base = unwrap_model(model)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if head is None:
+        raise InvalidArgumentError(
+            f"{type(base).__name__} has no LM head, so there is no next-token distribution to "
+            "verify an adapter against; write it without verification (convert(..., "
+            "verify=False) / rank1fast convert --no-verify, or collect + analyze + write_adapter)"
+        )
+
+
 def verify(
     model: Any,
     adapter: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]],
@@ -336,7 +352,8 @@ def verify(
         AdapterError: an adapter that does not cover a site, loads with missing or unexpected
             keys, or was written with another scale.
         InvalidArgumentError: no texts, or no vectors, or nothing to evaluate
-            (``each_site`` and ``combined`` both False for several sites).
+            (``each_site`` and ``combined`` both False for several sites), or a model without
+            an LM head (an encoder loaded as ``AutoModel``: no next-token distribution).
 
     Example:
         >>> fid = rank1fast.verify(None, "happy-lora", "happy.gguf", texts,
@@ -380,6 +397,7 @@ def verify(
             _agreed_scale(scale, {"one-hot": infos["one-hot"]})
 
         base, tokenizer = load_model(model, device=device)
+        require_lm_head(base)
         was_loaded = isinstance(model, tuple) or isinstance(model, torch.nn.Module)
         text_list = default_eval_texts() if texts is None else list(read_texts(texts, tokenizer))
         text_list = [t for t in text_list if t.strip()]
