@@ -910,7 +910,9 @@ def resolve_sites(model: nn.Module, sites: str | Iterable[str]) -> dict[str, str
             (``L`` may be negative, counted from the end), ranges ``resid_mid.4-20``
             (inclusive), ``all`` (every resid_mid and resid_post that a linear module
             carries, layer by layer: no resid_mid on parallel-residual blocks, no resid_post on
-            MoE layers), or raw module paths of ``nn.Linear``/``Conv1D`` modules (named by the
+            MoE layers; on post-norm blocks, Gemma 2/3 and OLMo-2, it lists the projections
+            whose inputs a dump can record although :func:`rank1fast.write_adapter` refuses
+            adapters for them), or raw module paths of ``nn.Linear``/``Conv1D`` modules (named by the
             path, with or without the wrapper's prefix: ``encoder.layer.3.output.dense`` and
             ``bert.encoder.layer.3.output.dense`` name the same module).
 
