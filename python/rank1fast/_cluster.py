@@ -55,8 +55,8 @@ def _reduce_site_stats(st: _core.SiteStats) -> tuple[Any, tuple[Any, ...]]:
 
 
 # Registered on import (``import rank1fast`` imports rank1fast.distributed, which imports this
-# module): SiteStats, SiteReport and
-# Report then pickle with pickle, cloudpickle, multiprocessing and Ray.
+# module): SiteStats, SiteReport and Report then pickle with pickle, cloudpickle,
+# multiprocessing and Ray.
 copyreg.pickle(_core.SiteStats, _reduce_site_stats)
 
 
