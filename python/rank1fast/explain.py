@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from ._peft import lora_pairs, peft_scaling, read_peft
 from .errors import AdapterError, DumpError, InvalidArgumentError, PathNotFoundError, Rank1Error
 from .report import Report, SiteReport
 
@@ -445,39 +446,23 @@ def _peft_dir(
 
 def _read_loras(path: Path) -> list[_Lora]:
     """Every LoRA module of a PEFT adapter directory, with PEFT's scaling."""
-    from .llamacpp import _PEFT_KEY, _peft_scaling, _read_peft
-
-    config, tensors = _read_peft(path)
+    config, tensors = read_peft(path)
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise AdapterError(f"{path}: peft_type {config.get('peft_type')!r}; only LoRA is read")
     if config.get("use_dora"):
         raise AdapterError(
             f"{path}: a DoRA adapter (use_dora) rescales the weight's columns; it is not B A x"
         )
-    pairs: dict[str, dict[str, np.ndarray]] = {}
-    for key, t in tensors.items():
-        m = _PEFT_KEY.match(key)
-        if not m:
-            raise AdapterError(
-                f"{path}: tensor {key!r} is not a lora_A/lora_B weight (explain reads LoRAs of "
-                "linear modules only: no embeddings, biases or modules_to_save)"
-            )
-        pairs.setdefault(m.group(1), {})[m.group(2)] = np.asarray(t, dtype=np.float64)
-    if not pairs:
-        raise AdapterError(f"{path}: holds no LoRA tensors")
+    pairs = lora_pairs(
+        tensors,
+        path,
+        "explain reads LoRAs of linear modules only: no embeddings, biases or modules_to_save",
+    )
     out = []
-    for module, ab in pairs.items():
-        if set(ab) != {"A", "B"}:
-            raise AdapterError(f"{path}: module {module} has lora_{''.join(ab)} only")
-        a, b = ab["A"], ab["B"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise AdapterError(
-                f"{path}: module {module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} "
-                "are not [r, d_in] and [d_out, r]"
-            )
+    for module, (a, b) in pairs.items():
         if not (np.isfinite(a).all() and np.isfinite(b).all()):
             raise AdapterError(f"{path}: module {module}: non-finite LoRA weights")
-        out.append(_Lora(module, a, b, float(_peft_scaling(config, module))))
+        out.append(_Lora(module, a, b, float(peft_scaling(config, module))))
     return out
 
 

@@ -70,6 +70,7 @@ from typing import Any
 import numpy as np
 
 from . import _files
+from ._peft import CONFIG_FILE, WEIGHTS_FILE, lora_pairs, peft_config, peft_scaling, read_peft
 from .errors import (
     AdapterError,
     DumpError,
@@ -117,7 +118,6 @@ _MODULE = re.compile(
     + r")$"
 )
 _GGUF_LORA = re.compile(r"^blk\.(\d+)\.(" + "|".join(_STEM) + r")\.weight\.lora_(a|b)$")
-_PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_(A|B)\.weight$")
 _RESID_POST = re.compile(r"^resid_post\.(-?\d+)$")
 _RESID_MID = re.compile(r"^resid_mid\.(-?\d+)$")
 _DOWN_PROJ = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.mlp\.down_proj$")
@@ -128,8 +128,6 @@ _META_HEADS = "rank1fast.head_count"
 _META_KV_HEADS = "rank1fast.head_count_kv"
 _META_FOLDED = "rank1fast.scaling_folded"
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 INFO_FILE = "rank1fast.json"
 
 
@@ -489,63 +487,6 @@ def _permute(w: np.ndarray, n_head: int, inverse: bool = False) -> np.ndarray:
 # --------------------------------------------------------------------------- PEFT -> GGUF
 
 
-def _read_peft(adapter: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    config_path = adapter / CONFIG_FILE
-    if not config_path.is_file():
-        raise AdapterError(f"{adapter}: not a PEFT adapter directory (no {CONFIG_FILE})")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as e:
-        raise AdapterError(f"{config_path}: unreadable: {e}") from e
-    if not isinstance(config, dict):
-        raise AdapterError(f"{config_path}: not a JSON object")
-    weights = adapter / WEIGHTS_FILE
-    tensors: dict[str, np.ndarray] = {}
-    try:
-        if weights.is_file():
-            header, _ = _files.safetensors_header(weights)
-            tensors = {k: np.array(_files.tensor_array(weights, t)) for k, t in header.items()}
-        elif (adapter / "adapter_model.bin").is_file():
-            import torch
-
-            if _files.kind(adapter / "adapter_model.bin") == _files.TORCH_ZIP:
-                _files.check_torch_zip(adapter / "adapter_model.bin")
-            sd = torch.load(adapter / "adapter_model.bin", map_location="cpu", weights_only=True)
-            tensors = {k: v.detach().float().numpy() for k, v in sd.items()}
-        else:
-            raise AdapterError(f"{adapter}: no {WEIGHTS_FILE} (or adapter_model.bin)")
-    except (OSError, ValueError, RuntimeError) as e:
-        if isinstance(e, (AdapterError, DumpError)):
-            raise
-        raise AdapterError(f"{adapter}: unreadable adapter weights: {e}") from e
-    return config, tensors
-
-
-def _pattern(pattern: Any, module: str, default: Any) -> Any:
-    """PEFT's rank_pattern/alpha_pattern lookup: the first key that names ``module``'s suffix."""
-    if not isinstance(pattern, Mapping):
-        return default
-    for key, value in pattern.items():
-        try:
-            if re.match(rf"(.*\.)?(?:{key})$", module):
-                return value
-        except re.error:
-            if module == key or module.endswith("." + str(key)):
-                return value
-    return default
-
-
-def _peft_scaling(config: Mapping[str, Any], module: str) -> float:
-    """PEFT's multiplier of ``B A x`` for ``module``: ``lora_alpha / r`` (``/ sqrt(r)`` with
-    ``use_rslora``), per module through ``rank_pattern`` / ``alpha_pattern`` (PEFT's
-    ``LoraLayer.update_layer``; a config without them: r = 8, lora_alpha = r)."""
-    r = float(_pattern(config.get("rank_pattern"), module, config.get("r", 8)))
-    alpha = float(
-        _pattern(config.get("alpha_pattern"), module, config.get("lora_alpha", config.get("r", 8)))
-    )
-    return alpha / (np.sqrt(r) if config.get("use_rslora") else r)
-
-
 def _check_config(config: dict[str, Any], where: Path) -> None:
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise AdapterError(f"{where}: peft_type {config.get('peft_type')!r}; only LORA converts")
@@ -608,43 +549,25 @@ def lora_to_gguf(
     if dtype not in _DTYPES:
         raise AdapterError(f"dtype must be one of {', '.join(_DTYPES)}; got {dtype!r}")
     _check_file_out(out, overwrite)
-    config, tensors = _read_peft(adapter)
+    config, tensors = read_peft(adapter)
     _check_config(config, adapter)
     info_path = adapter / INFO_FILE
     info = info_path.read_text() if info_path.is_file() else None
     base_info = _load_base(base)
     arch_ = _arch(base_info, arch)
 
-    pairs: dict[str, dict[str, np.ndarray]] = {}
-    for key, t in tensors.items():
-        m = _PEFT_KEY.match(key)
-        if not m:
-            raise AdapterError(
-                f"{adapter}: tensor {key!r} is not a lora_A/lora_B weight (llama.cpp loads only "
-                "LoRA factors of linear modules)"
-            )
-        pairs.setdefault(m.group(1), {})[m.group(2)] = np.asarray(t, dtype=np.float64)
-    if not pairs:
-        raise AdapterError(f"{adapter}: holds no LoRA tensors")
+    pairs = lora_pairs(tensors, adapter, "llama.cpp loads only LoRA factors of linear modules")
 
     alpha = float(config.get("lora_alpha", config.get("r", 8)))
     written: dict[str, np.ndarray] = {}
     folded = False
     permuted = False
-    for module, ab in pairs.items():
-        if set(ab) != {"A", "B"}:
-            raise AdapterError(f"{adapter}: module {module} has lora_{''.join(ab)} only")
-        a, b = ab["A"], ab["B"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise AdapterError(
-                f"{adapter}: module {module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} "
-                "are not [r, n_in] and [n_out, r]"
-            )
+    for module, (a, b) in pairs.items():
         name = gguf_tensor_name(module)
         layer = int(name.split(".")[1])
         rank = a.shape[0]
         # PEFT's scaling for this module, against what llama.cpp will apply.
-        factor = _peft_scaling(config, module) / _llama_scale(alpha, rank)
+        factor = peft_scaling(config, module) / _llama_scale(alpha, rank)
         if factor != 1.0:
             b = b * factor
             folded = True
@@ -755,7 +678,8 @@ def gguf_to_lora(
         >>> rank1fast.llamacpp.gguf_to_lora("happy.gguf", "happy-lora")  # doctest: +SKIP
         PosixPath('happy-lora')
     """
-    from .adapter import _check_out, _replace_dir, _write_json
+    from ._fs import write_json
+    from .adapter import check_destination, move_adapter
 
     path, out = Path(gguf_path), Path(out)
     if not path.is_file():
@@ -844,7 +768,7 @@ def gguf_to_lora(
     else:
         config = _built_config(ranks, alpha, base_model, stored_config)
 
-    _check_out(out, overwrite)
+    check_destination(out, overwrite)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -853,7 +777,7 @@ def gguf_to_lora(
     try:
         from safetensors.numpy import save_file
 
-        _write_json(tmp / CONFIG_FILE, config)
+        write_json(tmp / CONFIG_FILE, config)
         if info is not None:
             with open(tmp / INFO_FILE, "w", encoding="utf-8") as f:
                 f.write(info)
@@ -863,7 +787,7 @@ def gguf_to_lora(
         with open(tmp / WEIGHTS_FILE, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
-        _replace_dir(tmp, out, overwrite)
+        move_adapter(tmp, out, overwrite)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, Rank1Error):
@@ -889,11 +813,9 @@ def _json_field(reader: Any, key: str, path: Path) -> dict[str, Any] | None:
 def _built_config(
     ranks: dict[str, int], alpha: float, base_model: str | None, stored: dict[str, Any] | None
 ) -> dict[str, Any]:
-    from .adapter import _peft_config
-
     r = max(ranks.values())
     base = base_model or (stored or {}).get("base_model_name_or_path")
-    config = _peft_config(list(ranks), r, base)
+    config = peft_config(list(ranks), r, base)
     config["lora_alpha"] = alpha if alpha else r
     config["rank_pattern"] = {m: k for m, k in ranks.items() if k != r}
     if not alpha:  # llama.cpp: scale 1 whatever the rank

@@ -709,7 +709,9 @@ def _has_mlp(layer: nn.Module, fam: Family) -> bool:
     )
 
 
-def _text_config(model: nn.Module) -> Any:
+def text_config(model: nn.Module) -> Any:
+    """The text model's config (``config.get_text_config()`` of a multimodal wrapper such as
+    ``Gemma3ForConditionalGeneration``; the config itself elsewhere), or None."""
     config = getattr(model, "config", None)
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
@@ -725,7 +727,7 @@ def _carrier(
 ) -> Carrier:
     """The :class:`Carrier` of ``resid_mid.i`` or ``resid_post.i`` (kind), per the family table."""
     prefix, mlist, fam = layers
-    config = _text_config(base)
+    config = text_config(base)
     layer = f"{prefix}.{i}"
     site = f"{kind}.{i}"
     gain = float(getattr(config, fam.gain)) if fam.gain else 1.0
@@ -770,7 +772,7 @@ def _carrier(
 
 
 def _moe_reason(base: nn.Module, layer: str, fam: Family, i: int) -> str:
-    config = _text_config(base)
+    config = text_config(base)
     block = base.get_submodule(f"{layer}.{fam.moe}")
     n = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
     k = getattr(config, "num_experts_per_tok", None)
@@ -912,8 +914,8 @@ def resolve_sites(model: nn.Module, sites: str | Iterable[str]) -> dict[str, str
             carries, layer by layer: no resid_mid on parallel-residual blocks, no resid_post on
             MoE layers; on post-norm blocks, Gemma 2/3 and OLMo-2, it lists the projections
             whose inputs a dump can record although :func:`rank1fast.write_adapter` refuses
-            adapters for them), or raw module paths of ``nn.Linear``/``Conv1D`` modules (named by the
-            path, with or without the wrapper's prefix: ``encoder.layer.3.output.dense`` and
+            adapters for them), or raw module paths of ``nn.Linear``/``Conv1D`` modules (named
+            by the path, with or without the wrapper's prefix: ``encoder.layer.3.output.dense`` and
             ``bert.encoder.layer.3.output.dense`` name the same module).
 
     Returns:
@@ -977,7 +979,7 @@ def site_carriers(
         m = _RESID.match(item)
         if item == "all":
             info = layer_info()
-            parallel = _parallel(info[2], _text_config(base))
+            parallel = _parallel(info[2], text_config(base))
             for i in range(len(info[1])):
                 for kind in ("resid_mid", "resid_post"):
                     if kind == "resid_mid" and parallel:

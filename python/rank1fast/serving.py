@@ -50,6 +50,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from . import _files as _tensor_files
+from ._peft import CONFIG_FILE, WEIGHTS_FILE
 from .errors import DumpError, InvalidArgumentError, PathNotFoundError
 
 __all__ = [
@@ -65,8 +66,6 @@ __all__ = [
     "WARNING",
 ]
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 WEIGHTS_BIN = "adapter_model.bin"
 #: Weight file names PEFT-style loaders look for, in order.
 _WEIGHT_NAMES = (WEIGHTS_FILE, WEIGHTS_BIN, "adapter_model.pt")

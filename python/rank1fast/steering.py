@@ -131,7 +131,7 @@ def steering(
     """
     import torch
 
-    from .models import _text_config, get_module, module_dims, site_carrier, unwrap_model
+    from .models import get_module, module_dims, site_carrier, text_config, unwrap_model
 
     if isinstance(model, tuple):
         model = model[0]
@@ -147,7 +147,7 @@ def steering(
     modules = {site: c.hook for site, c in carriers.items()}
     if len(set(modules.values())) != len(modules):
         raise SiteError(f"two sites name the same module: {modules}")
-    hidden = getattr(_text_config(unwrap_model(model)), "hidden_size", None)
+    hidden = getattr(text_config(unwrap_model(model)), "hidden_size", None)
     handles = []
     try:
         for site, path in modules.items():

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from .adapter import CONFIG_FILE, WEIGHTS_FILE, read_adapter_info, write_adapter
+from .corpus import EVAL_OFFSET, EVAL_STRIDE
 from .errors import AdapterError, DumpError, InvalidArgumentError
 from .report import Report
 
@@ -256,9 +257,6 @@ def _pct(x: float) -> str:
 
 
 # --------------------------------------------------------------------------- verify
-
-#: Every 64th document of the default corpus, from the 5th on, is kept for evaluation.
-EVAL_STRIDE, EVAL_OFFSET = 64, 4
 
 
 def default_eval_texts() -> list[str]:
