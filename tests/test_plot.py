@@ -37,12 +37,16 @@ def _fidelity_json(path: Path) -> Path:
                 "modules": [f"m.{i}"],
                 "steering_kl_mean": 0.3 + i,
                 "steering_kl_p99": 1.0,
+                "position_bins": [[0, 0], [1, 1], [2, 3], [4, 7]],
+                "steering_kl_by_position": [0.01, 0.5, 0.4, 0.3],
+                "tokens_by_position": [2, 2, 4, 8],
                 "adapters": {
                     "least-squares": {
                         "kl_mean": 1e-3,
                         "kl_p99": 1e-2,
                         "ratio": 1e-3 * (i + 1),
                         "output_error": 0.01,
+                        "kl_by_position": [0.005, 1e-3, 5e-4, 3e-4],
                     },
                     "one-hot": {
                         "kl_mean": 1e-2,
@@ -81,6 +85,7 @@ def test_plot_dump_and_fidelity_via_cli(dump, tmp_path, capsys):
     names = sorted(Path(p).name for p in printed)
     assert names == sorted(
         ["outliers-resid_mid.png", "outliers-resid_post.png", "errors.png", "fidelity.png"]
+        + ["fidelity-positions.png"]
         + [f"residuals-{s}.png" for s in SITES]
     )
     assert sorted(p.name for p in out.iterdir()) == names

@@ -94,6 +94,20 @@ def test_fidelity_table_and_json(pipeline):
         fid["resid_mid.15"].adapters["least-squares"].ratio
     )
     assert site["modules"] == ["model.layers.15.self_attn.o_proj"]
+    # KL by token position: bins 0, 1, 2-3, ... whose token-weighted means are the totals.
+    s = fid["resid_mid.15"]
+    assert s.position_bins[:3] == [[0, 0], [1, 1], [2, 3]]
+    n = np.array(s.tokens_by_position, dtype=float)
+    assert n.sum() == fid.tokens and n[0] == fid.texts
+    kl = np.nan_to_num(np.array(s.steering_kl_by_position))
+    assert (kl * n).sum() / n.sum() == pytest.approx(s.steering_kl_mean, rel=1e-9)
+    a = s.adapters["least-squares"]
+    got = (np.nan_to_num(np.array(a.kl_by_position)) * n).sum() / n.sum()
+    assert got == pytest.approx(a.kl_mean, rel=1e-9)
+    assert len(s.ratio_by_position("least-squares")) == len(n)
+    back = rank1fast.Fidelity.from_json(doc)["resid_mid.15"]
+    assert back.tokens_by_position == s.tokens_by_position
+    assert back.adapters["least-squares"].kl_by_position == pytest.approx(a.kl_by_position)
 
 
 def test_verify_leaves_the_model_as_it_was(pipeline, smollm):

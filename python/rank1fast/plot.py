@@ -21,9 +21,10 @@ From a :class:`~rank1fast.Fidelity` (``rank1fast verify --json``, ``rank1fast de
 an adapter directory written by :func:`rank1fast.convert`, whose ``rank1fast.json`` stores it):
 
 - ``fidelity.png``: per site (and ``all``) the KL ratio ``KL(hook‖adapter) / KL(hook‖base)``
-  of each adapter (least-squares, one-hot), log scale. A :class:`~rank1fast.Fidelity` holds
-  per-site means and 99th percentiles only, not values per position, so there is no picture by
-  position (sinks and early tokens) here.
+  of each adapter (least-squares, one-hot), log scale;
+- ``fidelity-positions.png`` (when the result holds KL per position, as :func:`rank1fast.verify`
+  records since this version): per site and adapter the KL ratio by token position, in bins
+  0, 1, 2-3, 4-7, ... (the attention sink, the first tokens, the rest), log scale.
 
 matplotlib is optional (``pip install 'rank1fast[plot]'``); figures are drawn with
 ``matplotlib.figure.Figure`` (no pyplot: no global state, no backend switch).
@@ -333,7 +334,9 @@ def load_fidelity(source: Any) -> Any:
 
 
 def plot_fidelity(fidelity: Any, out: str | os.PathLike[str]) -> list[Path]:
-    """``fidelity.png``: the KL ratio of each adapter per site (see the module docs).
+    """``fidelity.png``: the KL ratio of each adapter per site, and
+    ``fidelity-positions.png``: the ratio by token position where the result holds it (see the
+    module docs).
 
     Args:
         fidelity: a :class:`~rank1fast.Fidelity`, or what :func:`load_fidelity` reads.
@@ -368,7 +371,42 @@ def plot_fidelity(fidelity: Any, out: str | os.PathLike[str]) -> list[Path]:
     )
     ax.grid(True, axis="y", which="major", alpha=0.3)
     ax.legend(fontsize=8)
-    return [_save(fig, out / "fidelity.png")]
+    written = [_save(fig, out / "fidelity.png")]
+    positioned = [s for s in fid.sites if s.position_bins and s.steering_kl_by_position]
+    if positioned:
+        written.append(_plot_positions(positioned, labels, out / "fidelity-positions.png"))
+    return written
+
+
+def _plot_positions(sites: list[Any], labels: list[str], path: Path) -> Path:
+    """KL(hook‖adapter) / KL(hook‖base) per position bin: one line per site and adapter."""
+    bins = max((s.position_bins for s in sites), key=len)
+    names = [str(a) if a == b else f"{a}-{b}" for a, b in bins]
+    fig = _figure(max(6.0, 0.55 * len(bins) + 2), 4.2)
+    ax = fig.subplots()
+    styles = ["-", "--", ":", "-."]
+    for i, site in enumerate(sites):
+        for k, label in enumerate(labels):
+            if label not in site.adapters or not site.adapters[label].kl_by_position:
+                continue
+            r = site.ratio_by_position(label)
+            ax.plot(
+                np.arange(len(r)),
+                r,
+                styles[k % len(styles)],
+                marker="o",
+                markersize=3,
+                color=f"C{i % 10}",
+                label=f"{site.site}: {label}",
+            )
+    ax.set_xticks(np.arange(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_xlabel("token position (bins)")
+    ax.set_yscale("log")
+    ax.set_ylabel("KL(hook‖adapter) / KL(hook‖base)")
+    ax.set_title("where in the text each adapter errs", fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
 
 
 # --------------------------------------------------------------------------- all

@@ -21,6 +21,7 @@ torch, transformers and peft are imported by this module; ``import rank1fast`` d
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -68,6 +69,9 @@ class AdapterFidelity:
         top1_agreement: the share of the tokens of greedy hook-steered continuations that
             the adapter, teacher-forced on them, also ranks first (NaN when not measured;
             see ``generate`` of :func:`verify`).
+        kl_by_position: mean KL(p_hook || p_adapter) per bin of token positions (nats; the
+            bins are :attr:`SiteFidelity.position_bins`): where in a text the adapter errs
+            (the attention sink at 0, the first tokens, the rest).
     """
 
     kl_mean: float
@@ -75,6 +79,7 @@ class AdapterFidelity:
     ratio: float
     output_error: float
     top1_agreement: float = math.nan
+    kl_by_position: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,10 @@ class SiteFidelity:
         base_top1_agreement: the same agreement for the unsteered model (how much the
             steering changes the continuations; NaN when not measured).
         generated_tokens: the hook-steered tokens the agreements count.
+        position_bins: ``[first, last]`` token positions (0-based, inclusive) of each bin of
+            the ``*_by_position`` lists: 0, 1, 2-3, 4-7, ... (powers of two).
+        steering_kl_by_position: mean KL(p_hook || p_base) per bin, nats.
+        tokens_by_position: tokens counted in each bin.
     """
 
     site: str
@@ -101,6 +110,15 @@ class SiteFidelity:
     adapters: dict[str, AdapterFidelity]
     base_top1_agreement: float = math.nan
     generated_tokens: int = 0
+    position_bins: list[list[int]] = field(default_factory=list)
+    steering_kl_by_position: list[float] = field(default_factory=list)
+    tokens_by_position: list[int] = field(default_factory=list)
+
+    def ratio_by_position(self, label: str) -> list[float]:
+        """KL(hook||adapter) / KL(hook||base) per position bin for adapter ``label`` (NaN
+        where the steering moves nothing)."""
+        a = self.adapters[label].kl_by_position
+        return [x / b if b > 0 else math.nan for x, b in zip(a, self.steering_kl_by_position)]
 
 
 @dataclass
@@ -154,6 +172,9 @@ class Fidelity:
                     "steering_kl_p99": num(s.steering_kl_p99),
                     "base_top1_agreement": num(s.base_top1_agreement),
                     "generated_tokens": s.generated_tokens,
+                    "position_bins": s.position_bins,
+                    "steering_kl_by_position": [num(x) for x in s.steering_kl_by_position],
+                    "tokens_by_position": s.tokens_by_position,
                     "adapters": {
                         k: {
                             "kl_mean": num(a.kl_mean),
@@ -161,6 +182,7 @@ class Fidelity:
                             "ratio": num(a.ratio),
                             "output_error": num(a.output_error),
                             "top1_agreement": num(a.top1_agreement),
+                            "kl_by_position": [num(x) for x in a.kl_by_position],
                         }
                         for k, a in s.adapters.items()
                     },
@@ -190,11 +212,15 @@ class Fidelity:
                         ratio=num(a["ratio"]),
                         output_error=num(a["output_error"]),
                         top1_agreement=num(a.get("top1_agreement")),
+                        kl_by_position=[num(x) for x in a.get("kl_by_position") or []],
                     )
                     for k, a in s["adapters"].items()
                 },
                 base_top1_agreement=num(s.get("base_top1_agreement")),
                 generated_tokens=int(s.get("generated_tokens") or 0),
+                position_bins=[list(map(int, b)) for b in s.get("position_bins") or []],
+                steering_kl_by_position=[num(x) for x in s.get("steering_kl_by_position") or []],
+                tokens_by_position=[int(x) for x in s.get("tokens_by_position") or []],
             )
             for s in doc["sites"]
         ]
@@ -476,6 +502,8 @@ def verify(
                 mask = enc["attention_mask"].bool()
                 mask[:, : max(0, skip_positions)] = False
                 total_tokens += int(mask.sum())
+                # Each token's position in its own text (padding on either side).
+                positions = (enc["attention_mask"].cumsum(-1) - 1)[mask].cpu().numpy()
                 with peft_model.disable_adapter(), torch.no_grad():
                     logp_base = _logprobs(peft_model, enc)
                 for unit, sites in units:
@@ -489,6 +517,7 @@ def verify(
                         logp_hook = _logprobs(peft_model, enc)
                     a = acc[unit]
                     a.steer.append(_kl(logp_hook, logp_base, mask))
+                    a.pos.append(positions)
                     for label in labels:
                         with (
                             torch.no_grad(),
@@ -527,6 +556,10 @@ def verify(
     for unit, sites in units:
         a = acc[unit]
         steer_kl = np.concatenate(a.steer)
+        bin_of = _position_bin(np.concatenate(a.pos))
+        nbins = int(bin_of.max()) + 1 if bin_of.size else 0
+        counts = np.bincount(bin_of, minlength=nbins)
+        by_position = functools.partial(_mean_by_bin, bin_of=bin_of, counts=counts)
         per_label = {}
         agree = a.agree or {}
         count = agree.get("tokens", 0)
@@ -539,6 +572,7 @@ def verify(
                 ratio=float(kl.mean() / steer_kl.mean()) if steer_kl.mean() > 0 else math.nan,
                 output_error=float(np.sqrt(np.mean(err**2))),
                 top1_agreement=agree[label] / count if count else math.nan,
+                kl_by_position=by_position(kl),
             )
         results.append(
             SiteFidelity(
@@ -549,6 +583,9 @@ def verify(
                 adapters=per_label,
                 base_top1_agreement=agree["base"] / count if count else math.nan,
                 generated_tokens=int(count),
+                position_bins=[[0, 0]] + [[2 ** (k - 1), 2**k - 1] for k in range(1, nbins)],
+                steering_kl_by_position=by_position(steer_kl),
+                tokens_by_position=[int(c) for c in counts],
             )
         )
     return Fidelity(
@@ -731,6 +768,7 @@ def calibrate_scale(
 class _Acc:
     def __init__(self, labels: list[str]) -> None:
         self.steer: list[np.ndarray] = []
+        self.pos: list[np.ndarray] = []
         self.kl: dict[str, list[np.ndarray]] = {k: [] for k in labels}
         self.err: dict[str, list[np.ndarray]] = {k: [] for k in labels}
         self.agree: dict[str, int] | None = None
@@ -988,6 +1026,20 @@ def _logprobs(model: Any, enc: Mapping[str, Any]) -> Any:
 
     logits = model(**enc).logits
     return torch.log_softmax(logits.to(torch.float64), dim=-1)
+
+
+def _mean_by_bin(x: np.ndarray, *, bin_of: np.ndarray, counts: np.ndarray) -> list[float]:
+    sums = np.bincount(bin_of, weights=x, minlength=len(counts))
+    return [float(v / c) if c else math.nan for v, c in zip(sums, counts)]
+
+
+def _position_bin(pos: np.ndarray) -> np.ndarray:
+    """Bin of each token position: 0 -> 0, 1 -> 1, 2-3 -> 2, 4-7 -> 3, ... (bit length)."""
+    pos = np.asarray(pos, dtype=np.int64)
+    out = np.zeros(pos.shape, dtype=np.int64)
+    nz = pos > 0
+    out[nz] = np.floor(np.log2(pos[nz])).astype(np.int64) + 1
+    return out
 
 
 def _kl(logp: Any, logq: Any, mask: Any) -> np.ndarray:
