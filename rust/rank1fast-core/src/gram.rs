@@ -1028,12 +1028,129 @@ mod tests {
         }
     }
 
+    /// `n` rows of width `d` of bf16 numbers, from a seeded generator: columns of very
+    /// different scales and signs, a column of zeros, a constant column, rare large values.
+    fn adversarial_rows(n: usize, d: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        let mut next = || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        (0..n * d)
+            .map(|i| {
+                let j = i % d;
+                let u = next();
+                let x = match j % 5 {
+                    0 => 1000.0 * u,
+                    1 => 1e-3 * u,
+                    2 if j == 2 => 0.0,
+                    3 => 7.25,
+                    _ if u > 0.49 => -3e4 * u,
+                    _ => u - 0.1 * j as f32,
+                };
+                bf16(x)
+            })
+            .collect()
+    }
+
+    /// The AMX kernel against the portable one (same shifted bf16 pairs) and float64, at
+    /// widths that are not multiples of the 16 / 32 tile sizes, few rows (one pair, an odd
+    /// row), row counts that are not whole tiles, and across super-blocks. Differences must be
+    /// f32 rounding: within the bound of f32 sums of `KC` products, `KC 2^-24 Σ|products|`
+    /// (3e-5 of it; a wrong operand layout or a missed pair is off by whole products, each
+    /// about 1 / n of the sum).
+    #[test]
+    fn amx_matches_portable_within_f32_rounding() {
+        if !Kernel::available().contains(&Kernel::Amx) {
+            eprintln!("skipped: this CPU or OS gives this process no AMX-BF16 tiles");
+            return;
+        }
+        for &(d, n) in &[
+            (1, 1),
+            (3, 2),
+            (15, 31),
+            (16, 32),
+            (17, 33),
+            (31, 17),
+            (33, 65),
+            (47, 1),
+            (63, 513),
+            (65, 1100),
+            (100, 2049),
+            (129, 9001),
+        ] {
+            let rows = adversarial_rows(n, d, (d * 1000 + n) as u64);
+            let shift: Vec<f32> = (0..d).map(|j| if j % 5 == 3 { 7.0 } else { 0.0 }).collect();
+            let shift = Kernel::Amx.shift(&shift);
+            let run = |kernel| {
+                let mut g = vec![0.0; d * d];
+                let mut gram = Gram::with_kernel(d, kernel);
+                let half = n / 3 * d;
+                gram.add(&rows[..half], &shift, &mut g);
+                gram.add(&rows[half..], &shift, &mut g);
+                g
+            };
+            let (amx, portable) = (run(Kernel::Amx), run(Kernel::Portable));
+            let want = reference(&rows, &shift, d);
+            let mut abs = vec![0f64; d * d];
+            for r in rows.chunks_exact(d) {
+                for i in 0..d {
+                    for j in i..d {
+                        abs[i * d + j] += ((r[i] - shift[i]) as f64 * (r[j] - shift[j]) as f64).abs();
+                    }
+                }
+            }
+            for i in 0..d {
+                for j in i..d {
+                    let k = i * d + j;
+                    // f32 sums of at most KC products: |error| <= KC u sum |products|, u = 2^-24.
+                    let tol = KC as f64 * 2f64.powi(-24) * abs[k];
+                    let (e1, e2) = ((amx[k] - portable[k]).abs(), (amx[k] - want[k]).abs());
+                    assert!(
+                        e1 <= tol && e2 <= tol,
+                        "d {d} n {n} ({i},{j}): amx {} portable {} f64 {}",
+                        amx[k],
+                        portable[k],
+                        want[k]
+                    );
+                }
+            }
+        }
+    }
+
+    /// Tile state is per thread: threads running the AMX kernel at once (each configuring its
+    /// own tiles) get the one thread's result bit for bit.
+    #[test]
+    fn amx_runs_on_several_threads_at_once() {
+        if !Kernel::available().contains(&Kernel::Amx) {
+            eprintln!("skipped: this CPU or OS gives this process no AMX-BF16 tiles");
+            return;
+        }
+        let (d, n) = (70, 3000);
+        let shift = vec![0f32; d];
+        let one = |seed: u64| {
+            let rows = adversarial_rows(n, d, seed);
+            let mut g = vec![0.0; d * d];
+            Gram::with_kernel(d, Kernel::Amx).add(&rows, &shift, &mut g);
+            g
+        };
+        let alone: Vec<Vec<f64>> = (0..4).map(one).collect();
+        let together: Vec<Vec<f64>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..4).map(|seed| s.spawn(move || one(seed))).collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(alone, together);
+    }
+
     #[test]
     fn bf16_shift_rounds_and_others_keep_it() {
         let s = [1.0f32 + 1.0 / 512.0, 3.3, -1e4, 0.0];
         assert_eq!(Kernel::Avx512.shift(&s), s.to_vec());
         let r = Kernel::Avx512Bf16.shift(&s);
         assert_eq!(r, vec![1.0, bf16(3.3), -9984.0, 0.0]);
+        assert_eq!(Kernel::Amx.shift(&s), r, "both bf16 kernels round the shift");
         assert_eq!(bf16(1.0 + 3.0 / 512.0), 1.0 + 4.0 / 512.0, "ties to even");
         // x − c is exact in bf16 for bf16 x from c / 2 to 2 c, for shifts just above and just
         // below a power of two.
