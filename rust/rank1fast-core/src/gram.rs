@@ -487,6 +487,8 @@ fn tile_portable(
 /// Steps (pairs of bf16 rows) per AMX tile: the K of `tdpbf16ps` (a tile row holds 64 bytes,
 /// 16 pairs of bf16).
 const AMX_K: usize = 16;
+/// Bytes of A panels the AMX kernel keeps in L2 while B panels stream past.
+const AMX_A_GROUP_BYTES: usize = 512 << 10;
 
 /// The AMX kernel (Intel SDM vol. 1 ch. 18, "Intel AMX"; vol. 2 for `ldtilecfg`, `tileloadd`,
 /// `tdpbf16ps`, `tilestored`, `tilerelease`). Stable Rust has no AMX intrinsics: the tile
@@ -506,7 +508,7 @@ const AMX_K: usize = 16;
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod amx {
     use super::x86::prefetch_rows;
-    use super::{add_tile, Tile, AMX_K};
+    use super::{add_tile, Tile, AMX_A_GROUP_BYTES, AMX_K};
     use std::arch::asm;
     use std::arch::x86_64::*;
 
@@ -537,7 +539,13 @@ mod amx {
             const XFEATURE_XTILEDATA: libc::c_long = 18;
             // SAFETY: a plain system call with integer arguments; it fails (returns -1) on
             // kernels without it.
-            unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+            unsafe {
+                libc::syscall(
+                    libc::SYS_arch_prctl,
+                    ARCH_REQ_XCOMP_PERM,
+                    XFEATURE_XTILEDATA,
+                ) == 0
+            }
         })
     }
 
@@ -605,7 +613,9 @@ mod amx {
                 transpose16(&mut r);
                 for (c, v) in r.iter().enumerate() {
                     // SAFETY: 16 words from h * 256 + c * 16 lie inside `dst` (512 words).
-                    unsafe { _mm512_storeu_si512(dst.as_mut_ptr().add(h * 256 + c * 16).cast(), *v) };
+                    unsafe {
+                        _mm512_storeu_si512(dst.as_mut_ptr().add(h * 256 + c * 16).cast(), *v)
+                    };
                 }
             }
         }
@@ -638,7 +648,14 @@ mod amx {
     /// The CPU must have AMX-BF16 and AVX-512F, and the process permission for tile data
     /// ([`usable`]).
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn multiply(nk: usize, kc: usize, a: &[u32], b: &[u32], g: &mut [f64], d: usize) {
+    pub(super) unsafe fn multiply(
+        nk: usize,
+        kc: usize,
+        a: &[u32],
+        b: &[u32],
+        g: &mut [f64],
+        d: usize,
+    ) {
         const W: usize = 32;
         let np = d.div_ceil(W);
         assert!(nk % AMX_K == 0 && kc % AMX_K == 0 && kc > 0);
@@ -656,62 +673,67 @@ mod amx {
         // configured here, released at the end.
         unsafe { asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly)) };
         let mut c = Block([0.0; 32 * 32]);
-        for p in 0..np {
-            let j0 = p * W;
-            let bp = b[p * nk * W..].as_ptr();
-            for q in 0..=p {
-                let i0 = q * W;
-                let t = Tile {
-                    i0,
-                    j0,
-                    rows: (d - i0).min(W),
-                    cols: (d - j0).min(W),
-                };
-                prefetch_rows(g, d, t);
-                let ap = a[q * nk * W..].as_ptr();
-                for k0 in (0..nk).step_by(kc) {
-                    unsafe {
-                        asm!(
-                            "tilezero tmm0",
-                            "tilezero tmm1",
-                            "tilezero tmm2",
-                            "tilezero tmm3",
-                            options(nostack, nomem)
-                        )
+        // A panels in groups of about 512 KiB, which stay in L2 while every B panel on or
+        // right of the group streams past them (rather than all of A streaming past each B).
+        let group = (AMX_A_GROUP_BYTES / (W * 4 * nk)).max(1);
+        for q0 in (0..np).step_by(group) {
+            for p in q0..np {
+                let j0 = p * W;
+                let bp = b[p * nk * W..].as_ptr();
+                for q in q0..(q0 + group).min(p + 1) {
+                    let i0 = q * W;
+                    let t = Tile {
+                        i0,
+                        j0,
+                        rows: (d - i0).min(W),
+                        cols: (d - j0).min(W),
                     };
-                    for k in (k0..(k0 + kc).min(nk)).step_by(AMX_K) {
-                        // A block at word k * 32 (16 steps × 32 words), tiles 1 KiB apart;
-                        // B rows of 32 words from step k, tiles 64 bytes apart.
+                    prefetch_rows(g, d, t);
+                    let ap = a[q * nk * W..].as_ptr();
+                    for k0 in (0..nk).step_by(kc) {
                         unsafe {
                             asm!(
-                                "tileloadd tmm4, [{a} + {sa}*1]",
-                                "tileloadd tmm6, [{b} + {sb}*1]",
-                                "tdpbf16ps tmm0, tmm4, tmm6",
-                                "tileloadd tmm7, [{b} + {sb}*1 + 64]",
-                                "tdpbf16ps tmm1, tmm4, tmm7",
-                                "tileloadd tmm5, [{a} + {sa}*1 + 1024]",
-                                "tdpbf16ps tmm2, tmm5, tmm6",
-                                "tdpbf16ps tmm3, tmm5, tmm7",
-                                a = in(reg) ap.add(k * W),
-                                b = in(reg) bp.add(k * W),
-                                sa = in(reg) 64usize,
-                                sb = in(reg) 128usize,
-                                options(nostack, readonly)
+                                "tilezero tmm0",
+                                "tilezero tmm1",
+                                "tilezero tmm2",
+                                "tilezero tmm3",
+                                options(nostack, nomem)
                             )
                         };
+                        for k in (k0..(k0 + kc).min(nk)).step_by(AMX_K) {
+                            // A block at word k * 32 (16 steps × 32 words), tiles 1 KiB apart;
+                            // B rows of 32 words from step k, tiles 64 bytes apart.
+                            unsafe {
+                                asm!(
+                                    "tileloadd tmm4, [{a} + {sa}*1]",
+                                    "tileloadd tmm6, [{b} + {sb}*1]",
+                                    "tdpbf16ps tmm0, tmm4, tmm6",
+                                    "tileloadd tmm7, [{b} + {sb}*1 + 64]",
+                                    "tdpbf16ps tmm1, tmm4, tmm7",
+                                    "tileloadd tmm5, [{a} + {sa}*1 + 1024]",
+                                    "tdpbf16ps tmm2, tmm5, tmm6",
+                                    "tdpbf16ps tmm3, tmm5, tmm7",
+                                    a = in(reg) ap.add(k * W),
+                                    b = in(reg) bp.add(k * W),
+                                    sa = in(reg) 64usize,
+                                    sb = in(reg) 128usize,
+                                    options(nostack, readonly)
+                                )
+                            };
+                        }
+                        unsafe {
+                            asm!(
+                                "tilestored [{c} + {s}*1], tmm0",
+                                "tilestored [{c} + {s}*1 + 64], tmm1",
+                                "tilestored [{c} + {s}*1 + 2048], tmm2",
+                                "tilestored [{c} + {s}*1 + 2112], tmm3",
+                                c = in(reg) c.0.as_mut_ptr(),
+                                s = in(reg) 128usize,
+                                options(nostack)
+                            )
+                        };
+                        flush(&c, g, d, t);
                     }
-                    unsafe {
-                        asm!(
-                            "tilestored [{c} + {s}*1], tmm0",
-                            "tilestored [{c} + {s}*1 + 64], tmm1",
-                            "tilestored [{c} + {s}*1 + 2048], tmm2",
-                            "tilestored [{c} + {s}*1 + 2112], tmm3",
-                            c = in(reg) c.0.as_mut_ptr(),
-                            s = in(reg) 128usize,
-                            options(nostack)
-                        )
-                    };
-                    flush(&c, g, d, t);
                 }
             }
         }
@@ -1098,7 +1120,8 @@ mod tests {
             for r in rows.chunks_exact(d) {
                 for i in 0..d {
                     for j in i..d {
-                        abs[i * d + j] += ((r[i] - shift[i]) as f64 * (r[j] - shift[j]) as f64).abs();
+                        abs[i * d + j] +=
+                            ((r[i] - shift[i]) as f64 * (r[j] - shift[j]) as f64).abs();
                     }
                 }
             }
@@ -1150,7 +1173,11 @@ mod tests {
         assert_eq!(Kernel::Avx512.shift(&s), s.to_vec());
         let r = Kernel::Avx512Bf16.shift(&s);
         assert_eq!(r, vec![1.0, bf16(3.3), -9984.0, 0.0]);
-        assert_eq!(Kernel::Amx.shift(&s), r, "both bf16 kernels round the shift");
+        assert_eq!(
+            Kernel::Amx.shift(&s),
+            r,
+            "both bf16 kernels round the shift"
+        );
         assert_eq!(bf16(1.0 + 3.0 / 512.0), 1.0 + 4.0 / 512.0, "ties to even");
         // x − c is exact in bf16 for bf16 x from c / 2 to 2 c, for shifts just above and just
         // below a power of two.
