@@ -27,7 +27,8 @@
 //! - [`Kernel::Portable`]: the same loops in portable Rust.
 //!
 //! `RANK1FAST_GRAM=portable|avx2|avx512|avx512-bf16|amx` forces a kernel (one the CPU lacks is
-//! refused with a message on stderr and the best available one is used);
+//! refused with a message on stderr and the best available one is used; the bf16 kernels only
+//! for rows of bf16 numbers, others keep the best f32 kernel);
 //! `RANK1FAST_NO_AVX512=1` hides AVX-512 from these kernels and the statistics pass.
 //!
 //! Tiles wholly below the diagonal are skipped; tiles that cross it also write a few entries
@@ -76,12 +77,15 @@ impl Kernel {
     }
 
     /// The fastest kernel for rows of this kind (`bf16_rows`: every value is a bfloat16
-    /// number), or the one `RANK1FAST_GRAM` names when the CPU has it.
+    /// number), or the one `RANK1FAST_GRAM` names when the CPU has it (a bf16 kernel only
+    /// for bf16 rows).
     pub fn detect(bf16_rows: bool) -> Kernel {
         let avail = Kernel::available();
         if let Ok(name) = std::env::var("RANK1FAST_GRAM") {
             match Kernel::from_name(&name) {
-                Some(k) if avail.contains(&k) => return k,
+                // A bf16 kernel would round other rows to bf16: those keep the default.
+                Some(k) if avail.contains(&k) && (bf16_rows || !k.bf16()) => return k,
+                Some(k) if avail.contains(&k) => {}
                 Some(k) => eprintln!(
                     "rank1fast: RANK1FAST_GRAM={name}: this CPU cannot run {k:?}; using the best kernel it has"
                 ),
