@@ -605,7 +605,7 @@ mod amx {
     /// The A operand from the B panels (see the module): `np` panels of `nk` steps × 32 words.
     #[target_feature(enable = "avx512f")]
     pub(super) fn transpose_panels(b: &[u32], np: usize, nk: usize, a: &mut [u32]) {
-        assert!(nk % AMX_K == 0 && b.len() >= np * nk * 32 && a.len() >= np * nk * 32);
+        assert!(nk.is_multiple_of(AMX_K) && b.len() >= np * nk * 32 && a.len() >= np * nk * 32);
         for blk in 0..np * nk / AMX_K {
             let (src, dst) = (&b[blk * 512..][..512], &mut a[blk * 512..][..512]);
             for h in 0..2 {
@@ -662,7 +662,7 @@ mod amx {
     ) {
         const W: usize = 32;
         let np = d.div_ceil(W);
-        assert!(nk % AMX_K == 0 && kc % AMX_K == 0 && kc > 0);
+        assert!(nk.is_multiple_of(AMX_K) && kc.is_multiple_of(AMX_K) && kc > 0);
         assert!(a.len() >= np * nk * W && b.len() >= np * nk * W && g.len() >= d * d);
         let cfg = TileConfig {
             palette: 1,
