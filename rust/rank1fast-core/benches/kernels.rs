@@ -112,7 +112,7 @@ fn gram(c: &mut Criterion) {
             let mut out = vec![0f64; d * d];
             let n = 1024;
             let mut rows = activations(n, d, 3);
-            if kernel == Kernel::Avx512Bf16 {
+            if kernel.bf16() {
                 // The bf16 kernel is for rows of bf16 numbers.
                 for v in &mut rows {
                     *v = f32::from_bits((v.to_bits() + 0x8000) & 0xffff_0000);

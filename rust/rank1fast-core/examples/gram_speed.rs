@@ -69,7 +69,7 @@ fn main() {
         }
         // rank1fast: every kernel this CPU has (the bf16 one rounds the rows to bf16 first).
         for kernel in Kernel::available() {
-            let xs: Vec<f32> = if kernel == Kernel::Avx512Bf16 {
+            let xs: Vec<f32> = if kernel.bf16() {
                 x.iter()
                     .map(|&v| f32::from_bits((v.to_bits() + 0x8000) & 0xffff_0000))
                     .collect()

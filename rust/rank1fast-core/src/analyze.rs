@@ -285,7 +285,7 @@ fn folded_chunks(
 fn moment_shift(srcs: &[SiteSource], rows: usize, skip_positions: i64) -> Vec<f32> {
     let d = srcs[0].dim;
     let bf16 = srcs.iter().all(|s| s.dtype == DType::BF16);
-    let sigmas: f64 = if Kernel::detect(bf16) == Kernel::Avx512Bf16 {
+    let sigmas: f64 = if Kernel::detect(bf16).bf16() {
         8.0
     } else {
         1.0

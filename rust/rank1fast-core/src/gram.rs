@@ -16,12 +16,19 @@
 //!   `c = 0`: see [`Kernel::shift`]) and pairs of rows are
 //!   multiplied with `vdpbf16ps`: bf16 × bf16 products are exact in f32, at twice the f32
 //!   multiply-add rate; a 12 × 32 tile in 24 registers.
+//! - [`Kernel::Amx`] (AMX-BF16 tiles, for bfloat16 rows; Linux, Intel Sapphire Rapids and
+//!   later): the same shifted bf16 pairs, multiplied with `tdpbf16ps`, which adds a 16 × 32
+//!   bf16 tile times a 32 × 16 one into a 16 × 16 f32 tile (bf16 products exact, sums in f32
+//!   as above); a 32 × 32 block of `G` in four accumulator tiles. Used only where the CPU
+//!   reports AMX-TILE and AMX-BF16, the OS enables tile state (XCR0) and grants this process
+//!   tile data (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), else the AVX-512 BF16 kernel runs.
 //! - [`Kernel::Avx512`] (AVX-512F): f32 FMA, 12 × 32 tile in 24 registers.
 //! - [`Kernel::Avx2`] (AVX2 + FMA): f32 FMA, 6 × 16 tile in 12 registers.
 //! - [`Kernel::Portable`]: the same loops in portable Rust.
 //!
-//! `RANK1FAST_GRAM=portable|avx2|avx512|avx512-bf16` forces a kernel (one the CPU lacks is
-//! refused with a message on stderr and the best available one is used);
+//! `RANK1FAST_GRAM=portable|avx2|avx512|avx512-bf16|amx` forces a kernel (one the CPU lacks is
+//! refused with a message on stderr and the best available one is used; the bf16 kernels only
+//! for rows of bf16 numbers, others keep the best f32 kernel);
 //! `RANK1FAST_NO_AVX512=1` hides AVX-512 from these kernels and the statistics pass.
 //!
 //! Tiles wholly below the diagonal are skipped; tiles that cross it also write a few entries
@@ -41,6 +48,8 @@ pub enum Kernel {
     Avx512,
     /// For rows whose values are bfloat16 numbers (decoded bf16 dumps).
     Avx512Bf16,
+    /// AMX tiles, for rows whose values are bfloat16 numbers.
+    Amx,
 }
 
 impl Kernel {
@@ -57,6 +66,10 @@ impl Kernel {
                 k.push(Kernel::Avx512);
                 if has!("avx512bf16") {
                     k.push(Kernel::Avx512Bf16);
+                    #[cfg(target_os = "linux")]
+                    if amx::usable() {
+                        k.push(Kernel::Amx);
+                    }
                 }
             }
         }
@@ -64,24 +77,27 @@ impl Kernel {
     }
 
     /// The fastest kernel for rows of this kind (`bf16_rows`: every value is a bfloat16
-    /// number), or the one `RANK1FAST_GRAM` names when the CPU has it.
+    /// number), or the one `RANK1FAST_GRAM` names when the CPU has it (a bf16 kernel only
+    /// for bf16 rows).
     pub fn detect(bf16_rows: bool) -> Kernel {
         let avail = Kernel::available();
         if let Ok(name) = std::env::var("RANK1FAST_GRAM") {
             match Kernel::from_name(&name) {
-                Some(k) if avail.contains(&k) => return k,
+                // A bf16 kernel would round other rows to bf16: those keep the default.
+                Some(k) if avail.contains(&k) && (bf16_rows || !k.bf16()) => return k,
+                Some(k) if avail.contains(&k) => {}
                 Some(k) => eprintln!(
                     "rank1fast: RANK1FAST_GRAM={name}: this CPU cannot run {k:?}; using the best kernel it has"
                 ),
                 None => eprintln!(
-                    "rank1fast: RANK1FAST_GRAM={name} is not one of portable, avx2, avx512, avx512-bf16; ignored"
+                    "rank1fast: RANK1FAST_GRAM={name} is not one of portable, avx2, avx512, avx512-bf16, amx; ignored"
                 ),
             }
         }
         avail
             .into_iter()
             .rev()
-            .find(|&k| bf16_rows || k != Kernel::Avx512Bf16)
+            .find(|&k| bf16_rows || !k.bf16())
             .unwrap_or(Kernel::Portable)
     }
 
@@ -91,6 +107,7 @@ impl Kernel {
             "avx2" => Some(Kernel::Avx2),
             "avx512" => Some(Kernel::Avx512),
             "avx512-bf16" | "avx512bf16" | "bf16" => Some(Kernel::Avx512Bf16),
+            "amx" => Some(Kernel::Amx),
             _ => None,
         }
     }
@@ -101,7 +118,14 @@ impl Kernel {
             Kernel::Avx2 => "avx2",
             Kernel::Avx512 => "avx512",
             Kernel::Avx512Bf16 => "avx512-bf16",
+            Kernel::Amx => "amx",
         }
+    }
+
+    /// Whether this kernel rounds the shifted values to bfloat16 (it is meant for rows of
+    /// bfloat16 numbers, and its shift is rounded: see [`Kernel::shift`]).
+    pub fn bf16(self) -> bool {
+        matches!(self, Kernel::Avx512Bf16 | Kernel::Amx)
     }
 
     /// (rows of a tile, columns of a tile, rows of `X` per packed step).
@@ -110,6 +134,7 @@ impl Kernel {
             Kernel::Portable | Kernel::Avx2 => (6, 16, 1),
             Kernel::Avx512 => (12, 32, 1),
             Kernel::Avx512Bf16 => (12, 32, 2),
+            Kernel::Amx => (32, 32, 2),
         }
     }
 
@@ -120,12 +145,13 @@ impl Kernel {
     /// mean more than 8 standard deviations from zero, else zero) that leaves only values
     /// more than 4 standard deviations from a large mean to be rounded.
     pub fn shift(self, shift: &[f32]) -> Vec<f32> {
-        match self {
-            Kernel::Avx512Bf16 => shift
+        if self.bf16() {
+            shift
                 .iter()
                 .map(|&c| f32::from_bits(bf16_bits(c) << 16))
-                .collect(),
-            _ => shift.to_vec(),
+                .collect()
+        } else {
+            shift.to_vec()
         }
     }
 }
@@ -150,9 +176,12 @@ fn bf16_bits(x: f32) -> u32 {
 pub struct Gram {
     dim: usize,
     kernel: Kernel,
-    /// Packed operands: f32 bits, or two bf16 (rows k, k + 1) per word for the bf16 kernel.
+    /// Packed operands: f32 bits, or two bf16 (rows k, k + 1) per word for the bf16 kernels,
+    /// from offsets `a0` / `b0` (64-byte boundaries: AMX tile rows are cache lines).
     a: Vec<u32>,
     b: Vec<u32>,
+    a0: usize,
+    b0: usize,
 }
 
 impl Gram {
@@ -172,6 +201,8 @@ impl Gram {
             kernel,
             a: Vec::new(),
             b: Vec::new(),
+            a0: 0,
+            b0: 0,
         }
     }
 
@@ -208,22 +239,32 @@ impl Gram {
         }
         let (mr, nr, step) = self.kernel.geometry();
         let sr = self.super_rows();
+        let amx = self.kernel == Kernel::Amx;
         for block in rows.chunks(sr) {
-            let nk = block.len().div_ceil(step);
+            let mut nk = block.len().div_ceil(step);
+            if amx {
+                nk = nk.next_multiple_of(AMX_K); // whole tiles: zero pairs past the rows
+            }
             let (na, nb) = (d.div_ceil(mr), d.div_ceil(nr));
             // Grown, never shrunk: every word used is written by the packing below.
-            for (buf, n) in [(&mut self.b, nb * nk * nr), (&mut self.a, na * nk * mr)] {
-                if buf.len() < n {
-                    buf.resize(n, 0);
-                }
-            }
-            let b = &mut self.b[..nb * nk * nr];
+            self.b0 = aligned(&mut self.b, nb * nk * nr);
+            self.a0 = aligned(&mut self.a, na * nk * mr);
+            let b = &mut self.b[self.b0..][..nb * nk * nr];
+            let a = &mut self.a[self.a0..][..na * nk * mr];
             if step == 2 {
                 pack_bf16_pairs(block, shift, d, nr, nk, b);
             } else {
                 pack_f32(block, shift, d, nr, nk, b);
             }
-            gather_panels(b, d, nr, mr, nk, &mut self.a[..na * nk * mr]);
+            if amx {
+                #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+                // SAFETY: the Amx kernel is only built where AVX-512F is present (`available`).
+                unsafe {
+                    amx::transpose_panels(b, nb, nk, a)
+                };
+            } else {
+                gather_panels(b, d, nr, mr, nk, a);
+            }
             self.multiply(nk, g);
         }
     }
@@ -232,16 +273,28 @@ impl Gram {
         let d = self.dim;
         let (mr, nr, step) = self.kernel.geometry();
         let kc = KC / step;
+        if self.kernel == Kernel::Amx {
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            {
+                let (a, b) = (&self.a[self.a0..], &self.b[self.b0..]);
+                // SAFETY: the CPU has AMX-BF16 and this process may use tile data (checked
+                // in `with_kernel` through `available`); `a` / `b` hold the packed panels of
+                // `nk` steps (a multiple of AMX_K) for `d` columns.
+                return unsafe { amx::multiply(nk, kc, a, b, g, d) };
+            }
+            #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+            unreachable!("AMX is never available here");
+        }
         let (na, nb) = (d.div_ceil(mr), d.div_ceil(nr));
         for p in 0..nb {
             let j0 = p * nr;
-            let b = &self.b[p * nk * nr..][..nk * nr];
+            let b = &self.b[self.b0 + p * nk * nr..][..nk * nr];
             for q in 0..na {
                 let i0 = q * mr;
                 if i0 >= j0 + nr {
                     break; // this tile and the rest of the column lie below the diagonal
                 }
-                let a = &self.a[q * nk * mr..][..nk * mr];
+                let a = &self.a[self.a0 + q * nk * mr..][..nk * mr];
                 let t = Tile {
                     i0,
                     j0,
@@ -263,6 +316,14 @@ impl Gram {
             }
         }
     }
+}
+
+/// Grow `buf` to hold `n` words from a 64-byte boundary; the offset of that boundary.
+fn aligned(buf: &mut Vec<u32>, n: usize) -> usize {
+    if buf.len() < n + 15 {
+        buf.resize(n + 15, 0);
+    }
+    buf.as_ptr().align_offset(64)
 }
 
 /// Where a tile sits in `G` and how much of it is inside (`rows × cols`).
@@ -304,8 +365,9 @@ fn pack_f32_body(rows: &[&[f32]], shift: &[f32], d: usize, w: usize, nk: usize, 
 
 /// Pack pairs of rows of `block` (minus `shift`, rounded to bf16) into panels of `w` columns,
 /// each panel `nk` steps of `w` words holding (row 2k, row 2k + 1) of a column in their low and
-/// high halves (the operand layout of `vdpbf16ps`); a missing last row and columns past `d`
-/// are zero.
+/// high halves (the operand layout of `vdpbf16ps`, and of the B operand of `tdpbf16ps`: a
+/// tile row is a step, pairs along K); missing rows (past the block's, up to `2 nk`) and
+/// columns past `d` are zero.
 fn pack_bf16_pairs(rows: &[&[f32]], shift: &[f32], d: usize, w: usize, nk: usize, out: &mut [u32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") && !avx512_disabled() {
@@ -327,7 +389,10 @@ fn pack_bf16_pairs_body(
     let zero = vec![0f32; d];
     let mut rows = rows.iter().copied();
     for k in 0..nk {
-        let lo = rows.next().expect("nk pairs");
+        let (lo, lshift) = match rows.next() {
+            Some(r) => (r, shift),
+            None => (&zero[..], &zero[..]),
+        };
         let (hi, hshift) = match rows.next() {
             Some(r) => (r, shift),
             None => (&zero[..], &zero[..]),
@@ -338,7 +403,7 @@ fn pack_bf16_pairs_body(
             let dst = &mut out[(p * nk + k) * w..][..w];
             for (i, o) in dst[..n].iter_mut().enumerate() {
                 let j = c0 + i;
-                let l = bf16_bits(lo[j] - shift[j]);
+                let l = bf16_bits(lo[j] - lshift[j]);
                 let h = bf16_bits(hi[j] - hshift[j]);
                 *o = l | (h << 16);
             }
@@ -423,6 +488,263 @@ fn tile_portable(
     }
 }
 
+/// Steps (pairs of bf16 rows) per AMX tile: the K of `tdpbf16ps` (a tile row holds 64 bytes,
+/// 16 pairs of bf16).
+const AMX_K: usize = 16;
+/// Bytes of A panels the AMX kernel keeps in L2 while B panels stream past.
+const AMX_A_GROUP_BYTES: usize = 512 << 10;
+
+/// The AMX kernel (Intel SDM vol. 1 ch. 18, "Intel AMX"; vol. 2 for `ldtilecfg`, `tileloadd`,
+/// `tdpbf16ps`, `tilestored`, `tilerelease`). Stable Rust has no AMX intrinsics: the tile
+/// instructions are written as inline assembly.
+///
+/// Operands, per 32-column panel `p` of `d` and 16 steps `k` (pairs of rows 2k, 2k + 1):
+/// - B (`pack_bf16_pairs` with `w = 32`): step after step, 32 words each; a word holds
+///   (row 2k, row 2k + 1) of one column, which is `tdpbf16ps`'s B layout (a tile row is a step
+///   K, 16 columns N of bf16 pairs): tile `h` of the panel is 16 steps from word `16 h`, rows
+///   128 bytes apart.
+/// - A: the same words transposed in blocks of 16 steps (`transpose_panels`): 32 columns of 16
+///   words each, so a tile row (an M) is one column's 16 pairs along K: tile `h` is the 1 KiB
+///   from word `256 h` of the block.
+///
+/// A 32 × 32 block of `G` lives in tiles 0-3 (f32, 16 × 16 each) for `kc` steps, is stored,
+/// added to `G` in f64 and zeroed; A and B take tiles 4-5 and 6-7.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod amx {
+    use super::x86::prefetch_rows;
+    use super::{add_tile, Tile, AMX_A_GROUP_BYTES, AMX_K};
+    use std::arch::asm;
+    use std::arch::x86_64::*;
+
+    /// Whether this CPU and OS let this process run AMX-BF16 (checked once per process):
+    /// CPUID leaf 7 EDX bits 22 (AMX-BF16) and 24 (AMX-TILE), XCR0 bits 17-18 (the OS saves
+    /// tile state), and Linux's per-process permission for tile data, requested here
+    /// (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, Linux 5.16+; it covers every
+    /// thread of the process). Any step failing means no AMX, silently.
+    pub(super) fn usable() -> bool {
+        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *OK.get_or_init(|| {
+            #[allow(unused_unsafe)]
+            // SAFETY: CPUID exists on every x86_64 CPU; leaf 7 is read only when the maximum
+            // leaf reaches it, XGETBV only when CPUID says the OS enabled it (OSXSAVE).
+            unsafe {
+                if __cpuid(0).eax < 7 {
+                    return false;
+                }
+                let edx = __cpuid_count(7, 0).edx;
+                if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
+                    return false;
+                }
+                if __cpuid(1).ecx & (1 << 27) == 0 || xcr0() & (3 << 17) != 3 << 17 {
+                    return false;
+                }
+            }
+            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+            const XFEATURE_XTILEDATA: libc::c_long = 18;
+            // SAFETY: a plain system call with integer arguments; it fails (returns -1) on
+            // kernels without it.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_arch_prctl,
+                    ARCH_REQ_XCOMP_PERM,
+                    XFEATURE_XTILEDATA,
+                ) == 0
+            }
+        })
+    }
+
+    #[target_feature(enable = "xsave")]
+    fn xcr0() -> u64 {
+        // SAFETY: only called after CPUID reported OSXSAVE.
+        unsafe { _xgetbv(0) }
+    }
+
+    /// The 64-byte operand of `ldtilecfg`: palette 1, tiles 0-7 of 16 rows × 64 bytes.
+    #[repr(C, align(64))]
+    struct TileConfig {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        colsb: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    /// A 32 × 32 f32 block (rows of 128 bytes), cache-line aligned.
+    #[repr(C, align(64))]
+    struct Block([f32; 32 * 32]);
+
+    /// Transpose 16 × 16 32-bit words held as 16 rows (`r[i]` lane `j` becomes `r[j]` lane `i`).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn transpose16(r: &mut [__m512i; 16]) {
+        let mut t = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+        }
+        // u[4i + j], 128-bit lane L: rows 4i..4i+4 at column 4L + j.
+        let mut u = [_mm512_setzero_si512(); 16];
+        for i in 0..4 {
+            u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+            u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+            u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+            u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+        }
+        for j in 0..4 {
+            let v = _mm512_shuffle_i32x4::<0x88>(u[j], u[4 + j]);
+            let w = _mm512_shuffle_i32x4::<0xdd>(u[j], u[4 + j]);
+            let v2 = _mm512_shuffle_i32x4::<0x88>(u[8 + j], u[12 + j]);
+            let w2 = _mm512_shuffle_i32x4::<0xdd>(u[8 + j], u[12 + j]);
+            r[j] = _mm512_shuffle_i32x4::<0x88>(v, v2);
+            r[8 + j] = _mm512_shuffle_i32x4::<0xdd>(v, v2);
+            r[4 + j] = _mm512_shuffle_i32x4::<0x88>(w, w2);
+            r[12 + j] = _mm512_shuffle_i32x4::<0xdd>(w, w2);
+        }
+    }
+
+    /// The A operand from the B panels (see the module): `np` panels of `nk` steps × 32 words.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn transpose_panels(b: &[u32], np: usize, nk: usize, a: &mut [u32]) {
+        assert!(nk.is_multiple_of(AMX_K) && b.len() >= np * nk * 32 && a.len() >= np * nk * 32);
+        for blk in 0..np * nk / AMX_K {
+            let (src, dst) = (&b[blk * 512..][..512], &mut a[blk * 512..][..512]);
+            for h in 0..2 {
+                let mut r = [_mm512_setzero_si512(); 16];
+                for (i, v) in r.iter_mut().enumerate() {
+                    // SAFETY: 16 words from i * 32 + h * 16 lie inside `src` (512 words).
+                    *v = unsafe { _mm512_loadu_si512(src.as_ptr().add(i * 32 + h * 16).cast()) };
+                }
+                transpose16(&mut r);
+                for (c, v) in r.iter().enumerate() {
+                    // SAFETY: 16 words from h * 256 + c * 16 lie inside `dst` (512 words).
+                    unsafe {
+                        _mm512_storeu_si512(dst.as_mut_ptr().add(h * 256 + c * 16).cast(), *v)
+                    };
+                }
+            }
+        }
+    }
+
+    /// Add the block to `g` at `t` (clipped to `t.rows × t.cols`), in f64.
+    #[target_feature(enable = "avx512f")]
+    fn flush(c: &Block, g: &mut [f64], d: usize, t: Tile) {
+        if t.rows == 32 && t.cols == 32 {
+            for (r, cr) in c.0.chunks_exact(32).enumerate() {
+                let row = &mut g[(t.i0 + r) * d + t.j0..][..32];
+                for h in 0..4 {
+                    // SAFETY: `cr` holds 32 floats and `row` 32 doubles; h * 8 + 8 <= 32.
+                    unsafe {
+                        let v = _mm512_cvtps_pd(_mm256_loadu_ps(cr.as_ptr().add(8 * h)));
+                        let q = row.as_mut_ptr().add(8 * h);
+                        _mm512_storeu_pd(q, _mm512_add_pd(_mm512_loadu_pd(q), v));
+                    }
+                }
+            }
+        } else {
+            add_tile(&c.0, 32, g, d, t);
+        }
+    }
+
+    /// `G += AᵀB` for every 32 × 32 block on or above the diagonal (see the module for the
+    /// operands), an f32 partial sum per `kc` steps.
+    ///
+    /// # Safety
+    /// The CPU must have AMX-BF16 and AVX-512F, and the process permission for tile data
+    /// ([`usable`]).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn multiply(
+        nk: usize,
+        kc: usize,
+        a: &[u32],
+        b: &[u32],
+        g: &mut [f64],
+        d: usize,
+    ) {
+        const W: usize = 32;
+        let np = d.div_ceil(W);
+        assert!(nk.is_multiple_of(AMX_K) && kc.is_multiple_of(AMX_K) && kc > 0);
+        assert!(a.len() >= np * nk * W && b.len() >= np * nk * W && g.len() >= d * d);
+        let cfg = TileConfig {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            colsb: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
+            rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
+        };
+        // SAFETY (every asm block): the tile configuration is valid (palette 1, 8 tiles of
+        // 16 × 64 bytes); each tile load reads 16 rows of 64 bytes inside `a` / `b` (offsets
+        // below, bounds asserted above); stores write inside `c`. Tile state is this thread's:
+        // configured here, released at the end.
+        unsafe { asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly)) };
+        let mut c = Block([0.0; 32 * 32]);
+        // A panels in groups of about 512 KiB, which stay in L2 while every B panel on or
+        // right of the group streams past them (rather than all of A streaming past each B).
+        let group = (AMX_A_GROUP_BYTES / (W * 4 * nk)).max(1);
+        for q0 in (0..np).step_by(group) {
+            for p in q0..np {
+                let j0 = p * W;
+                let bp = b[p * nk * W..].as_ptr();
+                for q in q0..(q0 + group).min(p + 1) {
+                    let i0 = q * W;
+                    let t = Tile {
+                        i0,
+                        j0,
+                        rows: (d - i0).min(W),
+                        cols: (d - j0).min(W),
+                    };
+                    prefetch_rows(g, d, t);
+                    let ap = a[q * nk * W..].as_ptr();
+                    for k0 in (0..nk).step_by(kc) {
+                        unsafe {
+                            asm!(
+                                "tilezero tmm0",
+                                "tilezero tmm1",
+                                "tilezero tmm2",
+                                "tilezero tmm3",
+                                options(nostack, nomem)
+                            )
+                        };
+                        for k in (k0..(k0 + kc).min(nk)).step_by(AMX_K) {
+                            // A block at word k * 32 (16 steps × 32 words), tiles 1 KiB apart;
+                            // B rows of 32 words from step k, tiles 64 bytes apart.
+                            unsafe {
+                                asm!(
+                                    "tileloadd tmm4, [{a} + {sa}*1]",
+                                    "tileloadd tmm6, [{b} + {sb}*1]",
+                                    "tdpbf16ps tmm0, tmm4, tmm6",
+                                    "tileloadd tmm7, [{b} + {sb}*1 + 64]",
+                                    "tdpbf16ps tmm1, tmm4, tmm7",
+                                    "tileloadd tmm5, [{a} + {sa}*1 + 1024]",
+                                    "tdpbf16ps tmm2, tmm5, tmm6",
+                                    "tdpbf16ps tmm3, tmm5, tmm7",
+                                    a = in(reg) ap.add(k * W),
+                                    b = in(reg) bp.add(k * W),
+                                    sa = in(reg) 64usize,
+                                    sb = in(reg) 128usize,
+                                    options(nostack, readonly)
+                                )
+                            };
+                        }
+                        unsafe {
+                            asm!(
+                                "tilestored [{c} + {s}*1], tmm0",
+                                "tilestored [{c} + {s}*1 + 64], tmm1",
+                                "tilestored [{c} + {s}*1 + 2048], tmm2",
+                                "tilestored [{c} + {s}*1 + 2112], tmm3",
+                                c = in(reg) c.0.as_mut_ptr(),
+                                s = in(reg) 128usize,
+                                options(nostack)
+                            )
+                        };
+                        flush(&c, g, d, t);
+                    }
+                }
+            }
+        }
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{add_tile, pack_bf16_pairs_body, pack_f32_body, Tile};
@@ -455,7 +777,7 @@ mod x86 {
     /// Fetch the f64 rows of a tile (far apart in memory: `d` × 8 bytes) while the products
     /// run, so the update does not wait on memory.
     #[inline(always)]
-    fn prefetch_rows(g: &[f64], d: usize, t: Tile) {
+    pub(super) fn prefetch_rows(g: &[f64], d: usize, t: Tile) {
         for r in 0..t.rows {
             let row = &g[(t.i0 + r) * d + t.j0..][..t.cols];
             for c in (0..t.cols).step_by(8) {
@@ -732,12 +1054,134 @@ mod tests {
         }
     }
 
+    /// `n` rows of width `d` of bf16 numbers, from a seeded generator: columns of very
+    /// different scales and signs, a column of zeros, a constant column, rare large values.
+    fn adversarial_rows(n: usize, d: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        let mut next = || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        (0..n * d)
+            .map(|i| {
+                let j = i % d;
+                let u = next();
+                let x = match j % 5 {
+                    0 => 1000.0 * u,
+                    1 => 1e-3 * u,
+                    2 if j == 2 => 0.0,
+                    3 => 7.25,
+                    _ if u > 0.49 => -3e4 * u,
+                    _ => u - 0.1 * j as f32,
+                };
+                bf16(x)
+            })
+            .collect()
+    }
+
+    /// The AMX kernel against the portable one (same shifted bf16 pairs) and float64, at
+    /// widths that are not multiples of the 16 / 32 tile sizes, few rows (one pair, an odd
+    /// row), row counts that are not whole tiles, and across super-blocks. Differences must be
+    /// f32 rounding: within the bound of f32 sums of `KC` products, `KC 2^-24 Σ|products|`
+    /// (3e-5 of it; a wrong operand layout or a missed pair is off by whole products, each
+    /// about 1 / n of the sum).
+    #[test]
+    fn amx_matches_portable_within_f32_rounding() {
+        if !Kernel::available().contains(&Kernel::Amx) {
+            eprintln!("skipped: this CPU or OS gives this process no AMX-BF16 tiles");
+            return;
+        }
+        for &(d, n) in &[
+            (1, 1),
+            (3, 2),
+            (15, 31),
+            (16, 32),
+            (17, 33),
+            (31, 17),
+            (33, 65),
+            (47, 1),
+            (63, 513),
+            (65, 1100),
+            (100, 2049),
+            (129, 9001),
+        ] {
+            let rows = adversarial_rows(n, d, (d * 1000 + n) as u64);
+            let shift: Vec<f32> = (0..d).map(|j| if j % 5 == 3 { 7.0 } else { 0.0 }).collect();
+            let shift = Kernel::Amx.shift(&shift);
+            let run = |kernel| {
+                let mut g = vec![0.0; d * d];
+                let mut gram = Gram::with_kernel(d, kernel);
+                let half = n / 3 * d;
+                gram.add(&rows[..half], &shift, &mut g);
+                gram.add(&rows[half..], &shift, &mut g);
+                g
+            };
+            let (amx, portable) = (run(Kernel::Amx), run(Kernel::Portable));
+            let want = reference(&rows, &shift, d);
+            let mut abs = vec![0f64; d * d];
+            for r in rows.chunks_exact(d) {
+                for i in 0..d {
+                    for j in i..d {
+                        abs[i * d + j] +=
+                            ((r[i] - shift[i]) as f64 * (r[j] - shift[j]) as f64).abs();
+                    }
+                }
+            }
+            for i in 0..d {
+                for j in i..d {
+                    let k = i * d + j;
+                    // f32 sums of at most KC products: |error| <= KC u sum |products|, u = 2^-24.
+                    let tol = KC as f64 * 2f64.powi(-24) * abs[k];
+                    let (e1, e2) = ((amx[k] - portable[k]).abs(), (amx[k] - want[k]).abs());
+                    assert!(
+                        e1 <= tol && e2 <= tol,
+                        "d {d} n {n} ({i},{j}): amx {} portable {} f64 {}",
+                        amx[k],
+                        portable[k],
+                        want[k]
+                    );
+                }
+            }
+        }
+    }
+
+    /// Tile state is per thread: threads running the AMX kernel at once (each configuring its
+    /// own tiles) get the one thread's result bit for bit.
+    #[test]
+    fn amx_runs_on_several_threads_at_once() {
+        if !Kernel::available().contains(&Kernel::Amx) {
+            eprintln!("skipped: this CPU or OS gives this process no AMX-BF16 tiles");
+            return;
+        }
+        let (d, n) = (70, 3000);
+        let shift = vec![0f32; d];
+        let one = |seed: u64| {
+            let rows = adversarial_rows(n, d, seed);
+            let mut g = vec![0.0; d * d];
+            Gram::with_kernel(d, Kernel::Amx).add(&rows, &shift, &mut g);
+            g
+        };
+        let alone: Vec<Vec<f64>> = (0..4).map(one).collect();
+        let together: Vec<Vec<f64>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..4).map(|seed| s.spawn(move || one(seed))).collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(alone, together);
+    }
+
     #[test]
     fn bf16_shift_rounds_and_others_keep_it() {
         let s = [1.0f32 + 1.0 / 512.0, 3.3, -1e4, 0.0];
         assert_eq!(Kernel::Avx512.shift(&s), s.to_vec());
         let r = Kernel::Avx512Bf16.shift(&s);
         assert_eq!(r, vec![1.0, bf16(3.3), -9984.0, 0.0]);
+        assert_eq!(
+            Kernel::Amx.shift(&s),
+            r,
+            "both bf16 kernels round the shift"
+        );
         assert_eq!(bf16(1.0 + 3.0 / 512.0), 1.0 + 4.0 / 512.0, "ties to even");
         // x − c is exact in bf16 for bf16 x from c / 2 to 2 c, for shifts just above and just
         // below a power of two.
