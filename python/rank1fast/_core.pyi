@@ -69,6 +69,7 @@ def analyze(
     progress: Callable[[int, int], Any] | None = None,
     shifts: dict[str, npt.NDArray[np.float32]] | None = None,
     moment_rows: int | None = None,
+    memory_limit: int | None = None,
 ) -> list[SiteStats]: ...
 def second_moment_shifts(
     path: str,

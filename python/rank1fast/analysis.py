@@ -26,11 +26,13 @@ def analyze(
     progress: ProgressArg = None,
     cluster: str | None = None,
     moment_rows: int | None = None,
+    memory_limit: int | None = None,
 ) -> Report:
     """Per-dimension statistics, outliers and the constant direction of every site.
 
     Streams the data once with memory-mapped I/O on all cores; memory stays
-    ``threads x folds x dim² x 8`` bytes whatever the number of tokens.
+    ``folds x dim² x 8`` bytes (one set of fold matrices shared by the threads) plus a
+    16 MiB chunk per thread, whatever the number of tokens.
 
     Args:
         path: a dump directory (manifest.json + shards), a ``.safetensors`` or ``.npy`` file,
@@ -63,6 +65,10 @@ def analyze(
             the direction's held-out error (``report[site].direction.error``, fitted and
             cross-validated on the capped rows) shows the price.
             ``report[site].moment_count`` is the number used. None: all rows.
+        memory_limit: bytes the analysis may hold (default: the memory available now, from
+            ``/proc/meminfo`` and the cgroup limit). A site whose fold matrices
+            (``folds x dim² x 8`` bytes) and buffers need more is refused before anything is
+            allocated, with the options that make it fit.
 
     Returns:
         A :class:`~rank1fast.Report`.
@@ -70,6 +76,8 @@ def analyze(
     Raises:
         PathNotFoundError: ``path`` does not exist.
         DumpError: a file is malformed, truncated or of an unsupported dtype.
+        InsufficientMemoryError: the fold matrices would not fit in the memory available
+            (or ``memory_limit``); the message names the folds that would.
         InvalidArgumentError: an unknown site, folds < 1 or moment_rows < 1; with
             ``cluster``, Ray missing, the cluster unreachable, or moment_rows given.
 
@@ -110,6 +118,7 @@ def analyze(
             threads=int(threads or 0),
             progress=callback,
             moment_rows=None if moment_rows is None else int(moment_rows),
+            memory_limit=None if memory_limit is None else int(memory_limit),
         )
     finally:
         if bar is not None:

@@ -22,6 +22,7 @@ fn to_py(e: core::Error) -> PyErr {
         core::Error::Io { .. } => "Rank1IOError",
         core::Error::Dump { .. } => "DumpError",
         core::Error::Invalid(_) => "InvalidArgumentError",
+        core::Error::Memory(_) => "InsufficientMemoryError",
         core::Error::Cancelled => return pyo3::exceptions::PyKeyboardInterrupt::new_err(()),
     };
     let msg = e.to_string();
@@ -285,7 +286,7 @@ impl PySiteStats {
 /// Stream every (or the selected) site under `path`; returns one SiteStats per site.
 #[pyfunction]
 #[pyo3(signature = (path, sites=None, skip_positions=1, folds=5, second_moments=true, threads=0,
-                    progress=None, shifts=None, moment_rows=None))]
+                    progress=None, shifts=None, moment_rows=None, memory_limit=None))]
 #[allow(clippy::too_many_arguments)]
 fn analyze(
     py: Python<'_>,
@@ -298,9 +299,11 @@ fn analyze(
     progress: Option<Bound<'_, PyAny>>,
     shifts: Option<HashMap<String, PyReadonlyArray1<'_, f32>>>,
     moment_rows: Option<usize>,
+    memory_limit: Option<u64>,
 ) -> PyResult<Vec<PySiteStats>> {
     let opts = AnalyzeOptions {
         moment_rows,
+        memory_limit,
         sites,
         skip_positions,
         folds,
