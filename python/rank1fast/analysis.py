@@ -10,7 +10,7 @@ from pathlib import Path
 from . import _core
 from ._progress import ProgressArg, bytes_callback
 from .errors import InvalidArgumentError
-from .report import Report, SiteReport
+from .report import SOLVERS, Report, SiteReport
 
 __all__ = ["analyze"]
 
@@ -27,6 +27,7 @@ def analyze(
     cluster: str | None = None,
     moment_rows: int | None = None,
     memory_limit: int | None = None,
+    solver: str = "auto",
 ) -> Report:
     """Per-dimension statistics, outliers and the constant direction of every site.
 
@@ -69,6 +70,8 @@ def analyze(
             ``/proc/meminfo`` and the cgroup limit). A site whose fold matrices
             (``folds x dim² x 8`` bytes) and buffers need more is refused before anything is
             allocated, with the options that make it fit.
+        solver: how ``report[site].direction`` is solved: ``"exact"``, ``"krylov"`` or
+            ``"auto"`` (exact up to dim 2048); see :meth:`SiteReport.solve_direction`.
 
     Returns:
         A :class:`~rank1fast.Report`.
@@ -78,7 +81,8 @@ def analyze(
         DumpError: a file is malformed, truncated or of an unsupported dtype.
         InsufficientMemoryError: the fold matrices would not fit in the memory available
             (or ``memory_limit``); the message names the folds that would.
-        InvalidArgumentError: an unknown site, folds < 1 or moment_rows < 1; with
+        InvalidArgumentError: an unknown site, an unknown solver, folds < 1 or
+            moment_rows < 1; with
             ``cluster``, Ray missing, the cluster unreachable, or moment_rows given.
 
     Example:
@@ -105,6 +109,8 @@ def analyze(
             threads=threads,
             progress=progress,
         )
+    if solver not in SOLVERS:
+        raise InvalidArgumentError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
     if isinstance(sites, str):
         sites = [sites]
     callback, bar = bytes_callback(progress, "analyze")
@@ -124,7 +130,7 @@ def analyze(
         if bar is not None:
             bar.close()
     return Report(
-        (SiteReport(s) for s in stats),
+        (SiteReport(s, solver=solver) for s in stats),
         skip_positions=int(skip_positions),
         source=os.fspath(path),
         modules=_manifest_modules(Path(path)),
