@@ -3,9 +3,10 @@
 The same procedure as the Rust core's ``krylov`` solver (``rust/rank1fast-core/src/krylov.rs``,
 whose module docstring gives the method): per fold, a block Krylov subspace of the fold's
 training moments started from ``[training mean, outlier dimensions, Gaussian columns]`` (the
-Gaussian columns come from the core, so both start from the same subspace), the ridge problem
-solved exactly in it for every ridge, grown until the fold's best held-out rms error changes by
-less than ``tol`` (relative) in a step; the final fit on all rows takes as many steps as the
+Gaussian columns come from the core, so both start from the same subspace), grown by blocks
+scaled by the Jacobi preconditioner, the ridge problem solved exactly in it for every ridge,
+until the fold's best held-out rms error changes by less than ``tol`` (relative) in two
+consecutive steps; the final fit on all rows takes as many steps as the
 slowest fold. In float64 the results match the core's to rounding (tests/test_solve.py).
 
 Use it through :meth:`rank1fast.SiteReport.solve_direction` with ``device="cuda"``.
@@ -93,7 +94,10 @@ def constant_direction(
         t = float((traces.sum() - (traces[k] if k is not None else 0)) / n_train / d)
         held = g[k] / nk if k is not None else None
         mu = sums[k] / nk if k is not None else None
-        problems.append(_Problem(train, held, mean_train, mu, t, nk, opts))
+        sq = stats.fold_sumsq().sum(0) - (stats.fold_sumsq()[k] if k is not None else 0)
+        var = torch.clamp(torch.from_numpy(sq).to(dev, tdtype) / n_train - mean_train**2, min=0)
+        dinv = 1 / (var + float(opts["precond_floor"]) * t)
+        problems.append(_Problem(train, held, mean_train, mu, t, nk, dinv, opts))
     for p in problems[:-1]:
         while not p.done:
             p.step(grid, fold=True)
@@ -130,11 +134,12 @@ def constant_direction(
 class _Problem:
     """One ridge problem: a training matrix ``a`` (scaled), a held-out matrix (or None)."""
 
-    def __init__(self, a, held, mean_train, mu, t, n_held, opts) -> None:  # noqa: ANN001
+    def __init__(self, a, held, mean_train, mu, t, n_held, dinv, opts) -> None:  # noqa: ANN001
         import torch
 
         d = a.shape[0]
         self.a, self.held, self.mean, self.mu, self.t = a, held, mean_train, mu, t
+        self.dinv, self.calm = dinv, 0
         self.n_held = n_held
         self.tol, self.min_steps = float(opts["tol"]), int(opts["min_steps"])
         cap = min(int(opts["max_dim"]), d)
@@ -146,11 +151,12 @@ class _Problem:
         self.qmu = torch.zeros(0, dtype=a.dtype, device=a.device)
         self.s, self.steps, self.done, self.best = 0, 0, False, float("inf")
         x = opts["omega"].clone()
-        x[:, 0] = mean_train
+        x[:, 0] = dinv * mean_train
+        x[:, 1] = mean_train
         absm = mean_train.abs()
         median = torch.sort(absm).values[d // 2]
         order = torch.argsort(absm, descending=True, stable=True)[: int(opts["max_outliers"])]
-        c = 1
+        c = 2
         for j in order.tolist():
             if absm[j] == 0 or absm[j] < float(opts["outlier_ratio"]) * median:
                 break
@@ -215,10 +221,11 @@ class _Problem:
             best = float(torch.sqrt(self.held_mse(grid).min()))
             change = abs(self.best - best) / max(best, np.finfo(float).tiny)
             self.best = best
-            if self.steps >= self.min_steps and change < self.tol:
+            self.calm = self.calm + 1 if change < self.tol else 0
+            if self.steps >= self.min_steps and self.calm >= 2:
                 self.done = True
                 return
-        self.last = self._extend(w)
+        self.last = self._extend(w * self.dinv[:, None])
         if self.last == 0:
             self.done = True
 

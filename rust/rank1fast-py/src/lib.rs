@@ -495,6 +495,7 @@ fn krylov_sketch<'py>(
     defaults.set_item("tol", o.tol)?;
     defaults.set_item("seed", o.seed)?;
     defaults.set_item("outlier_ratio", core::krylov::OUTLIER_RATIO)?;
+    defaults.set_item("precond_floor", core::krylov::PRECOND_FLOOR)?;
     defaults.set_item("max_outliers", core::krylov::MAX_OUTLIERS)?;
     defaults.set_item("exact_max_dim", core::solve::EXACT_MAX_DIM)?;
     let omega = PyArray1::from_vec(py, core::krylov::starting_sketch(dim, block, seed));
