@@ -4,7 +4,8 @@ Usage: python benches/bench_width.py [--dims 4096,8192,14336,28672] [--rows 8192
        [--folds 5,5,5,2] [--threads 2] [--solver auto] [--exact-max 14336] [--dir /tmp]
 
 For each (dim, rows): writes a synthetic bfloat16 [rows, dim] safetensors file drawn from a
-distribution with the structure of real activations (a few massive mean dimensions, 256 shared
+distribution with the structure of real activations (four massive mean dimensions varying by 1 %,
+256 shared
 factors with a decaying spectrum, per-dimension noise whose scales span two decades), runs
 ``rank1fast.analyze`` + ``report["h"].direction`` in a fresh child process and reports wall
 time, CPU time (user + sys, from ``getrusage``) and peak RSS of the child, the solver used and
@@ -44,8 +45,10 @@ def distribution(dim: int, seed: int = 0) -> dict:
     mean[massive] = [300.0, -80.0, 40.0, 25.0]
     loadings = rng.normal(size=(FACTORS, dim)).astype(np.float32) / np.sqrt(dim)
     loadings *= (3.0 / (1.0 + np.arange(FACTORS)) ** 0.7)[:, None].astype(np.float32)
-    # The massive dimensions vary a little with the factors (so b·x = 1 is not exact).
     noise = np.exp(rng.uniform(np.log(0.01), np.log(1.0), size=dim)).astype(np.float32)
+    # The massive dimensions vary by 1 % (so no bfloat16 rounding makes one constant, which
+    # would make b·x = 1 exact).
+    noise[massive] = 0.01 * np.abs(mean[massive])
     return {"mean": mean, "loadings": loadings, "noise": noise}
 
 
