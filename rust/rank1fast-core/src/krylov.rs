@@ -72,7 +72,7 @@ impl Default for KrylovOptions {
             max_dim: 768,
             min_steps: 4,
             tol: 1e-3,
-            seed: 0x5eed_0f_c0ffee,
+            seed: 0x5eed_0fc0_ffee,
         }
     }
 }
@@ -330,8 +330,8 @@ fn extend_basis(q: &mut Mat<f64>, s: usize, mut x: Mat<f64>) -> usize {
     }
     let cap = q.ncols();
     let mut added = 0;
-    for j in 0..x.ncols() {
-        if s + added >= cap || norms0[j] == 0.0 {
+    for (j, &n0) in norms0.iter().enumerate() {
+        if s + added >= cap || n0 == 0.0 {
             continue;
         }
         let mut col: Vec<f64> = x.col(j).iter().copied().collect();
@@ -345,7 +345,7 @@ fn extend_basis(q: &mut Mat<f64>, s: usize, mut x: Mat<f64>) -> usize {
             }
         }
         let norm = col.iter().map(|v| v * v).sum::<f64>().sqrt();
-        if !(norm > 1e-10 * norms0[j]) {
+        if norm.is_nan() || norm <= 1e-10 * n0 {
             continue;
         }
         let mut dst = q.col_mut(s + added);
