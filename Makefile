@@ -37,6 +37,7 @@ bench: install
 	$(PY) benches/bench_kernel_accuracy.py
 	$(PY) benches/bench_ray.py --gib 2 --shards 16 --repeat 2
 	$(PY) benches/bench_fidelity.py --json bench_fidelity.json
+	$(PY) benches/bench_width.py --dims 4096,8192,14336,28672 --rows 8192,16384,4096,4096 --folds 5,5,5,2
 
 # A rank1fast adapter served over HTTP by real servers on 127.0.0.1, against hook steering in
 # transformers (benches/serve_check.py; not part of `make test`; ~15 min, ~7 GB of venvs). Each

@@ -21,6 +21,7 @@ from .convert import convert  # light: torch is imported when convert() runs
 from .errors import (
     AdapterError,
     DumpError,
+    InsufficientMemoryError,
     InvalidArgumentError,
     PathNotFoundError,
     Rank1Error,
@@ -66,6 +67,7 @@ __all__ = [
     "PathNotFoundError",
     "Rank1IOError",
     "InvalidArgumentError",
+    "InsufficientMemoryError",
     "SiteError",
     "ResidualSiteError",
     "AdapterError",

@@ -10,7 +10,7 @@ from . import _core
 from ._manifest import site_modules
 from ._progress import ProgressArg, bytes_callback
 from .errors import InvalidArgumentError
-from .report import Report, SiteReport
+from .report import SOLVERS, Report, SiteReport
 
 __all__ = ["analyze"]
 
@@ -26,11 +26,14 @@ def analyze(
     progress: ProgressArg = None,
     cluster: str | None = None,
     moment_rows: int | None = None,
+    memory_limit: int | None = None,
+    solver: str = "auto",
 ) -> Report:
     """Per-dimension statistics, outliers and the constant direction of every site.
 
     Streams the data once with memory-mapped I/O on all cores; memory stays
-    ``threads x folds x dim² x 8`` bytes whatever the number of tokens.
+    ``folds x dim² x 8`` bytes (one set of fold matrices shared by the threads) plus a
+    16 MiB chunk per thread, whatever the number of tokens.
 
     Args:
         path: a dump directory (manifest.json + shards), a ``.safetensors`` or ``.npy`` file,
@@ -63,6 +66,12 @@ def analyze(
             the direction's held-out error (``report[site].direction.error``, fitted and
             cross-validated on the capped rows) shows the price.
             ``report[site].moment_count`` is the number used. None: all rows.
+        memory_limit: bytes the analysis may hold (default: the memory available now, from
+            ``/proc/meminfo`` and the cgroup limit). A site whose fold matrices
+            (``folds x dim² x 8`` bytes) and buffers need more is refused before anything is
+            allocated, with the options that make it fit.
+        solver: how ``report[site].direction`` is solved: ``"exact"``, ``"krylov"`` or
+            ``"auto"`` (exact up to dim 2048); see :meth:`SiteReport.solve_direction`.
 
     Returns:
         A :class:`~rank1fast.Report`.
@@ -70,7 +79,10 @@ def analyze(
     Raises:
         PathNotFoundError: ``path`` does not exist.
         DumpError: a file is malformed, truncated or of an unsupported dtype.
-        InvalidArgumentError: an unknown site, folds < 1 or moment_rows < 1; with
+        InsufficientMemoryError: the fold matrices would not fit in the memory available
+            (or ``memory_limit``); the message names the folds that would.
+        InvalidArgumentError: an unknown site, an unknown solver, folds < 1 or
+            moment_rows < 1; with
             ``cluster``, Ray missing, the cluster unreachable, or moment_rows given.
 
     Example:
@@ -97,6 +109,8 @@ def analyze(
             threads=threads,
             progress=progress,
         )
+    if solver not in SOLVERS:
+        raise InvalidArgumentError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
     if isinstance(sites, str):
         sites = [sites]
     callback, bar = bytes_callback(progress, "analyze")
@@ -110,12 +124,13 @@ def analyze(
             threads=int(threads or 0),
             progress=callback,
             moment_rows=None if moment_rows is None else int(moment_rows),
+            memory_limit=None if memory_limit is None else int(memory_limit),
         )
     finally:
         if bar is not None:
             bar.close()
     return Report(
-        (SiteReport(s) for s in stats),
+        (SiteReport(s, solver=solver) for s in stats),
         skip_positions=int(skip_positions),
         source=os.fspath(path),
         modules=site_modules(Path(path)),

@@ -95,6 +95,16 @@ def _analyze_cli(sub: argparse._SubParsersAction) -> None:
             "--ray=ADDRESS. Needs pip install 'rank1fast[ray]'"
         ),
     )
+    p.add_argument(
+        "--solver",
+        choices=["auto", "exact", "krylov"],
+        default="auto",
+        help=(
+            "how the constant direction is solved: exact (a tridiagonalisation per fold), "
+            "krylov (a randomized block Krylov subspace per fold, for large dims), auto "
+            "(exact up to dim 2048; default)"
+        ),
+    )
     p.add_argument("--json", metavar="OUT", help="write a JSON summary to OUT")
     p.add_argument(
         "--save",
@@ -118,6 +128,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
         progress=False if args.quiet else None,
         cluster=None if args.ray is None else f"ray:{args.ray}" if args.ray else "ray",
         moment_rows=args.moment_rows,
+        solver=args.solver,
     )
     if args.save:
         report.save(args.save)

@@ -8,6 +8,7 @@ __all__ = [
     "PathNotFoundError",
     "Rank1IOError",
     "InvalidArgumentError",
+    "InsufficientMemoryError",
     "SiteError",
     "AdapterError",
     "ResidualSiteError",
@@ -36,6 +37,14 @@ class Rank1IOError(Rank1Error, OSError):
 
 class InvalidArgumentError(Rank1Error, ValueError):
     """An argument that cannot work: an unknown site, folds=0, a vector of the wrong size."""
+
+
+class InsufficientMemoryError(Rank1Error, MemoryError):
+    """The work would need more memory than is available (or than ``memory_limit`` allows).
+
+    Raised before anything large is allocated; the message says how much is needed and which
+    option makes it fit (fewer folds, no second moments, fewer threads).
+    """
 
 
 class SiteError(InvalidArgumentError):

@@ -3,9 +3,11 @@
 //! Rows are read from the memory map in chunks of 16 MiB, filtered (position < skip,
 //! non-finite) and handed to a per-thread [`Accumulator`]: straight from the map for the
 //! per-dimension statistics (runs of one fold's rows), and for the second moments of f32
-//! dumps; bf16/f16 rows are decoded to f32 in fold order for the second moments. The threads'
-//! accumulators are merged at the end. Memory is `threads × (chunk + folds × dim²)`, whatever
-//! the number of tokens.
+//! dumps; bf16/f16 rows are decoded to f32 in fold order for the second moments. The threads
+//! add second moments to one set of fold matrices, fold k behind its own lock, and merge their
+//! per-dimension statistics at the end. Memory is `folds × dim² × 8 + threads × chunk` bytes,
+//! whatever the number of tokens; an analysis that cannot fit is refused before it allocates
+//! ([`Error::Memory`]).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -15,7 +17,7 @@ use crate::dtype::{any_nonfinite, decode_f32, DType};
 use crate::error::{Error, Result};
 use crate::gram::Kernel;
 use crate::source::{self, SiteSource};
-use crate::stats::{starts, Accumulator, SiteStats};
+use crate::stats::{starts, zeroed_large, Accumulator, SharedMoments, SiteStats};
 
 /// Rows of a bare 2-D tensor without document ids form folds in blocks of this many rows.
 pub const FOLD_BLOCK_ROWS: usize = 256;
@@ -43,6 +45,10 @@ pub struct AnalyzeOptions {
     /// folds): whole chunks spread evenly over the site, at least one. Every row still counts
     /// in the per-dimension statistics. `None`: all rows.
     pub moment_rows: Option<usize>,
+    /// Bytes the analysis may hold (`None`: the memory available now, see
+    /// [`available_memory`]); a site whose fold matrices and buffers need more is refused
+    /// before anything is allocated.
+    pub memory_limit: Option<u64>,
 }
 
 impl Default for AnalyzeOptions {
@@ -55,6 +61,7 @@ impl Default for AnalyzeOptions {
             threads: 0,
             shifts: Vec::new(),
             moment_rows: None,
+            memory_limit: None,
         }
     }
 }
@@ -96,6 +103,9 @@ pub fn analyze(path: &Path, opts: &AnalyzeOptions, progress: &Progress) -> Resul
     } else {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     };
+    if let Some((name, srcs)) = selected.iter().max_by_key(|(_, srcs)| srcs[0].dim) {
+        check_memory(name, srcs[0].dim, opts, threads)?;
+    }
     selected
         .into_iter()
         .map(|(name, srcs)| {
@@ -166,6 +176,102 @@ fn select<'a>(
     }
 }
 
+/// Bytes [`analyze`] holds at its peak for one site of width `dim`: the fold matrices
+/// (`folds × dim²` float64, with second moments) and each thread's decoded chunk and packing
+/// buffers.
+pub fn analysis_bytes(dim: usize, opts: &AnalyzeOptions, threads: usize) -> u64 {
+    let (d, f) = (dim as u64, opts.folds as u64);
+    let moments = if opts.second_moments {
+        f * d * d * 8
+    } else {
+        0
+    };
+    // Per thread: the decoded chunk (f32) and the Gram kernel's packed panels (~16 MiB).
+    let per_thread = (chunk_rows(dim, opts) as u64) * d * 4 + (16 << 20);
+    moments + threads as u64 * per_thread
+}
+
+/// Bytes this process can still allocate without swapping or being killed: the kernel's
+/// `MemAvailable`, capped by the cgroup's limit less its usage (containers). `None` where
+/// neither is known (not Linux).
+pub fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("MemAvailable:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    });
+    let read = |p: &str| -> Option<u64> { std::fs::read_to_string(p).ok()?.trim().parse().ok() };
+    let cgroup = match (
+        read("/sys/fs/cgroup/memory.max"),
+        read("/sys/fs/cgroup/memory.current"),
+    ) {
+        (Some(max), Some(cur)) => Some(max.saturating_sub(cur)),
+        _ => None,
+    };
+    match (meminfo, cgroup) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// Refuse an analysis whose peak memory ([`analysis_bytes`]) exceeds `opts.memory_limit` or
+/// the memory available, naming the options that make it fit.
+fn check_memory(site: &str, dim: usize, opts: &AnalyzeOptions, threads: usize) -> Result<()> {
+    let Some(available) = opts.memory_limit.or_else(available_memory) else {
+        return Ok(());
+    };
+    let need = analysis_bytes(dim, opts, threads);
+    if need <= available {
+        return Ok(());
+    }
+    let fold_bytes = (dim as u64).pow(2) * 8;
+    let mut fixes = Vec::new();
+    if opts.second_moments {
+        let base = analysis_bytes(
+            dim,
+            &AnalyzeOptions {
+                folds: 0,
+                ..opts.clone()
+            },
+            threads,
+        );
+        let folds = available.saturating_sub(base) / fold_bytes.max(1);
+        if folds >= 2 && (folds as usize) < opts.folds {
+            let o = AnalyzeOptions {
+                folds: folds as usize,
+                ..opts.clone()
+            };
+            fixes.push(format!(
+                "folds={folds} ({})",
+                gib(analysis_bytes(dim, &o, threads))
+            ));
+        }
+        fixes.push("second_moments=False (statistics and the one-hot direction only)".into());
+    }
+    if threads > 1 {
+        fixes.push("fewer threads".into());
+    }
+    Err(Error::Memory(format!(
+        "site {site}: the analysis needs {} ({} fold matrices of {dim} x {dim} float64, {} each, \
+         and {threads} thread buffers) but {} {}; pass {}",
+        gib(need),
+        if opts.second_moments { opts.folds } else { 0 },
+        gib(fold_bytes),
+        gib(available),
+        if opts.memory_limit.is_some() {
+            "is the memory_limit"
+        } else {
+            "are available"
+        },
+        fixes.join(", or ")
+    )))
+}
+
 fn chunk_rows(dim: usize, opts: &AnalyzeOptions) -> usize {
     if opts.second_moments {
         (CHUNK_FLOATS_MOMENTS / dim).clamp(256, 8192)
@@ -197,13 +303,27 @@ fn analyze_site(
     let next = AtomicUsize::new(0);
     let failure: Mutex<Option<Error>> = Mutex::new(None);
     let workers = threads.min(chunks.len()).max(1);
+    // One set of fold matrices for all threads (fold k behind its own lock).
+    let dd = dim * dim;
+    let mut moments = if opts.second_moments {
+        zeroed_large(opts.folds * dd)
+    } else {
+        Vec::new()
+    };
+    let locks: Vec<Mutex<&mut [f64]>> = moments.chunks_mut(dd.max(1)).map(Mutex::new).collect();
+    let sink: &SharedMoments = &locks;
+    let new_acc = || {
+        if opts.second_moments {
+            Accumulator::new_shared(dim, opts.folds, shift.clone()).bf16_rows(bf16_rows)
+        } else {
+            Accumulator::new(dim, opts.folds, false, shift.clone())
+        }
+    };
     let parts: Vec<Accumulator> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|_| {
                 scope.spawn(|| {
-                    let mut acc =
-                        Accumulator::new(dim, opts.folds, opts.second_moments, shift.clone())
-                            .bf16_rows(bf16_rows);
+                    let mut acc = new_acc();
                     // Decoded rows: a chunk's for the second moments, else one row at a time.
                     let buf_rows = if opts.second_moments { chunk_rows } else { 1 };
                     let mut buf = vec![0f32; buf_rows * dim];
@@ -218,7 +338,8 @@ fn analyze_site(
                         };
                         let src = &srcs[s];
                         let full = folded.as_ref().is_none_or(|f| f[i]);
-                        process_chunk(src, r0, r1, opts, full, &mut buf, &mut folds, &mut acc);
+                        let chunk = Chunk { src, r0, r1, full };
+                        process_chunk(&chunk, opts, &mut buf, &mut folds, &mut acc, sink);
                         progress
                             .done
                             .fetch_add(((r1 - r0) * src.row_bytes()) as u64, Ordering::Relaxed);
@@ -235,12 +356,12 @@ fn analyze_site(
                     *failure.lock().expect("lock") = Some(Error::Invalid(
                         "internal error: a worker thread panicked".into(),
                     ));
-                    Accumulator::new(dim, opts.folds, opts.second_moments, shift.clone())
-                        .bf16_rows(bf16_rows)
+                    new_acc()
                 }
             })
             .collect()
     });
+    drop(locks);
     if let Some(e) = failure.into_inner().expect("lock") {
         return Err(e);
     }
@@ -252,7 +373,19 @@ fn analyze_site(
     for p in parts {
         total.absorb(p)?;
     }
-    Ok(total.finish())
+    Ok(if opts.second_moments {
+        total.finish_with(moments)
+    } else {
+        total.finish()
+    })
+}
+
+/// Rows `r0..r1` of one file of a site; `full`: they enter the folds and second moments.
+struct Chunk<'a> {
+    src: &'a SiteSource,
+    r0: usize,
+    r1: usize,
+    full: bool,
 }
 
 /// Which chunks enter the folds and second moments under `opts.moment_rows` (`None`: all):
@@ -335,18 +468,17 @@ fn moment_shift(srcs: &[SiteSource], rows: usize, skip_positions: i64) -> Vec<f3
         .collect()
 }
 
-/// Decode rows `r0..r1` of `src`, drop skipped and non-finite rows, accumulate the rest.
-#[allow(clippy::too_many_arguments)]
+/// Decode a chunk's rows, drop skipped and non-finite rows, accumulate the rest (second
+/// moments into the shared fold matrices `sink`).
 fn process_chunk(
-    src: &SiteSource,
-    r0: usize,
-    r1: usize,
+    chunk: &Chunk,
     opts: &AnalyzeOptions,
-    full: bool,
     buf: &mut [f32],
     folds: &mut Vec<u32>,
     acc: &mut Accumulator,
+    sink: &SharedMoments,
 ) {
+    let &Chunk { src, r0, r1, full } = chunk;
     let d = src.dim;
     let rb = src.row_bytes();
     populate_pages(src, r0 * rb, r1 * rb);
@@ -421,11 +553,7 @@ fn process_chunk(
                 }
                 i = j;
             }
-            for (k, r) in runs.iter().enumerate() {
-                if !r.is_empty() {
-                    acc.add_fold_runs(k, r);
-                }
-            }
+            acc.add_fold_runs_shared(&runs, sink);
             release_pages(src, r0 * rb, r1 * rb);
             return;
         }
@@ -443,7 +571,7 @@ fn process_chunk(
         }
     }
     let kept: usize = counts.iter().sum();
-    acc.add_sorted_rows(&buf[..kept * d], &counts);
+    acc.add_sorted_rows_shared(&buf[..kept * d], &counts, sink);
     release_pages(src, r0 * rb, r1 * rb);
 }
 
@@ -499,5 +627,75 @@ fn release_pages(src: &SiteSource, begin: usize, end: usize) {
                 stop - start,
             )
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapter::{write_safetensors, TensorSpec};
+    use std::collections::BTreeMap;
+
+    fn dump(dir: &Path, rows: usize, d: usize) -> std::path::PathBuf {
+        let mut s = 3u64;
+        let values: Vec<f32> = (0..rows * d)
+            .map(|i| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (s >> 40) as f32 / (1u64 << 24) as f32 + if i % d == 0 { 30.0 } else { 0.0 }
+            })
+            .collect();
+        let path = dir.join("x.safetensors");
+        let spec = TensorSpec {
+            name: "x".into(),
+            shape: vec![rows, d],
+            values: &values,
+        };
+        write_safetensors(&path, &[spec], DType::F32, &BTreeMap::new()).unwrap();
+        path
+    }
+
+    /// Threads sharing one set of fold matrices give the single-threaded result.
+    #[test]
+    fn shared_fold_matrices_match_one_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dump(dir.path(), 3000, 24);
+        let run = |threads| {
+            let opts = AnalyzeOptions {
+                threads,
+                ..AnalyzeOptions::default()
+            };
+            analyze(&path, &opts, &Progress::default())
+                .unwrap()
+                .remove(0)
+                .stats
+        };
+        let (one, four) = (run(1), run(4));
+        let (a, b) = (one.fold_moment.unwrap(), four.fold_moment.unwrap());
+        assert_eq!(one.fold_count, four.fold_count);
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-9 * x.abs().max(1.0), "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn refuses_what_cannot_fit_before_allocating() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dump(dir.path(), 300, 64);
+        let opts = AnalyzeOptions {
+            threads: 1,
+            memory_limit: Some(8192 * 64 * 4 + (16 << 20) + 64 * 64 * 8 * 3 + 100),
+            ..AnalyzeOptions::default()
+        };
+        let e = analyze(&path, &opts, &Progress::default()).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, Error::Memory(_)), "{msg}");
+        assert!(
+            msg.contains("folds=3") && msg.contains("second_moments=False"),
+            "{msg}"
+        );
+        let fits = AnalyzeOptions { folds: 3, ..opts };
+        assert!(analyze(&path, &fits, &Progress::default()).is_ok());
     }
 }

@@ -29,6 +29,11 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
 
+    /// The work would need more memory than is available (or allowed); the message says how
+    /// much, and which option makes it fit.
+    #[error("{0}")]
+    Memory(String),
+
     /// The work was cancelled (Ctrl-C from Python).
     #[error("cancelled")]
     Cancelled,

@@ -7,6 +7,7 @@ pub mod analyze;
 pub mod dtype;
 pub mod error;
 pub mod gram;
+pub mod krylov;
 pub mod merge;
 pub mod rowstats;
 pub mod solve;
@@ -16,5 +17,8 @@ pub mod stats;
 pub use analyze::{analyze, AnalyzeOptions, Progress};
 pub use dtype::DType;
 pub use error::{Error, Result};
-pub use solve::{best_onehot, constant_direction, default_ridges, DirectionFit, OneHotFit};
+pub use solve::{
+    best_onehot, constant_direction, constant_direction_with, default_ridges, DirectionFit,
+    OneHotFit, Solver,
+};
 pub use stats::SiteStats;

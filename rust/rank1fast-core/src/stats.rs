@@ -8,6 +8,12 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gram::{Gram, Kernel};
 use crate::rowstats::RunStats;
+use std::sync::{Mutex, TryLockError};
+
+/// Fold matrices shared by the threads of one analysis: fold k's shifted `Σ (x − c)(x − c)ᵀ`
+/// (`dim × dim`, upper triangle, row-major) behind its own lock, so memory is one set of
+/// `folds × dim²` float64 values whatever the number of threads.
+pub type SharedMoments<'a> = [Mutex<&'a mut [f64]>];
 
 /// Per-site sufficient statistics. Arrays are `[dim]`, `[folds]`, `[folds * dim]` or
 /// `[folds * dim * dim]` (each fold's `Σ x xᵀ`, symmetric, row-major) as named.
@@ -231,15 +237,27 @@ pub struct Accumulator {
 }
 
 impl Accumulator {
+    /// An accumulator that owns its fold matrices (when `second_moments`).
     pub fn new(dim: usize, folds: usize, second_moments: bool, shift: Vec<f32>) -> Self {
+        Self::build(dim, folds, second_moments, second_moments, shift)
+    }
+
+    /// An accumulator whose second moments go to fold matrices shared with other threads
+    /// ([`Accumulator::add_fold_runs_shared`]); its own statistics hold no fold matrices until
+    /// [`Accumulator::finish_with`] hands them over.
+    pub fn new_shared(dim: usize, folds: usize, shift: Vec<f32>) -> Self {
+        Self::build(dim, folds, true, false, shift)
+    }
+
+    fn build(dim: usize, folds: usize, gram: bool, own: bool, shift: Vec<f32>) -> Self {
         assert_eq!(shift.len(), dim, "shift must have one value per dimension");
-        let gram = second_moments.then(|| Gram::new(dim));
+        let gram = gram.then(|| Gram::new(dim));
         let shift = match &gram {
             Some(g) => g.kernel().shift(&shift),
             None => shift,
         };
         Accumulator {
-            stats: SiteStats::new(dim, folds, second_moments),
+            stats: SiteStats::new(dim, folds, own),
             shift64: shift.iter().map(|&c| c as f64).collect(),
             shift,
             slot_s1: vec![0.0; (folds + 1) * dim],
@@ -321,6 +339,57 @@ impl Accumulator {
         }
     }
 
+    /// [`Accumulator::add_sorted_rows`] with the second moments added to shared fold matrices.
+    pub fn add_sorted_rows_shared(&mut self, rows: &[f32], counts: &[usize], sink: &SharedMoments) {
+        let d = self.stats.dim;
+        debug_assert_eq!(rows.len(), counts.iter().sum::<usize>() * d);
+        let mut runs: Vec<Vec<&[f32]>> = vec![Vec::new(); counts.len()];
+        let mut row0 = 0;
+        for (k, &c) in counts.iter().enumerate() {
+            if c > 0 {
+                runs[k].push(&rows[row0 * d..(row0 + c) * d]);
+                row0 += c;
+            }
+        }
+        self.add_fold_runs_shared(&runs, sink);
+    }
+
+    /// Add finite rows given as runs per fold (`runs[k]`: whole rows of fold `k`) to the
+    /// statistics, and their second moments to the shared fold matrices `sink` (one per fold).
+    /// A fold whose matrix another thread holds is done later, so threads rarely wait.
+    pub fn add_fold_runs_shared(&mut self, runs: &[Vec<&[f32]>], sink: &SharedMoments) {
+        let d = self.stats.dim.max(1);
+        for (k, fold_runs) in runs.iter().enumerate() {
+            for run in fold_runs {
+                self.reduce_f32(Some(k), run, run.len() / d);
+            }
+        }
+        let Some(gram) = &mut self.gram else {
+            return;
+        };
+        let mut pending: Vec<usize> = (0..runs.len()).filter(|&k| !runs[k].is_empty()).collect();
+        let mut add = |k: usize, g: &mut [f64]| {
+            let rows: Vec<&[f32]> = runs[k].iter().flat_map(|r| r.chunks_exact(d)).collect();
+            gram.add_rows(&rows, &self.shift, g);
+        };
+        while !pending.is_empty() {
+            let mut busy = Vec::new();
+            for &k in &pending {
+                match sink[k].try_lock() {
+                    Ok(mut g) => add(k, &mut g),
+                    Err(TryLockError::Poisoned(p)) => add(k, &mut p.into_inner()),
+                    Err(TryLockError::WouldBlock) => busy.push(k),
+                }
+            }
+            if busy.len() == pending.len() {
+                // Every fold left is held by another thread: wait for the first.
+                let k = busy.remove(0);
+                add(k, &mut sink[k].lock().unwrap_or_else(|p| p.into_inner()));
+            }
+            pending = busy;
+        }
+    }
+
     /// The per-dimension statistics of `c` finite f32 rows (`seg`), into a slot.
     fn reduce_f32(&mut self, fold: Option<usize>, seg: &[f32], c: usize) {
         #[cfg(target_endian = "little")]
@@ -393,6 +462,18 @@ impl Accumulator {
             self.max32[j] = self.max32[j].max(other.max32[j]);
         }
         Ok(())
+    }
+
+    /// Finish an accumulator made by [`Accumulator::new_shared`] (and merged with the others of
+    /// its site): `moments` are the shared fold matrices (`folds × dim²`, shifted, upper
+    /// triangle) that every thread added to.
+    pub fn finish_with(mut self, moments: Vec<f64>) -> SiteStats {
+        assert!(
+            self.stats.fold_moment.is_none(),
+            "finish_with on an owning accumulator"
+        );
+        self.stats.fold_moment = Some(moments);
+        self.finish()
     }
 
     /// Finish accumulation: copy min/max out and turn the shifted moments into raw `Σ x xᵀ`.

@@ -22,6 +22,7 @@ fn to_py(e: core::Error) -> PyErr {
         core::Error::Io { .. } => "Rank1IOError",
         core::Error::Dump { .. } => "DumpError",
         core::Error::Invalid(_) => "InvalidArgumentError",
+        core::Error::Memory(_) => "InsufficientMemoryError",
         core::Error::Cancelled => return pyo3::exceptions::PyKeyboardInterrupt::new_err(()),
     };
     let msg = e.to_string();
@@ -213,6 +214,16 @@ impl PySiteStats {
             .transpose()
     }
 
+    /// `Σ_k` of the fold matrices, `[dim, dim]` (one copy, not `folds` of them), or None.
+    fn total_moment<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let d = self.inner.dim;
+        let st = &self.inner;
+        match py.detach(|| st.total_moment()) {
+            Some(t) => Ok(Some(PyArray1::from_vec(py, t).reshape([d, d])?.into_any())),
+            None => Ok(None),
+        }
+    }
+
     /// Merge with statistics of the same site from other data.
     fn merge(&self, py: Python<'_>, other: PyRef<'_, PySiteStats>) -> PyResult<Self> {
         let mut inner = self.inner.clone();
@@ -226,17 +237,46 @@ impl PySiteStats {
         })
     }
 
-    /// Least-squares constant direction with a cross-validated ridge, as a dict.
-    #[pyo3(signature = (ridges=None))]
+    /// Least-squares constant direction with a cross-validated ridge, as a dict. `solver`:
+    /// "auto", "exact" or "krylov"; `block`, `max_dim`, `tol` and `seed` tune the Krylov solve.
+    #[pyo3(signature = (ridges=None, solver="auto", block=None, max_dim=None, tol=None, seed=None))]
+    #[allow(clippy::too_many_arguments)]
     fn constant_direction<'py>(
         &self,
         py: Python<'py>,
         ridges: Option<Vec<f64>>,
+        solver: &str,
+        block: Option<usize>,
+        max_dim: Option<usize>,
+        tol: Option<f64>,
+        seed: Option<u64>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let ridges = ridges.unwrap_or_else(core::default_ridges);
+        let mut solver = core::Solver::from_name(solver).ok_or_else(|| {
+            to_py(core::Error::Invalid(format!(
+                "solver must be auto, exact or krylov, got {solver:?}"
+            )))
+        })?;
+        let tuned = block.is_some() || max_dim.is_some() || tol.is_some() || seed.is_some();
+        if tuned {
+            let mut o = core::krylov::KrylovOptions::default();
+            o.block = block.unwrap_or(o.block);
+            o.max_dim = max_dim.unwrap_or(o.max_dim);
+            o.tol = tol.unwrap_or(o.tol);
+            o.seed = seed.unwrap_or(o.seed);
+            solver = match solver {
+                core::Solver::Exact => core::Solver::Exact,
+                _ if matches!(solver, core::Solver::Auto)
+                    && self.inner.dim <= core::solve::EXACT_MAX_DIM =>
+                {
+                    core::Solver::Exact
+                }
+                _ => core::Solver::Krylov(o),
+            };
+        }
         let st = &self.inner;
         let fit = py
-            .detach(|| core::constant_direction(st, &ridges))
+            .detach(|| core::constant_direction_with(st, &ridges, &solver))
             .map_err(|e| self.site_error(e))?;
         let out = PyDict::new(py);
         out.set_item("vector", vec1(py, &fit.vector))?;
@@ -245,7 +285,22 @@ impl PySiteStats {
         out.set_item("ridges", vec1(py, &fit.ridges))?;
         out.set_item("cv_errors", vec1(py, &fit.cv_errors))?;
         out.set_item("cross_validated", fit.cross_validated)?;
+        out.set_item("method", fit.method)?;
+        out.set_item("subspace", fit.subspace)?;
+        out.set_item("steps", fit.steps)?;
         Ok(out)
+    }
+
+    /// Duplicated (perfectly correlated) dimension pairs: `(count, first `keep` pairs)`.
+    #[pyo3(signature = (tol=1e-6, keep=3))]
+    fn duplicated_dims(
+        &self,
+        py: Python<'_>,
+        tol: f64,
+        keep: usize,
+    ) -> (usize, Vec<(usize, usize)>) {
+        let st = &self.inner;
+        py.detach(|| core::solve::duplicated_dims(st, tol, keep))
     }
 
     /// The best single dimension (the naive construction), as a dict.
@@ -285,7 +340,7 @@ impl PySiteStats {
 /// Stream every (or the selected) site under `path`; returns one SiteStats per site.
 #[pyfunction]
 #[pyo3(signature = (path, sites=None, skip_positions=1, folds=5, second_moments=true, threads=0,
-                    progress=None, shifts=None, moment_rows=None))]
+                    progress=None, shifts=None, moment_rows=None, memory_limit=None))]
 #[allow(clippy::too_many_arguments)]
 fn analyze(
     py: Python<'_>,
@@ -298,9 +353,11 @@ fn analyze(
     progress: Option<Bound<'_, PyAny>>,
     shifts: Option<HashMap<String, PyReadonlyArray1<'_, f32>>>,
     moment_rows: Option<usize>,
+    memory_limit: Option<u64>,
 ) -> PyResult<Vec<PySiteStats>> {
     let opts = AnalyzeOptions {
         moment_rows,
+        memory_limit,
         sites,
         skip_positions,
         folds,
@@ -419,6 +476,32 @@ fn file_kind(path: PathBuf) -> PyResult<Option<&'static str>> {
     Ok(core::source::sniff(&head, len))
 }
 
+/// The Krylov solve's defaults and its Gaussian starting columns (`[block, dim]`, row j the
+/// j-th column), for the torch solve to start from the same subspace.
+#[pyfunction]
+#[pyo3(signature = (dim, block=None, seed=None))]
+fn krylov_sketch<'py>(
+    py: Python<'py>,
+    dim: usize,
+    block: Option<usize>,
+    seed: Option<u64>,
+) -> PyResult<(Bound<'py, PyDict>, Bound<'py, PyAny>)> {
+    let o = core::krylov::KrylovOptions::default();
+    let (block, seed) = (block.unwrap_or(o.block), seed.unwrap_or(o.seed));
+    let defaults = PyDict::new(py);
+    defaults.set_item("block", o.block)?;
+    defaults.set_item("max_dim", o.max_dim)?;
+    defaults.set_item("min_steps", o.min_steps)?;
+    defaults.set_item("tol", o.tol)?;
+    defaults.set_item("seed", o.seed)?;
+    defaults.set_item("outlier_ratio", core::krylov::OUTLIER_RATIO)?;
+    defaults.set_item("precond_floor", core::krylov::PRECOND_FLOOR)?;
+    defaults.set_item("max_outliers", core::krylov::MAX_OUTLIERS)?;
+    defaults.set_item("exact_max_dim", core::solve::EXACT_MAX_DIM)?;
+    let omega = PyArray1::from_vec(py, core::krylov::starting_sketch(dim, block, seed));
+    Ok((defaults, omega.reshape([block, dim])?.into_any()))
+}
+
 /// The default ridge grid (λ relative to tr(G)/d).
 #[pyfunction]
 fn default_ridges() -> Vec<f64> {
@@ -430,6 +513,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PySiteStats>()?;
     m.add_function(wrap_pyfunction!(analyze, m)?)?;
     m.add_function(wrap_pyfunction!(default_ridges, m)?)?;
+    m.add_function(wrap_pyfunction!(krylov_sketch, m)?)?;
     m.add_function(wrap_pyfunction!(gram_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(second_moment_shifts, m)?)?;
     m.add_function(wrap_pyfunction!(safetensors_header, m)?)?;
