@@ -45,7 +45,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     (
         "building blocks: what the pipeline passes around (reports, models, corpora, vectors, "
         "adapter file rules)",
-        {"report", "online", "models", "corpus", "vectors", "serving"},
+        {"report", "solve_torch", "online", "models", "corpus", "vectors", "serving"},
     ),
     (
         "pipeline: collect, analyze, steer, write, verify, convert",
