@@ -487,11 +487,7 @@ class _Sites:
         if not isinstance(c, dict):
             c = _legacy_carrier(self.manifest, site)
         if c.get("kind") in ("normed", "refused"):
-            raise ResidualSiteError(
-                f"{c.get('reason') or f'site {site}: its module does not join the residual'}. "
-                "No adapter is written for it: rank1fast writes residual-stream sites only "
-                "where a linear module's output joins the residual stream unchanged"
-            )
+            raise ResidualSiteError.refusing(site, c.get("reason"))
         gain = c.get("gain", 1.0)
         if not isinstance(gain, (int, float)) or not np.isfinite(gain) or gain == 0:
             raise AdapterError(f"site {site}: the dump records a bad gain {gain!r}")

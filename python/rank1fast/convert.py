@@ -244,11 +244,7 @@ def convert(
             raise InvalidArgumentError(f"sites {site!r} and {key!r} are the same module")
         carrier = site_carrier(net, key)
         if carrier.kind != "exact":  # refused before the fit, not after it (write_adapter's rule)
-            raise ResidualSiteError(
-                f"{carrier.reason or f'site {key}: its module does not join the residual'}. "
-                "convert writes residual-stream sites only where a linear module's output joins "
-                "the residual stream unchanged; rank1fast.steering steers this site exactly"
-            )
+            raise ResidualSiteError.refusing(key, carrier.reason)
         canonical[key] = v
     vecs = canonical
     if texts is None:

@@ -62,6 +62,15 @@ class ResidualSiteError(SiteError, AdapterError):
     of experts. The message names the norm or the experts and the alternatives; hook steering
     (:func:`rank1fast.steering`) still steers the site exactly."""
 
+    @classmethod
+    def refusing(cls, site: str, reason: str | None) -> ResidualSiteError:
+        """The refusal of an adapter for ``site``, given the carrier's ``reason``."""
+        return cls(
+            f"{reason or f'site {site}: its module does not join the residual'}. No adapter is "
+            "written for it: rank1fast writes residual-stream sites only where a linear "
+            "module's output joins the residual stream unchanged"
+        )
+
 
 class RankDeficientWarning(UserWarning):
     """A site's second moments are singular (constant or duplicated dimensions, or fewer tokens
