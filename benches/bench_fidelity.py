@@ -9,7 +9,11 @@ On the default model (SmolLM2-135M-Instruct, CPU, float32), per workload, side b
   ``collect`` + ``analyze`` + ``write_adapter`` give;
 - ``served fit``: the same fitted on the served corpus (chat in the model's template, with
   prose) but unsteered;
-- ``convert``: :func:`rank1fast.convert`'s fit: the served corpus with the steering applied;
+- ``served+steered``: the served corpus with the steering applied, no corrections
+  (``rank1fast.convert(..., corrections=0)``);
+- ``convert``: :func:`rank1fast.convert`'s adapter: the same plus the downstream corrections
+  (:mod:`rank1fast.corrections`: rank-4 LoRA terms on the two residual writers after each site,
+  fitted on ``--correction-tokens`` tokens);
 - ``one-hot``: the naive one-dimension adapter (from the prose fit).
 
 Each adapter is verified through PEFT against hook steering (:func:`rank1fast.verify`) on
@@ -40,6 +44,7 @@ import rank1fast
 import torch
 from rank1fast.convert import fit_report
 from rank1fast.corpus import prose_texts, served_corpus
+from rank1fast.corrections import write_corrected
 from rank1fast.demo import steering_pairs
 from rank1fast.verify import calibrate_scale
 
@@ -73,6 +78,7 @@ def main() -> None:
     ap.add_argument("--eval-texts", type=int, default=24)
     ap.add_argument("--generate", type=int, default=24, help="tokens per generation prompt")
     ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--correction-tokens", type=int, default=20_000)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -164,12 +170,28 @@ def main() -> None:
             for method, report in (
                 ("prose fit", prose_fit),
                 ("served fit", served_fit),
-                ("convert", steered),
+                ("served+steered", steered),
             ):
                 if method == "served fit" and name == "prose":
                     continue
-                out = work / f"{name}-{slug}-{method.replace(' ', '_')}"
+                out = work / f"{name}-{slug}-{method.replace(' ', '_').replace('+', '_')}"
                 adapters[method] = rank1fast.write_adapter(report, vecs, out, overwrite=True)
+            t1 = time.perf_counter()
+            out = work / f"{name}-{slug}-convert"
+            kept = write_corrected(
+                (model, tok),
+                steered,
+                vecs,
+                adapters["served+steered"],
+                out,
+                fit_texts,
+                tokens=args.correction_tokens,
+                max_length=args.max_length,
+                progress=False,
+                overwrite=True,
+            )
+            adapters["convert"] = out if kept else adapters["served+steered"]
+            fit_s += time.perf_counter() - t1
             out = work / f"{name}-{slug}-onehot"
             adapters["one-hot"] = rank1fast.write_adapter(
                 prose_fit, vecs, out, method="one-hot", overwrite=True
@@ -210,9 +232,12 @@ def main() -> None:
                 flush=True,
             )
 
-    methods = ["prose fit", "served fit", "convert", "one-hot"]
+    methods = ["prose fit", "served fit", "served+steered", "convert", "one-hot"]
     print()
-    print(f"CPU: {cpu_model()}; {args.tokens:,} fit tokens; {time.perf_counter() - t_start:.0f} s")
+    print(
+        f"CPU: {cpu_model()}; {args.tokens:,} fit tokens, {args.correction_tokens:,} per "
+        f"correction; {time.perf_counter() - t_start:.0f} s"
+    )
     print(
         "| corpus | workload | KL(hook‖base) | "
         + " | ".join(methods)

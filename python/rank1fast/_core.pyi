@@ -110,6 +110,7 @@ def write_lora(
     rank: int = 1,
     dtype: str = "float32",
     metadata: dict[str, str] | None = None,
+    extra: list[list[tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]]] | None = None,
 ) -> int: ...
 
 # --- merge (rust/rank1fast-core/src/merge.rs) ---

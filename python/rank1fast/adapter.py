@@ -44,9 +44,9 @@ import re
 import shutil
 import tempfile
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +113,7 @@ def write_adapter(
     overwrite: bool = False,
     pin_sink: bool = True,
     target: str = "peft",
+    corrections: Sequence[Any] | None = None,
 ) -> Path:
     """Write a PEFT LoRA adapter that adds ``scale·v`` at each site of ``vectors``.
 
@@ -144,6 +145,12 @@ def write_adapter(
             the server's rules (:func:`rank1fast.serving.check`) before anything is written.
             ``cloudflare`` adds the ``model_type`` Workers AI wants, from the dump's model or
             ``base_model``.
+        corrections: :class:`rank1fast.corrections.Correction` terms (from
+            :func:`rank1fast.corrections.fit_corrections`, as :func:`rank1fast.convert` fits
+            them): each adds its rank-1 terms to its module's LoRA (a site's module, or a new
+            one). The rank becomes ``1 +`` the most terms on one module (at least ``rank``,
+            padded for ``target``); ``rank1fast.json`` records each fit under
+            ``"corrections"``.
 
     Returns:
         The adapter directory.
@@ -177,6 +184,8 @@ def write_adapter(
         raise AdapterError("no steering vectors given")
     _check_out(out, overwrite)
     plan = _plan(_Sites(report, opts), vectors, base_model, opts)
+    if corrections:
+        opts = _add_corrections(plan, opts, corrections)
     _precheck(plan, opts, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _stage(plan, out, opts)
@@ -541,6 +550,8 @@ class _Plan:
     vectors: list[np.ndarray]
     config: dict[str, Any]
     info: dict[str, Any]
+    #: Per module, further rank-1 terms ``(a, u)`` written unscaled (corrections).
+    extra: list[list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=list)
 
 
 def _plan(
@@ -593,6 +604,55 @@ def _plan(
     return _Plan(modules, directions, vecs, config, info_doc)
 
 
+def _add_corrections(plan: _Plan, opts: _Options, corrections: Sequence[Any]) -> _Options:
+    """Put correction terms into ``plan`` (in place); the options with the rank they need."""
+    if opts.method != "least-squares":
+        raise AdapterError("corrections go with method='least-squares' adapters only")
+    if opts.scale == 0:
+        raise AdapterError("corrections need a nonzero scale")
+    plan.extra = [[] for _ in plan.modules]
+    records: dict[str, Any] = {}
+    for c in corrections:
+        a = np.ascontiguousarray(c.a, dtype=np.float64)
+        u = np.ascontiguousarray(c.u, dtype=np.float64)
+        if a.ndim != 2 or u.ndim != 2 or a.shape[0] != u.shape[1] or a.shape[0] == 0:
+            raise AdapterError(
+                f"correction of {c.module}: a {list(a.shape)} and u {list(u.shape)} are not "
+                "[r, d_in] and [d_out, r]"
+            )
+        if not (np.isfinite(a).all() and np.isfinite(u).all()):
+            raise AdapterError(f"correction of {c.module}: holds a NaN or an infinity")
+        if c.module in records:
+            raise AdapterError(f"two corrections of module {c.module}")
+        terms = [(a[k], u[:, k]) for k in range(a.shape[0])]
+        if c.module in plan.modules:
+            i = plan.modules.index(c.module)
+            if plan.directions[i].size != a.shape[1] or plan.vectors[i].size != u.shape[0]:
+                raise AdapterError(
+                    f"correction of {c.module}: sizes {a.shape[1]} x {u.shape[0]} differ from "
+                    f"the site's {plan.directions[i].size} x {plan.vectors[i].size}"
+                )
+            plan.extra[i].extend(terms)
+        else:  # a module of its own: its first term goes where a site's b and v would
+            plan.modules.append(c.module)
+            plan.directions.append(a[0])
+            plan.vectors.append(u[:, 0] / opts.scale)
+            plan.extra.append(terms[1:])
+        records[c.module] = c.to_json()
+    need = max(1 + len(e) for e in plan.extra)
+    rank = opts.profile.pad_rank(max(opts.requested_rank, need))
+    plan.config["r"] = plan.config["lora_alpha"] = rank
+    plan.config["target_modules"] = list(plan.modules)
+    plan.info["rank"] = rank
+    plan.info["corrections"] = records
+    return replace(opts, rank=rank)
+
+
+def _module_dims(plan: _Plan) -> list[tuple[str, int, int]]:
+    """``(module, d_in, d_out)`` of every module the adapter holds, in the plan's order."""
+    return [(m, d.size, v.size) for m, d, v in zip(plan.modules, plan.directions, plan.vectors)]
+
+
 def _precheck(plan: _Plan, opts: _Options, out: Path) -> None:
     """Refuse, before writing, an adapter the target server would reject.
 
@@ -603,10 +663,10 @@ def _precheck(plan: _Plan, opts: _Options, out: Path) -> None:
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
     header: dict[str, Any] = {"__metadata__": _weights_metadata(plan.info)}
     offset = 0
-    for module, s in zip(plan.modules, plan.info["sites"].values()):
+    for module, d_in, d_out in _module_dims(plan):
         for factor, shape in (
-            ("lora_A", (opts.rank, s["d_in"])),
-            ("lora_B", (s["d_out"], opts.rank)),
+            ("lora_A", (opts.rank, d_in)),
+            ("lora_B", (d_out, opts.rank)),
         ):
             name = f"base_model.model.{module}.{factor}.weight"
             tensors[name] = (tag, shape)
@@ -668,6 +728,7 @@ def _stage(plan: _Plan, out: Path, opts: _Options) -> Path:
                 rank=opts.rank,
                 dtype=opts.dtype,
                 metadata=_weights_metadata(plan.info),
+                extra=plan.extra or None,
             )
         except InvalidArgumentError as e:
             raise AdapterError(f"{out}: {e}") from e

@@ -13,6 +13,11 @@ inputs ``b`` was fitted on, so convert fits each site on the inputs it will see 
    sites upstream of it, as they will when the adapter is served. Online statistics
    (:func:`rank1fast.collect` with ``statistics=True``): no dump is written.
 
+3. **Downstream corrections.** The per-token error ``(b·x_t − 1)·v`` the adapter leaves is
+   cancelled on the residual writers after each site (the next layer's ``o_proj`` and
+   ``down_proj``) by rank-4 LoRA terms fitted so that the adapter-steered residual stream
+   follows the hook-steered one (:mod:`rank1fast.corrections`). The adapter's rank becomes 5.
+
 Then the adapter is written (:func:`rank1fast.write_adapter`, least squares with the sink
 pinned), verified against hook steering on held-out texts (:func:`rank1fast.verify`: all
 sites steered together, the workload the adapter was fitted for; the one-hot adapter side by
@@ -107,6 +112,9 @@ def convert(
     rank: int | None = None,
     dtype: str = "float32",
     under_steering: bool = True,
+    corrections: int = 2,
+    correction_rank: int = 4,
+    correction_tokens: int | None = 20_000,
     verify: bool = True,
     generate: int = DEFAULT_GENERATE_TOKENS,
     max_length: int = 256,
@@ -142,6 +150,15 @@ def convert(
         dtype: the adapter's tensor dtype (``float32``, ``bfloat16``, ``float16``).
         under_steering: fit on inputs collected with the steering applied (True) or on
             unsteered inputs (False: what ``write_adapter`` on a plain dump gives).
+        corrections: residual writers corrected after each site's module
+            (:mod:`rank1fast.corrections`: LoRA terms on the next ``o_proj``/``down_proj``
+            modules, fitted so that the adapter-steered residual stream follows the
+            hook-steered one); 0: none. Only for ``resid_*`` sites on models whose every
+            writer is an exact carrier (else skipped, with a message).
+        correction_rank: rank-1 terms per corrected module (the adapter's rank becomes
+            ``1 + correction_rank``, padded for ``target``).
+        correction_tokens: fit tokens per corrected module (two forward passes each, stopped
+            after the module).
         verify: measure the fidelity and store it (False: write only).
         generate: tokens per prompt of verify's generation check (0: none).
         max_length: tokens per text, for fitting and verifying.
@@ -205,6 +222,20 @@ def convert(
         raise InvalidArgumentError(f"tokens must be at least 1, got {tokens}")
     if generate < 0:
         raise InvalidArgumentError(f"generate must be at least 0, got {generate}")
+    for what, val, low in (
+        ("corrections", corrections, 0),
+        ("correction_rank", correction_rank, 1),
+    ):
+        if isinstance(val, bool) or not isinstance(val, int) or val < low:
+            raise InvalidArgumentError(f"{what} must be an integer of at least {low}, got {val!r}")
+    if correction_tokens is not None and (
+        isinstance(correction_tokens, bool)
+        or not isinstance(correction_tokens, int)
+        or correction_tokens < 1
+    ):
+        raise InvalidArgumentError(
+            f"correction_tokens must be a positive integer or None, got {correction_tokens!r}"
+        )
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise InvalidArgumentError(f"scale must be a finite number, got {scale!r}")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
@@ -305,6 +336,30 @@ def convert(
             base_model=_base_model_name(is_default, name),
             target=target,
         )
+        if corrections and scale != 0:
+            adapter, record_corr = _corrected(
+                (net, tok),
+                report,
+                vecs,
+                adapter,
+                fit_texts,
+                scale=scale,
+                after=corrections,
+                rank=correction_rank,
+                tokens=correction_tokens,
+                write=dict(
+                    rank=rank if rank is not None else 1,
+                    dtype=dtype,
+                    base_model=_base_model_name(is_default, name),
+                    target=target,
+                ),
+                max_length=max_length,
+                batch_size=batch_size,
+                progress=progress,
+                say=say,
+            )
+        else:
+            record_corr = None
         record: dict[str, Any] = {
             "fit": {
                 "corpus": corpus,
@@ -315,6 +370,8 @@ def convert(
                 "seconds": round(fit_seconds, 1),
             }
         }
+        if record_corr is not None:
+            record["corrections"] = record_corr
         if verify:
             say(f"convert: verifying on {len(held)} held-out texts")
             fid = run_verify(
@@ -348,6 +405,60 @@ def convert(
     return out
 
 
+def _corrected(
+    model: Any,
+    report: Any,
+    vecs: Mapping[str, Any],
+    adapter: Path,
+    texts: Sequence[str],
+    *,
+    after: int,
+    rank: int,
+    tokens: int | None,
+    write: Mapping[str, Any],
+    max_length: int,
+    batch_size: int,
+    progress: Any,
+    say: Callable[[str], Any],
+    scale: float,
+) -> tuple[Path, dict[str, Any] | None]:
+    """The corrected adapter next to ``adapter`` and convert's record of the fit;
+    ``(adapter, None)`` when the sites or the model take no corrections."""
+    from .corrections import correctable, write_corrected
+
+    why = correctable(model[0], vecs)
+    if why:
+        say(f"convert: no downstream corrections ({why})")
+        return adapter, None
+    say(f"convert: fitting downstream corrections ({after} writers after each site, rank {rank})")
+    t0 = time.perf_counter()
+    out = adapter.with_name(adapter.name + "-corrected")
+    fitted = write_corrected(
+        model,
+        report,
+        vecs,
+        adapter,
+        out,
+        texts,
+        scale=scale,
+        after=after,
+        correction_rank=rank,
+        tokens=tokens,
+        max_length=max_length,
+        batch_size=batch_size,
+        progress=progress,
+        **write,
+    )
+    record = {
+        "after": after,
+        "rank": rank,
+        "tokens": tokens,
+        "modules": {c.module: c.to_json() for c in fitted},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    return (out if fitted else adapter), record
+
+
 def _base_model_name(is_default: bool, name: str | None) -> str | None:
     from .adapter import DEFAULT_BASE_MODEL
 
@@ -363,8 +474,10 @@ def add_cli(sub: Any) -> None:
         "convert",
         help="steering vectors -> a LoRA adapter fitted on the served workload, verified",
         description="Fit each site's constant direction on the inputs it sees when served (chat "
-        "in the model's template, with the steering applied), write the adapter, verify it "
-        "against hook steering on held-out texts and store the fidelity in rank1fast.json.",
+        "in the model's template, with the steering applied), fit LoRA terms on the next "
+        "residual writers that cancel the adapter's per-token error (downstream corrections), "
+        "write the adapter, verify it against hook steering on held-out texts and store the "
+        "fidelity in rank1fast.json.",
     )
     p.add_argument("vectors", help="vector file (control-vector .gguf, .safetensors, .npy, .pt)")
     p.add_argument("-o", "--out", required=True, help="the adapter directory to create")
@@ -384,6 +497,22 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--unsteered", action="store_true", help="fit on unsteered inputs")
+    p.add_argument(
+        "--corrections",
+        type=int,
+        default=2,
+        metavar="N",
+        help="residual writers corrected after each site (default 2; 0: none)",
+    )
+    p.add_argument(
+        "--correction-rank", type=int, default=4, help="terms per corrected module (default 4)"
+    )
+    p.add_argument(
+        "--correction-tokens",
+        type=int,
+        default=20_000,
+        help="fit tokens per corrected module (default 20000)",
+    )
     p.add_argument("--no-verify", action="store_true", help="write without verifying")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--device", default="auto")
@@ -420,6 +549,9 @@ def _run_convert(args: Any) -> int:
         rank=args.rank,
         dtype=args.dtype,
         under_steering=not args.unsteered,
+        corrections=args.corrections,
+        correction_rank=args.correction_rank,
+        correction_tokens=args.correction_tokens,
         verify=not args.no_verify,
         max_length=args.max_length,
         device=args.device,

@@ -480,6 +480,16 @@ def verify(
                     f"outputs {out_dim}"
                 )
         lora_layers = _lora_layers(peft_model, labels)
+        # Downstream corrections (rank1fast.corrections) serve all the sites together: they
+        # are on when a unit steers every site, off when it steers some of them.
+        corrections = {
+            label: set((infos.get(label) or {}).get("corrections") or {}) for label in labels
+        }
+
+        def keep(sites: list[str]) -> dict[str, set[str]]:
+            on = {modules[s] for s in sites}
+            every = set(sites) == set(vecs)
+            return {label: on | (corrections[label] if every else set()) for label in labels}
 
         units: list[tuple[str, list[str]]] = []
         if each_site or len(vecs) == 1:
@@ -518,10 +528,11 @@ def verify(
                     a = acc[unit]
                     a.steer.append(_kl(logp_hook, logp_base, mask))
                     a.pos.append(positions)
+                    unit_keep = keep(sites)
                     for label in labels:
                         with (
                             torch.no_grad(),
-                            _only(peft_model, lora_layers, label, set(unit_modules.values())),
+                            _only(peft_model, lora_layers, label, unit_keep[label]),
                             _capture(peft_model, unit_modules) as lora_out,
                         ):
                             logp = _logprobs(peft_model, enc)
@@ -545,7 +556,7 @@ def verify(
                     scale,
                     labels,
                     lora_layers,
-                    {modules[s] for s in sites},
+                    keep(sites),
                     batch_size,
                 )
                 bar.update(1)
@@ -959,7 +970,7 @@ def _agreement(
     scale: float,
     labels: list[str],
     lora_layers: Mapping[str, Any],
-    keep: set[str],
+    keep: Mapping[str, set[str]],
     batch_size: int,
 ) -> dict[str, int]:
     """Greedy hook-steered continuations, and how many of their tokens each adapter (and the
@@ -1016,7 +1027,7 @@ def _agreement(
         with peft_model.disable_adapter(), torch.no_grad():
             counts["base"] += hits(peft_model(**enc).logits.argmax(-1).cpu())
         for label in labels:
-            with torch.no_grad(), _only(peft_model, lora_layers, label, keep):
+            with torch.no_grad(), _only(peft_model, lora_layers, label, keep[label]):
                 counts[label] += hits(peft_model(**enc).logits.argmax(-1).cpu())
     return counts
 

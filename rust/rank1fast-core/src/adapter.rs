@@ -34,6 +34,10 @@ pub struct LoraSite {
     pub direction: Vec<f64>,
     /// `v`, length `d_out` (the module's output size), before `scale`.
     pub vector: Vec<f64>,
+    /// Further rank-1 terms `(a_k, u_k)` (lengths `d_in`, `d_out`), written as they are (no
+    /// `scale`) at ranks `1, 2, ...`: the adapter then adds `scale·v (b·x) + Σ_k u_k (a_k·x)`.
+    /// rank1fast's downstream corrections use them (`rank1fast.corrections`).
+    pub extra: Vec<(Vec<f64>, Vec<f64>)>,
 }
 
 /// The two factors of one module's LoRA, row-major f32, product `B A = scale·v bᵀ`.
@@ -74,9 +78,30 @@ pub fn lora_pair(
     scale: f64,
     rank: usize,
 ) -> Result<LoraPair> {
+    lora_terms(what, direction, vector, scale, &[], rank)
+}
+
+/// [`lora_pair`] with further rank-1 terms `(a_k, u_k)` at ranks `1..=extra.len()`, each
+/// balanced on its own (`u_k` is written without `scale`). Errors as [`lora_pair`], and when
+/// `1 + extra.len()` exceeds `rank` or a term's sizes differ from `direction`'s and `vector`'s
+/// (a zero `a_k` is allowed: that term is zero).
+pub fn lora_terms(
+    what: &str,
+    direction: &[f64],
+    vector: &[f64],
+    scale: f64,
+    extra: &[(Vec<f64>, Vec<f64>)],
+    rank: usize,
+) -> Result<LoraPair> {
     if rank == 0 || rank > MAX_RANK {
         return Err(Error::Invalid(format!(
             "rank must be between 1 and {MAX_RANK}, got {rank}"
+        )));
+    }
+    if 1 + extra.len() > rank {
+        return Err(Error::Invalid(format!(
+            "{what}: {} rank-1 terms do not fit in rank {rank}",
+            1 + extra.len()
         )));
     }
     if !scale.is_finite() {
@@ -111,6 +136,30 @@ pub fn lora_pair(
     let col = scale / balance;
     for (i, &x) in vector.iter().enumerate() {
         b[i * rank] = (x * col) as f32;
+    }
+    for (k, (ak, uk)) in extra.iter().enumerate() {
+        let k = k + 1;
+        check(&format!("direction of term {k}"), ak)?;
+        check(&format!("vector of term {k}"), uk)?;
+        if ak.len() != d_in || uk.len() != d_out {
+            return Err(Error::Invalid(format!(
+                "{what}: term {k} has sizes {} x {}, the module {d_in} x {d_out}",
+                ak.len(),
+                uk.len()
+            )));
+        }
+        let (na, nu) = (norm(ak), norm(uk));
+        let c = if na > 0.0 && nu > 0.0 {
+            (nu / na).sqrt()
+        } else {
+            1.0
+        };
+        for (dst, &x) in a[k * d_in..(k + 1) * d_in].iter_mut().zip(ak) {
+            *dst = (x * c) as f32;
+        }
+        for (i, &x) in uk.iter().enumerate() {
+            b[i * rank + k] = (x / c) as f32;
+        }
     }
     Ok(LoraPair {
         a,
@@ -289,11 +338,12 @@ pub fn write_lora(
                 s.module
             )));
         }
-        pairs.push(lora_pair(
+        pairs.push(lora_terms(
             &format!("module {}", s.module),
             &s.direction,
             &s.vector,
             scale,
+            &s.extra,
             rank,
         )?);
     }
@@ -343,7 +393,31 @@ mod tests {
             module: module.into(),
             direction: (0..d_in).map(|i| 1e-4 * (i as f64 + 1.0)).collect(),
             vector: (0..d_out).map(|i| 3.0 * (i as f64) - 5.0).collect(),
+            extra: vec![],
         }
+    }
+
+    #[test]
+    fn extra_terms_add_up_and_are_checked() {
+        let s = site("m", 5, 3);
+        let a1: Vec<f64> = (0..5).map(|j| 0.5 - j as f64).collect();
+        let u1: Vec<f64> = (0..3).map(|i| 1e-3 * (i as f64 + 2.0)).collect();
+        let extra = vec![(a1.clone(), u1.clone()), (vec![0.0; 5], vec![0.0; 3])];
+        let p = lora_terms("m", &s.direction, &s.vector, -2.0, &extra, 4).unwrap();
+        let prod = product(&p);
+        for i in 0..3 {
+            for j in 0..5 {
+                let want = -2.0 * s.vector[i] * s.direction[j] + u1[i] * a1[j];
+                assert!((prod[i * 5 + j] - want).abs() <= 1e-5 * want.abs().max(1e-3));
+            }
+        }
+        assert!(p.a[3 * 5..].iter().all(|&x| x == 0.0)); // rank 3 is padding
+        let e = |r: Result<LoraPair>| r.unwrap_err().to_string();
+        assert!(e(lora_terms("m", &s.direction, &s.vector, 1.0, &extra, 2)).contains("do not fit"));
+        let bad = vec![(vec![1.0; 4], vec![1.0; 3])];
+        assert!(e(lora_terms("m", &s.direction, &s.vector, 1.0, &bad, 2)).contains("sizes 4 x 3"));
+        let nan = vec![(vec![f64::NAN; 5], vec![1.0; 3])];
+        assert!(e(lora_terms("m", &s.direction, &s.vector, 1.0, &nan, 2)).contains("term 1"));
     }
 
     #[test]
@@ -466,6 +540,7 @@ mod tests {
             module: "m".into(),
             direction: vec![1e-7, -2e-7, 3e-7],
             vector: vec![40.0, -20.0],
+            extra: vec![],
         };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.safetensors");
@@ -516,6 +591,7 @@ mod tests {
             module: "h".into(),
             direction: vec![1.0],
             vector: vec![1e12],
+            extra: vec![],
         };
         assert!(err(&[huge], DType::F16).contains("overflows float16"));
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);

@@ -528,10 +528,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
 
 /// Write the `adapter_model.safetensors` of a PEFT LoRA adapter: one rank-`rank` LoRA per
 /// module, `lora_A` row 0 = bᵀ and `lora_B` column 0 = scale·v (norms balanced), atomically.
-/// Returns the number of bytes written.
+/// `extra`, one list per module, holds further rank-1 terms `(a_k, u_k)` written unscaled at
+/// ranks 1, 2, ... Returns the number of bytes written.
 #[pyfunction]
 #[pyo3(signature = (path, modules, directions, vectors, scale=1.0, rank=1, dtype="float32",
-                    metadata=None))]
+                    metadata=None, extra=None))]
 #[allow(clippy::too_many_arguments)]
 fn write_lora(
     py: Python<'_>,
@@ -543,7 +544,16 @@ fn write_lora(
     rank: usize,
     dtype: &str,
     metadata: Option<std::collections::BTreeMap<String, String>>,
+    extra: Option<Vec<Vec<(PyReadonlyArray1<'_, f64>, PyReadonlyArray1<'_, f64>)>>>,
 ) -> PyResult<u64> {
+    let extra = extra.unwrap_or_default();
+    if !extra.is_empty() && extra.len() != modules.len() {
+        return Err(to_py(core::Error::Invalid(format!(
+            "write_lora: {} modules but {} lists of extra terms",
+            modules.len(),
+            extra.len()
+        ))));
+    }
     if modules.len() != directions.len() || modules.len() != vectors.len() {
         return Err(to_py(core::Error::Invalid(format!(
             "write_lora: {} modules, {} directions and {} vectors; they must pair up",
@@ -560,10 +570,17 @@ fn write_lora(
     let sites: Vec<core::adapter::LoraSite> = modules
         .into_iter()
         .zip(directions.iter().zip(&vectors))
-        .map(|(module, (d, v))| core::adapter::LoraSite {
+        .enumerate()
+        .map(|(i, (module, (d, v)))| core::adapter::LoraSite {
             module,
             direction: d.as_array().to_vec(),
             vector: v.as_array().to_vec(),
+            extra: extra.get(i).map_or_else(Vec::new, |terms| {
+                terms
+                    .iter()
+                    .map(|(a, u)| (a.as_array().to_vec(), u.as_array().to_vec()))
+                    .collect()
+            }),
         })
         .collect();
     let metadata = metadata.unwrap_or_default();

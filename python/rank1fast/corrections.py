@@ -1,0 +1,503 @@
+"""Downstream corrections: LoRA terms that cancel what a steering adapter gets wrong.
+
+A site's adapter adds ``scale·v·(b·x_t)`` where hook steering adds ``scale·v``; the per-token
+error ``(b·x_t − 1)·scale·v`` then travels down the residual stream and through every later
+layer. A steered residual stream and an adapter-steered one can be compared token by token,
+so the difference can be fitted away, layer by layer, by LoRAs on the modules that write
+into the residual stream after the site (``o_proj``, ``down_proj``, ... of the following
+layers: :func:`residual_writers`).
+
+For each such writer ``w``, in model order, on the fit texts:
+
+1. Run the model with hook steering (:func:`rank1fast.steering`) and with the adapter's
+   arithmetic (the LoRA terms written so far, corrections of earlier writers included), both
+   stopped right after ``w``. ``D_t`` is the difference of the two residual streams after
+   ``w`` at token ``t`` (adapter minus hook), ``x_t`` the input of ``w`` in the adapter run.
+2. Least squares with a ridge: ``W = argmin Σ_t |D_t + W x_t|² + λ·tr(XᵀX)/d_in·|W|²``,
+   reduced to rank ``r`` (reduced-rank regression: ``W_r = P Pᵀ W`` with ``P`` the top ``r``
+   eigenvectors of the fitted values' second moment ``W XᵀX Wᵀ``; Izenman 1975, Reinsel &
+   Velu 1998). ``λ`` is picked by k-fold cross-validation over texts; the writer
+   keeps the terms only if the cross-validated residual error drops by at least 1 %.
+3. The LoRA on ``w`` gains ``r`` rank-1 terms ``(a_k, u_k)``: ``A = Pᵀ W`` (``[r, d_in]``),
+   ``U = P / gain`` (``[d_out, r]``; Granite's ``residual_multiplier`` divided out).
+
+The corrected adapter is a LoRA of rank ``1 + r`` (padded for the serving target) on the
+sites' modules and on the writers after them; servers apply it as any LoRA. What it measured
+on the default model: BENCHMARKS.md ("Downstream corrections", ``python
+benches/bench_fidelity.py``).
+
+Memory: ``folds x (d_in² + d_in·d_model)`` float64 per writer (94 MB at the default model's
+``down_proj``; about 10 GB at Llama-3-8B's, so use ``corrections=0`` there without the RAM).
+Time: two forward passes over the correction tokens per writer, each stopped after the writer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidArgumentError, SiteError
+
+__all__ = [
+    "Correction",
+    "residual_writers",
+    "correctable",
+    "fit_corrections",
+    "write_corrected",
+    "DEFAULT_AFTER",
+    "DEFAULT_RANK",
+]
+
+#: Writers corrected after each steered site's own module (its layer's next writer and the
+#: one after: for ``resid_post.L``, ``o_proj`` and ``down_proj`` of layer ``L+1``).
+DEFAULT_AFTER = 2
+#: Rank-1 terms per corrected writer.
+DEFAULT_RANK = 4
+#: Ridges tried (times ``tr(XᵀX)/d_in``), by cross-validation.
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+#: A writer keeps its correction when it lowers the cross-validated error by this fraction.
+MIN_GAIN = 0.01
+
+
+@dataclass
+class Correction:
+    """The correction terms of one module.
+
+    Attributes:
+        module: the module path (``model.layers.6.self_attn.o_proj``).
+        a: ``[r, d_in]`` float64, the terms' input directions (``lora_A`` rows).
+        u: ``[d_out, r]`` float64, their output vectors in the module's output units
+            (``lora_B`` columns).
+        ridge: the ridge picked (times ``tr(XᵀX)/d_in``).
+        tokens: tokens fitted on.
+        rms_before: cross-validated rms of ``|D_t|`` (residual-stream units) before the
+            correction at this writer.
+        rms_after: cross-validated rms of ``|D_t + gain·U A x_t|``.
+    """
+
+    module: str
+    a: np.ndarray
+    u: np.ndarray
+    ridge: float
+    tokens: int
+    rms_before: float
+    rms_after: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+    def to_json(self) -> dict[str, Any]:
+        """The fit's record (no tensors), as stored in the adapter's ``rank1fast.json``."""
+        return {
+            "rank": self.rank,
+            "d_in": int(self.a.shape[1]),
+            "d_out": int(self.u.shape[0]),
+            "ridge": self.ridge,
+            "tokens": self.tokens,
+            "rms_before": round(self.rms_before, 6),
+            "rms_after": round(self.rms_after, 6),
+        }
+
+
+def residual_writers(model: Any) -> list[tuple[str, float]]:
+    """The linear modules whose outputs join the residual stream, in model order, with gains.
+
+    ``[(o_proj.0, g), (down_proj.0, g), (o_proj.1, g), ...]``: the adapter modules of
+    ``resid_mid.L`` and ``resid_post.L`` (:func:`rank1fast.models.site_carrier`), for every
+    layer.
+
+    Raises:
+        SiteError: a layer whose residual writers are not exact carriers (post-norm blocks,
+            MoE MLPs, parallel-residual blocks): corrections need every writer's output to join
+            the residual stream unchanged.
+    """
+    from .models import num_layers, site_carrier
+
+    out = []
+    for layer in range(num_layers(model)):
+        for kind in ("resid_mid", "resid_post"):
+            c = site_carrier(model, f"{kind}.{layer}")
+            if c.kind != "exact" or c.module is None or c.module != c.hook:
+                raise SiteError(
+                    f"{kind}.{layer}: {c.module or c.hook} does not write into the residual "
+                    "stream unchanged; downstream corrections need every writer to"
+                )
+            out.append((c.module, float(c.gain)))
+    return out
+
+
+def correctable(model: Any, vectors: Mapping[str, Any]) -> str | None:
+    """Why the sites of ``vectors`` on ``model`` take no corrections, or None when they do."""
+    if not all(str(s).startswith("resid_") for s in vectors):
+        return "they are for resid_mid/resid_post sites only"
+    try:
+        residual_writers(model)
+    except SiteError as e:
+        return str(e)
+    return None
+
+
+def write_corrected(
+    model: Any,
+    report: Any,
+    vectors: Mapping[str, Any],
+    adapter: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    texts: Sequence[str],
+    *,
+    scale: float = 1.0,
+    after: int = DEFAULT_AFTER,
+    correction_rank: int = DEFAULT_RANK,
+    tokens: int | None = 20_000,
+    max_length: int = 256,
+    batch_size: int = 8,
+    progress: Any = None,
+    **write_options: Any,
+) -> list[Correction]:
+    """Fit corrections for an adapter written by :func:`rank1fast.write_adapter` and write
+    the corrected adapter at ``out``.
+
+    Args:
+        model: a loaded ``(model, tokenizer)``.
+        report: the report ``adapter`` was written from.
+        vectors: the ``{site: v}`` it was written for (canonical ``resid_*`` names).
+        adapter: the adapter directory (read: its LoRA is what the fit starts from).
+        out: the corrected adapter's directory (written when a correction was kept).
+        texts: the fit texts.
+        scale, after, tokens, max_length, batch_size, progress: as for
+            :func:`fit_corrections` (``scale`` also goes to ``write_adapter``).
+        correction_rank: :func:`fit_corrections`'s ``rank`` (terms per corrected module).
+        **write_options: more :func:`rank1fast.write_adapter` options (``rank``, ``dtype``,
+            ``target``, ``base_model``, ``overwrite``).
+
+    Returns:
+        The corrections kept (none: nothing is written).
+
+    Raises:
+        As :func:`fit_corrections`; AdapterError for an unreadable ``adapter``.
+    """
+    from pathlib import Path
+
+    from ._peft import lora_pairs, peft_scaling, read_peft
+    from .adapter import write_adapter
+
+    adapter = Path(adapter)
+    config, tensors = read_peft(adapter)
+    lora = {
+        m: (a, b * peft_scaling(config, m))
+        for m, (a, b) in lora_pairs(tensors, adapter, "written by write_adapter").items()
+    }
+    fitted = fit_corrections(
+        model,
+        {s: np.asarray(v, dtype=np.float64) for s, v in vectors.items()},
+        scale,
+        lora,
+        texts,
+        after=after,
+        rank=correction_rank,
+        tokens=tokens,
+        max_length=max_length,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    if fitted:
+        write_adapter(report, vectors, out, scale=scale, corrections=fitted, **write_options)
+    return fitted
+
+
+class _Stop(Exception):
+    """Raised from a hook once the writer being fitted has run."""
+
+
+def fit_corrections(
+    model: Any,
+    vectors: Mapping[str, np.ndarray],
+    scale: float,
+    lora: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    texts: Sequence[str],
+    *,
+    after: int = DEFAULT_AFTER,
+    rank: int = DEFAULT_RANK,
+    tokens: int | None = 20_000,
+    max_length: int = 256,
+    batch_size: int = 8,
+    folds: int = 5,
+    progress: Any = None,
+) -> list[Correction]:
+    """Fit correction terms for the writers after each steered site (see the module docs).
+
+    Args:
+        model: a loaded ``(model, tokenizer)``.
+        vectors: ``{site: v}``, ``resid_mid.L``/``resid_post.L`` sites by canonical name, each
+            ``v`` of the residual width (residual-stream units).
+        scale: the steering scale (hook steering adds ``scale·v``).
+        lora: ``{module: (A [R, d_in], B [d_out, R])}``, the adapter as written (PEFT scaling
+            folded into ``B``): what the adapter run applies before any correction.
+        texts: the fit texts (rendered).
+        after: writers corrected after each site's module.
+        rank: terms per corrected writer.
+        tokens: tokens per writer's fit (None: all texts).
+        max_length: tokens per text.
+        batch_size: texts per forward pass.
+        folds: cross-validation folds (text ``i`` is in fold ``i % folds``).
+        progress: a :mod:`rank1fast._progress` setting (None: on a terminal; False: none).
+
+    Returns:
+        The corrections kept, in model order (writers whose fit did not lower the
+        cross-validated error by :data:`MIN_GAIN` are left out).
+
+    Raises:
+        InvalidArgumentError: bad ``after``/``rank``/``folds``, a site that is not a
+            ``resid_*`` site, or no fit texts.
+        SiteError: the model has writers that are not exact carriers
+            (:func:`residual_writers`).
+    """
+    from ._progress import iter_progress
+    from .models import site_carrier
+
+    net, tok = model
+    for name, val, low in (("after", after, 1), ("rank", rank, 1), ("folds", folds, 2)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < low:
+            raise InvalidArgumentError(f"{name} must be an integer of at least {low}, got {val!r}")
+    if not texts:
+        raise InvalidArgumentError("no fit texts for the corrections")
+    writers = residual_writers(net)
+    index = {m: i for i, (m, _) in enumerate(writers)}
+    site_at: dict[int, np.ndarray] = {}
+    for site, v in vectors.items():
+        if not site.startswith("resid_"):
+            raise InvalidArgumentError(
+                f"site {site}: downstream corrections are for resid_mid/resid_post sites"
+            )
+        site_at[index[site_carrier(net, site).module]] = np.asarray(v, np.float64) * scale
+    first = min(site_at)
+    targets = sorted({j for i in site_at for j in range(i + 1, i + 1 + after) if j < len(writers)})
+    terms: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for module, (a, b) in lora.items():
+        terms[module] = [
+            (a[k], b[:, k]) for k in range(a.shape[0]) if np.any(a[k]) and np.any(b[:, k])
+        ]
+    out: list[Correction] = []
+    with iter_progress(progress, len(targets), "corrections", unit="writer") as pb:
+        for w in targets:
+            stats = _accumulate(
+                net,
+                tok,
+                texts,
+                writers,
+                first,
+                w,
+                site_at,
+                terms,
+                tokens,
+                max_length,
+                batch_size,
+                folds,
+            )
+            corr = _solve(stats, writers[w], rank)
+            if corr is not None:
+                out.append(corr)
+                terms.setdefault(corr.module, []).extend(
+                    (corr.a[k], corr.u[:, k]) for k in range(corr.rank)
+                )
+            pb.update(1)
+    return out
+
+
+@dataclass
+class _Stats:
+    g: np.ndarray  # [folds, d_in, d_in]  Σ x xᵀ
+    c: np.ndarray  # [folds, d_in, d]     Σ x Dᵀ
+    e: np.ndarray  # [folds]              Σ |D|²
+    n: np.ndarray  # [folds]              tokens
+
+
+def _accumulate(
+    net: Any,
+    tok: Any,
+    texts: Sequence[str],
+    writers: list[tuple[str, float]],
+    first: int,
+    w: int,
+    site_at: Mapping[int, np.ndarray],
+    terms: Mapping[str, list[tuple[np.ndarray, np.ndarray]]],
+    tokens: int | None,
+    max_length: int,
+    batch_size: int,
+    folds: int,
+) -> _Stats:
+    """Second moments of the writer's input and the residual difference after it."""
+    import torch
+
+    from .collect import _input_device, _make_batch
+    from .models import get_module
+
+    device = _input_device(net)
+    param = next(net.parameters())
+    mods = [(get_module(net, m), g) for m, g in writers[first : w + 1]]
+    stats: _Stats | None = None
+    # The hook steering of the sites upstream of (and at) w, as the residual sees it.
+    steer = np.sum([v for i, v in site_at.items() if i <= w], axis=0)
+    as_t: dict[int, torch.Tensor] = {}
+
+    def tensor(x: np.ndarray) -> torch.Tensor:
+        t = as_t.get(id(x))
+        if t is None:
+            t = as_t[id(x)] = torch.as_tensor(x, dtype=param.dtype, device=param.device)
+        return t
+
+    lora_t = {
+        m: (
+            torch.stack([tensor(a) for a, _ in ts]),  # [k, d_in]
+            torch.stack([tensor(u) for _, u in ts], 1),  # [d_out, k]
+        )
+        for m, ts in terms.items()
+        if ts
+    }
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    # One hook per writer from the first site's module to w, before any other hook: it adds
+    # the adapter's terms (adapter run), sums what the writers put into the residual stream,
+    # and stops the forward pass after w.
+    state: dict[str, Any] = {}
+
+    def hook(path: str, gain: float, last: bool, _m: Any, inp: Any, outp: Any) -> Any:
+        x = inp[0]
+        y = outp
+        adapter = state["run"] == "adapter"
+        if adapter and path in lora_t:
+            a, u = lora_t[path]
+            y = outp + (x @ a.T) @ u.T
+        flat = (y.float() * gain).reshape(-1, y.shape[-1])[state["keep"]]
+        total = state.get("sum")
+        state["sum"] = flat if total is None else total + flat
+        if last:
+            state["x"] = x.float().reshape(-1, x.shape[-1])[state["keep"]]
+            raise _Stop
+        return y if adapter else None
+
+    handles = [
+        mod.register_forward_hook(
+            functools.partial(hook, writers[first + j][0], gain, first + j == w), prepend=True
+        )
+        for j, (mod, gain) in enumerate(mods)
+    ]
+    done = 0
+    batch_no = 0
+    try:
+        for start in range(0, len(texts), batch_size):
+            ids = tok(
+                list(texts[start : start + batch_size]),
+                add_special_tokens=True,
+                truncation=True,
+                max_length=max_length,
+            )["input_ids"]
+            rows = [(start + i, seq) for i, seq in enumerate(ids) if seq]
+            if not rows:
+                continue
+            batch = _make_batch(rows, pad)
+            inputs = {
+                "input_ids": batch.input_ids.to(device),
+                "attention_mask": batch.attention_mask.to(device),
+            }
+            state["keep"] = batch.index.to(device)
+            sums = {}
+            for run in ("hook", "adapter"):
+                state.update(run=run, sum=None)
+                ctx = (
+                    _steering(net, site_at, writers) if run == "hook" else contextlib.nullcontext()
+                )
+                with ctx, torch.no_grad():
+                    try:
+                        net(**inputs)
+                    except _Stop:
+                        pass
+                sums[run] = state["sum"]
+            x = state["x"].double().cpu().numpy()
+            diff = (sums["adapter"] - sums["hook"]).double().cpu().numpy() - steer
+            if stats is None:
+                d_in, d = x.shape[1], diff.shape[1]
+                stats = _Stats(
+                    np.zeros((folds, d_in, d_in)),
+                    np.zeros((folds, d_in, d)),
+                    np.zeros(folds),
+                    np.zeros(folds, dtype=np.int64),
+                )
+            fold = batch.document.numpy() % folds  # texts, not tokens, are held out
+            for k in range(folds):
+                sel = fold == k
+                xs, ds = x[sel], diff[sel]
+                stats.g[k] += xs.T @ xs
+                stats.c[k] += xs.T @ ds
+                stats.e[k] += float((ds**2).sum())
+                stats.n[k] += xs.shape[0]
+            batch_no += 1
+            done += x.shape[0]
+            if tokens is not None and done >= tokens:
+                break
+    finally:
+        for h in handles:
+            h.remove()
+    if stats is None or (stats.n == 0).any():
+        raise InvalidArgumentError(
+            f"the correction fit needs at least {folds} texts (one per fold), got "
+            f"{0 if stats is None else int((stats.n > 0).sum())} folds with tokens"
+        )
+    return stats
+
+
+def _steering(net: Any, site_at: Mapping[int, np.ndarray], writers: list[tuple[str, float]]) -> Any:
+    """Hook steering of the sites (their writers' outputs moved by scale·v / gain)."""
+    from .steering import steering
+
+    by_module = {writers[i][0]: v / writers[i][1] for i, v in site_at.items()}
+    return steering(net, by_module, 1.0)
+
+
+def _solve(stats: _Stats, writer: tuple[str, float], rank: int) -> Correction | None:
+    """Cross-validated reduced-rank ridge regression of −D on x (see the module docs)."""
+    module, gain = writer
+    folds, d_in, d = stats.c.shape
+    g_all, c_all = stats.g.sum(0), stats.c.sum(0)
+    n = int(stats.n.sum())
+    e_all = float(stats.e.sum())
+    r = min(rank, d, d_in)
+
+    def fit(g: np.ndarray, c: np.ndarray, lam: float) -> np.ndarray:
+        """W_r (d x d_in) minimising Σ|D + W x|² + ridge, rank r."""
+        reg = lam * np.trace(g) / d_in
+        wt = np.linalg.solve(g + reg * np.eye(d_in), -c)  # [d_in, d] = Wᵀ
+        m = wt.T @ g @ wt  # fitted values' second moment, [d, d]
+        _, vecs = np.linalg.eigh(m)
+        p = vecs[:, ::-1][:, :r]  # [d, r]
+        return p, p.T @ wt.T  # P, A = Pᵀ W
+
+    best = None
+    for lam in RIDGES:
+        sse = 0.0
+        for k in range(folds):
+            p, a = fit(g_all - stats.g[k], c_all - stats.c[k], lam)
+            wr = p @ a
+            sse += stats.e[k] + 2 * np.trace(wr @ stats.c[k]) + np.trace(wr @ stats.g[k] @ wr.T)
+        if best is None or sse < best[0]:
+            best = (sse, lam)
+    sse, lam = best
+    if not math.isfinite(sse) or sse > (1 - MIN_GAIN) * e_all:
+        return None
+    p, a = fit(g_all, c_all, lam)
+    return Correction(
+        module=module,
+        a=a,
+        u=p / gain,
+        ridge=lam,
+        tokens=n,
+        rms_before=math.sqrt(e_all / n),
+        rms_after=math.sqrt(max(sse, 0.0) / n),
+    )
