@@ -33,6 +33,7 @@ from pathlib import Path
 
 import rank1fast
 import torch
+from rank1fast._batch import make_batch
 from rank1fast.corpus import default_corpus
 
 # The module (rank1fast.collect is the function of the same name).
@@ -47,7 +48,7 @@ def batches(tokenizer, texts, batch_size, max_length):
             "input_ids"
         ]
         rows = [(start + i, seq) for i, seq in enumerate(ids) if seq]
-        out.append(collect_module._make_batch(rows, tokenizer.pad_token_id))
+        out.append(make_batch(rows, tokenizer.pad_token_id))
     return out
 
 

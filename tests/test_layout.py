@@ -40,7 +40,17 @@ ROOT = Path(__file__).resolve().parents[1] / "python" / PACKAGE
 LAYERS: list[tuple[str, set[str]]] = [
     (
         "helpers: private modules shared by several others, the errors, the version",
-        {"errors", "_version", "_progress", "_files", "_fs", "_peft", "_args", "_manifest"},
+        {
+            "errors",
+            "_version",
+            "_progress",
+            "_files",
+            "_fs",
+            "_peft",
+            "_args",
+            "_manifest",
+            "_batch",
+        },
     ),
     (
         "building blocks: what the pipeline passes around (reports, models, corpora, vectors, "
@@ -48,8 +58,17 @@ LAYERS: list[tuple[str, set[str]]] = [
         {"report", "solve_torch", "online", "models", "corpus", "vectors", "serving"},
     ),
     (
-        "pipeline: collect, analyze, steer, write, verify, convert",
-        {"_cluster", "analysis", "collect", "steering", "adapter", "verify", "convert"},
+        "pipeline: collect, analyze, steer, write, verify, correct, convert",
+        {
+            "_cluster",
+            "analysis",
+            "collect",
+            "steering",
+            "adapter",
+            "verify",
+            "corrections",
+            "convert",
+        },
     ),
     (
         "interop and views: llama.cpp, merging into weights, clusters, explanations, plots",

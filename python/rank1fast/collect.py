@@ -43,7 +43,6 @@ import queue
 import shutil
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +51,7 @@ try:
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
+from ._batch import Batch, input_device, make_batch
 from ._fs import write_json_atomic
 from ._progress import ProgressArg, iter_progress
 from .corpus import TextsArg, describe_corpus, read_texts
@@ -566,7 +566,7 @@ def _collect_statistics(
         for name, info in manifest["sites"].items()
     }
 
-    def consume(batch: _Batch) -> None:
+    def consume(batch: Batch) -> None:
         for name, rows in batch.device_rows.items():
             acc[name].add(rows[: batch.tokens], batch.position, batch.document)
         batch.device_rows.clear()
@@ -626,9 +626,9 @@ def _run(
     done_docs = int(manifest["documents"])
     hasher = _skip_documents(docs, done_docs, manifest["corpus_sha256"], out)
     tokens = int(manifest["tokens"])
-    input_device = _input_device(model)
+    device = input_device(model)
     pad_id = tokenizer.pad_token_id
-    pending: list[_Batch] = []
+    pending: list[Batch] = []
     pending_tokens = 0
     doc_index = done_docs
     stopped = "corpus_end"
@@ -677,8 +677,8 @@ def _run(
             if len(seq) > 0
         ]
         if rows:
-            batch = _make_batch(rows, pad_id)
-            recorder.run(model, batch, input_device)
+            batch = make_batch(rows, pad_id)
+            recorder.run(model, batch, device)
             if max_tokens is not None and tokens + batch.tokens >= max_tokens:
                 batch.cut(max_tokens - tokens)
                 stopped = "max_tokens"
@@ -732,66 +732,6 @@ def _skip_documents(docs: Iterator[str], n: int, digest: str, out: Path) -> Any:
     return hasher
 
 
-@dataclass
-class _Batch:
-    """One forward pass: the padded inputs, which rows are real, and what the hooks kept."""
-
-    input_ids: torch.Tensor  # [B, T] int64
-    attention_mask: torch.Tensor  # [B, T] int64
-    index: torch.Tensor  # flat indices of real tokens in [B*T]
-    position: torch.Tensor  # [n] int32
-    document: torch.Tensor  # [n] int64
-    token: torch.Tensor  # [n] int32, the token ids
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    device_rows: dict[str, torch.Tensor] = field(default_factory=dict)  # statistics=True
-    event: Any = None  # CUDA event after which the host copies are complete
-
-    @property
-    def tokens(self) -> int:
-        return int(self.position.shape[0])
-
-    def cut(self, n: int) -> None:
-        """Keep the first ``n`` tokens (document order)."""
-        self.position = self.position[:n]
-        self.document = self.document[:n]
-        self.token = self.token[:n]
-        self.tensors = {k: v[:n] for k, v in self.tensors.items()}
-
-
-def _make_batch(rows: list[tuple[int, list[int]]], pad_id: int) -> _Batch:
-    import torch
-
-    lengths = [len(seq) for _, seq in rows]
-    width = max(lengths)
-    input_ids = torch.full((len(rows), width), int(pad_id), dtype=torch.int64)
-    mask = torch.zeros((len(rows), width), dtype=torch.int64)
-    for r, (_, seq) in enumerate(rows):
-        input_ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.int64)
-        mask[r, : len(seq)] = 1
-    index = mask.flatten().nonzero().squeeze(1)
-    position = torch.cat([torch.arange(n, dtype=torch.int32) for n in lengths])
-    document = torch.cat(
-        [torch.full((n,), d, dtype=torch.int64) for (d, _), n in zip(rows, lengths, strict=True)]
-    )
-    token = torch.cat([torch.tensor(seq, dtype=torch.int32) for _, seq in rows])
-    return _Batch(input_ids, mask, index, position, document, token)
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    import torch
-
-    embeddings = None
-    getter = getattr(model, "get_input_embeddings", None)
-    if getter is not None:
-        try:
-            embeddings = getter()
-        except (NotImplementedError, AttributeError):
-            embeddings = None
-    for p in (embeddings if embeddings is not None else model).parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 class _StopForward(Exception):
     """Raised from a hook once every site of the batch has been recorded."""
 
@@ -814,7 +754,7 @@ class _Recorder:
         self.store = store
         # Online statistics read the rows on the device, before (instead of) the host copy.
         self.keep_device = keep_device
-        self.batch: _Batch | None = None
+        self.batch: Batch | None = None
         self.index: dict[torch.device, torch.Tensor] = {}
         self.calls: dict[str, int] = {}
         # One hook per module even when several site names share it.
@@ -844,7 +784,7 @@ class _Recorder:
             h.remove()
         self.handles = []
 
-    def run(self, model: nn.Module, batch: _Batch, device: torch.device) -> None:
+    def run(self, model: nn.Module, batch: Batch, device: torch.device) -> None:
         import torch
 
         self.batch = batch
@@ -937,7 +877,7 @@ class _ShardWriter:
         self.thread = threading.Thread(target=self._work, name="rank1fast-writer", daemon=True)
         self.thread.start()
 
-    def submit(self, file: str | None, batches: list[_Batch], manifest: dict[str, Any]) -> None:
+    def submit(self, file: str | None, batches: list[Batch], manifest: dict[str, Any]) -> None:
         self.raise_error()
         self.jobs.put((file, batches, manifest))
 
@@ -965,7 +905,7 @@ class _ShardWriter:
             except BaseException as e:  # noqa: BLE001 - handed to the main thread
                 self.error = e
 
-    def _write(self, file: str | None, batches: list[_Batch], manifest: dict[str, Any]) -> None:
+    def _write(self, file: str | None, batches: list[Batch], manifest: dict[str, Any]) -> None:
         import torch
         from safetensors.torch import save_file
 

@@ -337,10 +337,10 @@ def _accumulate(
     """Second moments of the writer's input and the residual difference after it."""
     import torch
 
-    from .collect import _input_device, _make_batch
+    from ._batch import input_device, make_batch
     from .models import get_module
 
-    device = _input_device(net)
+    device = input_device(net)
     param = next(net.parameters())
     mods = [(get_module(net, m), g) for m, g in writers[first : w + 1]]
     stats: _Stats | None = None
@@ -402,7 +402,7 @@ def _accumulate(
             rows = [(start + i, seq) for i, seq in enumerate(ids) if seq]
             if not rows:
                 continue
-            batch = _make_batch(rows, pad)
+            batch = make_batch(rows, pad)
             inputs = {
                 "input_ids": batch.input_ids.to(device),
                 "attention_mask": batch.attention_mask.to(device),
