@@ -286,22 +286,19 @@ def fit_corrections(
             (a[k], b[:, k]) for k in range(a.shape[0]) if np.any(a[k]) and np.any(b[:, k])
         ]
     out: list[Correction] = []
+    batches = _Batches(net, tok, texts, tokens, max_length, batch_size)
+    # The hook-steered runs do not change as corrections are added: one pass records the
+    # residual sums at every corrected writer (kept on the CPU when they fit in CACHE_BYTES).
+    width = int(next(iter(site_at.values())).size)
+    hook_sums = None
+    if batches.tokens_upper_bound() * width * 4 * len(targets) <= CACHE_BYTES:
+        hook_sums = [
+            _run(net, inputs, keep, writers, first, set(targets), None, site_at)[0]
+            for inputs, keep, _ in batches
+        ]
     with iter_progress(progress, len(targets), "corrections", unit="writer") as pb:
         for w in targets:
-            stats = _accumulate(
-                net,
-                tok,
-                texts,
-                writers,
-                first,
-                w,
-                site_at,
-                terms,
-                tokens,
-                max_length,
-                batch_size,
-                folds,
-            )
+            stats = _accumulate(net, batches, writers, first, w, site_at, terms, hook_sums, folds)
             corr = _solve(stats, writers[w], rank)
             if corr is not None:
                 out.append(corr)
@@ -312,86 +309,24 @@ def fit_corrections(
     return out
 
 
-@dataclass
-class _Stats:
-    g: np.ndarray  # [folds, d_in, d_in]  Σ x xᵀ
-    c: np.ndarray  # [folds, d_in, d]     Σ x Dᵀ
-    e: np.ndarray  # [folds]              Σ |D|²
-    n: np.ndarray  # [folds]              tokens
+class _Batches:
+    """The fit texts as padded batches, up to ``tokens`` real tokens, the same every pass."""
 
+    def __init__(
+        self,
+        net: Any,
+        tok: Any,
+        texts: Sequence[str],
+        tokens: int | None,
+        max_length: int,
+        batch_size: int,
+    ) -> None:
+        from ._batch import input_device, make_batch
 
-def _accumulate(
-    net: Any,
-    tok: Any,
-    texts: Sequence[str],
-    writers: list[tuple[str, float]],
-    first: int,
-    w: int,
-    site_at: Mapping[int, np.ndarray],
-    terms: Mapping[str, list[tuple[np.ndarray, np.ndarray]]],
-    tokens: int | None,
-    max_length: int,
-    batch_size: int,
-    folds: int,
-) -> _Stats:
-    """Second moments of the writer's input and the residual difference after it."""
-    import torch
-
-    from ._batch import input_device, make_batch
-    from .models import get_module
-
-    device = input_device(net)
-    param = next(net.parameters())
-    mods = [(get_module(net, m), g) for m, g in writers[first : w + 1]]
-    stats: _Stats | None = None
-    # The hook steering of the sites upstream of (and at) w, as the residual sees it.
-    steer = np.sum([v for i, v in site_at.items() if i <= w], axis=0)
-    as_t: dict[int, torch.Tensor] = {}
-
-    def tensor(x: np.ndarray) -> torch.Tensor:
-        t = as_t.get(id(x))
-        if t is None:
-            t = as_t[id(x)] = torch.as_tensor(x, dtype=param.dtype, device=param.device)
-        return t
-
-    lora_t = {
-        m: (
-            torch.stack([tensor(a) for a, _ in ts]),  # [k, d_in]
-            torch.stack([tensor(u) for _, u in ts], 1),  # [d_out, k]
-        )
-        for m, ts in terms.items()
-        if ts
-    }
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    # One hook per writer from the first site's module to w, before any other hook: it adds
-    # the adapter's terms (adapter run), sums what the writers put into the residual stream,
-    # and stops the forward pass after w.
-    state: dict[str, Any] = {}
-
-    def hook(path: str, gain: float, last: bool, _m: Any, inp: Any, outp: Any) -> Any:
-        x = inp[0]
-        y = outp
-        adapter = state["run"] == "adapter"
-        if adapter and path in lora_t:
-            a, u = lora_t[path]
-            y = outp + (x @ a.T) @ u.T
-        flat = (y.float() * gain).reshape(-1, y.shape[-1])[state["keep"]]
-        total = state.get("sum")
-        state["sum"] = flat if total is None else total + flat
-        if last:
-            state["x"] = x.float().reshape(-1, x.shape[-1])[state["keep"]]
-            raise _Stop
-        return y if adapter else None
-
-    handles = [
-        mod.register_forward_hook(
-            functools.partial(hook, writers[first + j][0], gain, first + j == w), prepend=True
-        )
-        for j, (mod, gain) in enumerate(mods)
-    ]
-    done = 0
-    batch_no = 0
-    try:
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        self.device = input_device(net)
+        self.batches = []
+        done = 0
         for start in range(0, len(texts), batch_size):
             ids = tok(
                 list(texts[start : start + batch_size]),
@@ -400,51 +335,151 @@ def _accumulate(
                 max_length=max_length,
             )["input_ids"]
             rows = [(start + i, seq) for i, seq in enumerate(ids) if seq]
-            if not rows:
-                continue
-            batch = make_batch(rows, pad)
-            inputs = {
-                "input_ids": batch.input_ids.to(device),
-                "attention_mask": batch.attention_mask.to(device),
-            }
-            state["keep"] = batch.index.to(device)
-            sums = {}
-            for run in ("hook", "adapter"):
-                state.update(run=run, sum=None)
-                ctx = (
-                    _steering(net, site_at, writers) if run == "hook" else contextlib.nullcontext()
-                )
-                with ctx, torch.no_grad():
-                    try:
-                        net(**inputs)
-                    except _Stop:
-                        pass
-                sums[run] = state["sum"]
-            x = state["x"].double().cpu().numpy()
-            diff = (sums["adapter"] - sums["hook"]).double().cpu().numpy() - steer
-            if stats is None:
-                d_in, d = x.shape[1], diff.shape[1]
-                stats = _Stats(
-                    np.zeros((folds, d_in, d_in)),
-                    np.zeros((folds, d_in, d)),
-                    np.zeros(folds),
-                    np.zeros(folds, dtype=np.int64),
-                )
-            fold = batch.document.numpy() % folds  # texts, not tokens, are held out
-            for k in range(folds):
-                sel = fold == k
-                xs, ds = x[sel], diff[sel]
-                stats.g[k] += xs.T @ xs
-                stats.c[k] += xs.T @ ds
-                stats.e[k] += float((ds**2).sum())
-                stats.n[k] += xs.shape[0]
-            batch_no += 1
-            done += x.shape[0]
+            if rows:
+                self.batches.append(make_batch(rows, pad))
+                done += self.batches[-1].tokens
             if tokens is not None and done >= tokens:
                 break
+
+    def tokens_upper_bound(self) -> int:
+        return sum(b.tokens for b in self.batches)
+
+    def __iter__(self) -> Any:
+        for batch in self.batches:
+            inputs = {
+                "input_ids": batch.input_ids.to(self.device),
+                "attention_mask": batch.attention_mask.to(self.device),
+            }
+            yield inputs, batch.index.to(self.device), batch.document.numpy()
+
+
+#: The hook-steered runs' residual sums are cached in memory up to this size.
+CACHE_BYTES = 2 << 30
+
+
+@dataclass
+class _Stats:
+    g: np.ndarray  # [folds, d_in, d_in]  Σ x xᵀ
+    c: np.ndarray  # [folds, d_in, d]     Σ x Dᵀ
+    e: np.ndarray  # [folds]              Σ |D|²
+    n: np.ndarray  # [folds]              tokens
+
+
+def _run(
+    net: Any,
+    inputs: Mapping[str, Any],
+    keep: Any,
+    writers: list[tuple[str, float]],
+    first: int,
+    record: set[int],
+    lora_t: Mapping[str, tuple[Any, Any]] | None,
+    site_at: Mapping[int, np.ndarray],
+) -> tuple[dict[int, Any], Any]:
+    """One forward pass, stopped after the last writer in ``record``.
+
+    ``lora_t=None``: hook steering of the sites; else the adapter's terms
+    (``{module: (a [k, d_in], u [d_out, k])}``) added to the writers' outputs. Returns the
+    residual-stream sum ``Σ gain·output`` of the writers from ``first`` on, at each writer in
+    ``record`` (``[tokens, d]`` float32 on the CPU, real tokens only), and the input of the
+    last one (``[tokens, d_in]``, adapter runs only).
+    """
+    import torch
+
+    from .models import get_module
+
+    last = max(record)
+    state: dict[str, Any] = {"sum": None, "x": None}
+    sums: dict[int, Any] = {}
+
+    def hook(j: int, path: str, gain: float, _m: Any, inp: Any, outp: Any) -> Any:
+        x = inp[0]
+        y = outp
+        if lora_t is not None and path in lora_t:
+            a, u = lora_t[path]
+            y = outp + (x @ a.T) @ u.T
+        flat = (y.float() * gain).reshape(-1, y.shape[-1])[keep]
+        state["sum"] = flat if state["sum"] is None else state["sum"] + flat
+        if j in record:
+            sums[j] = state["sum"].cpu()
+        if j == last:
+            if lora_t is not None:
+                state["x"] = x.float().reshape(-1, x.shape[-1])[keep].cpu()
+            raise _Stop
+        return y if lora_t is not None else None
+
+    handles = []
+    try:
+        # Before any other hook: the writers' own outputs (steering's hooks come after).
+        for j in range(first, last + 1):
+            path, gain = writers[j]
+            handles.append(
+                get_module(net, path).register_forward_hook(
+                    functools.partial(hook, j, path, gain), prepend=True
+                )
+            )
+        ctx = _steering(net, site_at, writers) if lora_t is None else contextlib.nullcontext()
+        with ctx, torch.no_grad():
+            try:
+                net(**inputs)
+            except _Stop:
+                pass
     finally:
         for h in handles:
             h.remove()
+    return sums, state["x"]
+
+
+def _accumulate(
+    net: Any,
+    batches: _Batches,
+    writers: list[tuple[str, float]],
+    first: int,
+    w: int,
+    site_at: Mapping[int, np.ndarray],
+    terms: Mapping[str, list[tuple[np.ndarray, np.ndarray]]],
+    hook_sums: list[dict[int, Any]] | None,
+    folds: int,
+) -> _Stats:
+    """Second moments of writer ``w``'s input and of the residual difference after it."""
+    import torch
+
+    param = next(net.parameters())
+
+    def tensor(x: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(x, dtype=param.dtype, device=param.device)
+
+    lora_t = {
+        m: (torch.stack([tensor(a) for a, _ in ts]), torch.stack([tensor(u) for _, u in ts], 1))
+        for m, ts in terms.items()
+        if ts
+    }
+    # The hook steering of the sites upstream of (and at) w, as the residual sees it.
+    steer = np.sum([v for i, v in site_at.items() if i <= w], axis=0)
+    stats: _Stats | None = None
+    for n, (inputs, keep, document) in enumerate(batches):
+        sums, x = _run(net, inputs, keep, writers, first, {w}, lora_t, site_at)
+        if hook_sums is not None:
+            hooked = hook_sums[n][w]
+        else:
+            hooked = _run(net, inputs, keep, writers, first, {w}, None, site_at)[0][w]
+        diff = (sums[w] - hooked).double().numpy() - steer
+        x = x.double().numpy()
+        if stats is None:
+            d_in, d = x.shape[1], diff.shape[1]
+            stats = _Stats(
+                np.zeros((folds, d_in, d_in)),
+                np.zeros((folds, d_in, d)),
+                np.zeros(folds),
+                np.zeros(folds, dtype=np.int64),
+            )
+        fold = document % folds  # texts, not tokens, are held out
+        for k in range(folds):
+            sel = fold == k
+            xs, ds = x[sel], diff[sel]
+            stats.g[k] += xs.T @ xs
+            stats.c[k] += xs.T @ ds
+            stats.e[k] += float((ds**2).sum())
+            stats.n[k] += xs.shape[0]
     if stats is None or (stats.n == 0).any():
         raise InvalidArgumentError(
             f"the correction fit needs at least {folds} texts (one per fold), got "
