@@ -101,6 +101,20 @@ def test_one_site_on_chat(smollm, formal, held, tmp_path, site, target):
     assert ls.top1_agreement >= row.base_top1_agreement
     fit = info["convert"]["fit"]
     assert fit["under_steering"] and fit["tokens"] >= TOKENS - 1
+    # Downstream corrections were fitted and kept on the two writers after the site's module.
+    kept = info["convert"]["corrections"]["modules"]
+    layer = int(site.split(".")[1])
+    after = {
+        f"model.layers.{layer + 1}.self_attn.o_proj",
+        f"model.layers.{layer + 1}.mlp.down_proj",
+    }
+    if site.startswith("resid_mid"):
+        after = {
+            f"model.layers.{layer}.mlp.down_proj",
+            f"model.layers.{layer + 1}.self_attn.o_proj",
+        }
+    assert kept and set(kept) <= after, kept
+    assert all(c["rms_after"] < c["rms_before"] for c in kept.values())
     assert info["scale"] == 1.0 and info["sites"][site]["vector_norm"] == pytest.approx(
         float(np.linalg.norm(vecs[site]))
     )
@@ -193,6 +207,8 @@ def test_convert_cli_writes_a_peft_adapter(smollm, tmp_path, held):
             "--no-verify",
             "--for",
             "vllm",
+            "--corrections",
+            "0",
             "--quiet",
         ]
     )
@@ -202,5 +218,5 @@ def test_convert_cli_writes_a_peft_adapter(smollm, tmp_path, held):
     assert config["r"] == 1
     info = rank1fast.adapter.read_adapter_info(out)
     assert info["convert"]["fit"]["corpus"] == str(corpus)
-    assert "fidelity" not in info["convert"]
+    assert "fidelity" not in info["convert"] and "corrections" not in info["convert"]
     assert not [p for p in rank1fast.serving.check(out, "vllm") if p.severity == "error"]

@@ -396,6 +396,8 @@ def _run(
         y = outp
         if lora_t is not None and path in lora_t:
             a, u = lora_t[path]
+            if a.device != x.device or a.dtype != x.dtype:  # a model spread over devices
+                a, u = a.to(x), u.to(x)
             y = outp + (x @ a.T) @ u.T
         flat = (y.float() * gain).reshape(-1, y.shape[-1])[keep]
         state["sum"] = flat if state["sum"] is None else state["sum"] + flat
