@@ -39,6 +39,8 @@
 const KC: usize = 512;
 /// Bytes of packed operands per super-block (both panel sets): bounds [`Gram::super_rows`].
 const PACK_BYTES: usize = 8 << 20;
+/// Bytes of A panels the FMA kernels keep in L2 while B panels stream past.
+const A_GROUP_BYTES: usize = 1 << 20;
 
 /// A second-moment kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,11 +130,17 @@ impl Kernel {
         matches!(self, Kernel::Avx512Bf16 | Kernel::Amx)
     }
 
+    /// Whether the kernel reads its A operand (`mr` columns) straight from the B panels
+    /// (`nr` columns, a multiple of `mr`), so no A panels are gathered.
+    fn a_in_b(self) -> bool {
+        self == Kernel::Avx512
+    }
+
     /// (rows of a tile, columns of a tile, rows of `X` per packed step).
     fn geometry(self) -> (usize, usize, usize) {
         match self {
             Kernel::Portable | Kernel::Avx2 => (6, 16, 1),
-            Kernel::Avx512 => (12, 32, 1),
+            Kernel::Avx512 => (8, 48, 1),
             Kernel::Avx512Bf16 => (12, 32, 2),
             Kernel::Amx => (32, 32, 2),
         }
@@ -247,6 +255,7 @@ impl Gram {
             }
             let (na, nb) = (d.div_ceil(mr), d.div_ceil(nr));
             // Grown, never shrunk: every word used is written by the packing below.
+            let na = if self.kernel.a_in_b() { 0 } else { na };
             self.b0 = aligned(&mut self.b, nb * nk * nr);
             self.a0 = aligned(&mut self.a, na * nk * mr);
             let b = &mut self.b[self.b0..][..nb * nk * nr];
@@ -256,7 +265,9 @@ impl Gram {
             } else {
                 pack_f32(block, shift, d, nr, nk, b);
             }
-            if amx {
+            if self.kernel.a_in_b() {
+                // Nothing to gather: A is read from the B panels.
+            } else if amx {
                 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
                 // SAFETY: the Amx kernel is only built where AVX-512F is present (`available`).
                 unsafe {
@@ -286,36 +297,69 @@ impl Gram {
             unreachable!("AMX is never available here");
         }
         let (na, nb) = (d.div_ceil(mr), d.div_ceil(nr));
-        for p in 0..nb {
-            let j0 = p * nr;
-            let b = &self.b[self.b0 + p * nk * nr..][..nk * nr];
-            for q in 0..na {
-                let i0 = q * mr;
-                if i0 >= j0 + nr {
-                    break; // this tile and the rest of the column lie below the diagonal
-                }
-                let a = &self.a[self.a0 + q * nk * mr..][..nk * mr];
-                let t = Tile {
-                    i0,
-                    j0,
-                    rows: (d - i0).min(mr),
-                    cols: (d - j0).min(nr),
+        // Tiles in the order they run: groups of A panels (about A_GROUP_BYTES) stay in L2
+        // while every B panel right of the group's first column streams past them.
+        // (A read from B panels: whole cache lines of them stay in L2, whole panels per group.)
+        let a_bytes = if self.kernel.a_in_b() { nr * 4 * nk / (nr / mr) } else { mr * 4 * nk };
+        let mut group = (A_GROUP_BYTES / a_bytes).max(1);
+        if self.kernel.a_in_b() {
+            group = group.next_multiple_of(nr / mr);
+        }
+        let mut tiles = Vec::with_capacity(na * nb / 2 + na + nb);
+        for q0 in (0..na).step_by(group) {
+            for p in (q0 * mr) / nr..nb {
+                // Tiles wholly below the diagonal (i0 >= j0 + nr) are skipped.
+                let q1 = (q0 + group).min(na).min((p * nr + nr).div_ceil(mr));
+                tiles.extend((q0..q1).map(|q| Tile {
+                    i0: q * mr,
+                    j0: p * nr,
+                    rows: (d - q * mr).min(mr),
+                    cols: (d - p * nr).min(nr),
+                }));
+            }
+        }
+        if let Some(&t) = tiles.first() {
+            prefetch_g(g, d, t);
+        }
+        for (n, &t) in tiles.iter().enumerate() {
+            // The next tile's rows of G come in while this one multiplies.
+            if let Some(&next) = tiles.get(n + 1) {
+                prefetch_g(g, d, next);
+            }
+            let b = &self.b[self.b0 + (t.j0 / nr) * nk * nr..][..nk * nr];
+            if self.kernel.a_in_b() {
+                // Columns i0.. of the panel holding them: steps `nr` words apart.
+                let a = &self.b[self.b0 + (t.i0 / nr) * nk * nr + t.i0 % nr..][..(nk - 1) * nr + mr];
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as below; `a` holds nk steps of `mr` words, `nr` apart.
+                unsafe {
+                    x86::tile_avx512(nk, kc, a, b, g, d, t)
                 };
-                match self.kernel {
-                    // SAFETY (all three): the CPU has the features (checked in `with_kernel`),
-                    // `a` / `b` hold `nk` packed steps of `mr` / `nr` words, and the tile lies
-                    // inside `g` (`rows`, `cols` clip it).
-                    #[cfg(target_arch = "x86_64")]
-                    Kernel::Avx2 => unsafe { x86::tile_avx2(nk, kc, a, b, g, d, t) },
-                    #[cfg(target_arch = "x86_64")]
-                    Kernel::Avx512 => unsafe { x86::tile_avx512(nk, kc, a, b, g, d, t) },
-                    #[cfg(target_arch = "x86_64")]
-                    Kernel::Avx512Bf16 => unsafe { x86::tile_bf16(nk, kc, a, b, g, d, t) },
-                    _ => tile_portable(mr, nr, step, nk, kc, a, b, g, d, t),
-                }
+                continue;
+            }
+            let a = &self.a[self.a0 + (t.i0 / mr) * nk * mr..][..nk * mr];
+            match self.kernel {
+                // SAFETY (all three): the CPU has the features (checked in `with_kernel`),
+                // `a` / `b` hold `nk` packed steps of `mr` / `nr` words, and the tile lies
+                // inside `g` (`rows`, `cols` clip it).
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx2 => unsafe { x86::tile_avx2(nk, kc, a, b, g, d, t) },
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx512Bf16 => unsafe { x86::tile_bf16(nk, kc, a, b, g, d, t) },
+                _ => tile_portable(mr, nr, step, nk, kc, a, b, g, d, t),
             }
         }
     }
+}
+
+/// Fetch the f64 rows of a tile of `G` (far apart in memory: `d` × 8 bytes) ahead of its
+/// update (a hint; nothing on other architectures).
+#[inline(always)]
+fn prefetch_g(g: &[f64], d: usize, t: Tile) {
+    #[cfg(target_arch = "x86_64")]
+    x86::prefetch_rows(g, d, t);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (g, d, t);
 }
 
 /// Grow `buf` to hold `n` words from a 64-byte boundary; the offset of that boundary.
@@ -788,6 +832,7 @@ mod x86 {
     }
 
     /// Add a full tile of `MR` rows of `V` 16-float vectors to `g`.
+    #[inline(never)]
     #[target_feature(enable = "avx512f")]
     fn flush512<const MR: usize, const V: usize>(
         c: &[[__m512; V]; MR],
@@ -828,13 +873,6 @@ mod x86 {
         }
     }
 
-    /// `c + x·b` lane by lane, f32.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    fn madd_f32(c: __m512, x: __m512i, b: __m512i) -> __m512 {
-        _mm512_fmadd_ps(_mm512_castsi512_ps(x), _mm512_castsi512_ps(b), c)
-    }
-
     /// `c + x.lo·b.lo + x.hi·b.hi` per lane, for lanes holding two bf16 (`vdpbf16ps`).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bf16")]
@@ -866,7 +904,6 @@ mod x86 {
             ) {
                 const MR: usize = 12;
                 assert!(a.len() >= nk * MR && b.len() >= nk * 32);
-                prefetch_rows(g, d, t);
                 let (pa, pb) = (a.as_ptr(), b.as_ptr());
                 for k0 in (0..nk).step_by(kc) {
                     let mut c = [[_mm512_setzero_ps(); 2]; MR];
@@ -890,12 +927,47 @@ mod x86 {
         };
     }
 
-    tile512!(
-        /// 12 × 32 tile, f32 FMA.
-        tile_avx512,
-        "avx512f",
-        madd_f32
-    );
+    /// 8 × 48 tile, f32 FMA (24 accumulators, 3 loads and 8 broadcasts per 24 FMAs), its A
+    /// operand read from the 48-column B panels (`a`: steps of 8 words, 48 apart).
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn tile_avx512(
+        nk: usize,
+        kc: usize,
+        a: &[u32],
+        b: &[u32],
+        g: &mut [f64],
+        d: usize,
+        t: Tile,
+    ) {
+        const MR: usize = 8;
+        const NR: usize = 48;
+        assert!(nk > 0 && a.len() > (nk - 1) * NR + MR - 1 && b.len() >= nk * NR);
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        for k0 in (0..nk).step_by(kc) {
+            let mut c = [[_mm512_setzero_ps(); 3]; MR];
+            for k in k0..(k0 + kc).min(nk) {
+                // SAFETY: k < nk, and `a` / `b` hold nk steps (asserted).
+                unsafe {
+                    let b0 = _mm512_loadu_si512(pb.add(k * NR).cast());
+                    let b1 = _mm512_loadu_si512(pb.add(k * NR + 16).cast());
+                    let b2 = _mm512_loadu_si512(pb.add(k * NR + 32).cast());
+                    let ak = pa.add(k * NR).cast::<f32>();
+                    let (b0, b1, b2) = (
+                        _mm512_castsi512_ps(b0),
+                        _mm512_castsi512_ps(b1),
+                        _mm512_castsi512_ps(b2),
+                    );
+                    for r in 0..MR {
+                        let x = _mm512_set1_ps(*ak.add(r));
+                        c[r][0] = _mm512_fmadd_ps(x, b0, c[r][0]);
+                        c[r][1] = _mm512_fmadd_ps(x, b1, c[r][1]);
+                        c[r][2] = _mm512_fmadd_ps(x, b2, c[r][2]);
+                    }
+                }
+            }
+            flush512(&c, g, d, t);
+        }
+    }
     tile512!(
         /// 12 × 32 tile, pairs of bf16 rows with `vdpbf16ps`.
         tile_bf16,
@@ -916,7 +988,6 @@ mod x86 {
     ) {
         const MR: usize = 6;
         assert!(a.len() >= nk * MR && b.len() >= nk * 16);
-        prefetch_rows(g, d, t);
         let (pa, pb) = (a.as_ptr().cast::<f32>(), b.as_ptr().cast::<f32>());
         for k0 in (0..nk).step_by(kc) {
             let mut c = [[_mm256_setzero_ps(); 2]; MR];
