@@ -3,12 +3,15 @@
 //!
 //! `X` is row-major (a row per token). Up to [`Gram::super_rows`] rows at a time are shifted by
 //! `c` and packed into panels of `NR` columns, stored row after row; panels of `MR` columns
-//! are gathered from those (no second pass over `X`), so the kernel reads both operands
-//! contiguously whatever the width (no cache-set aliasing at power-of-two widths). For each
-//! `MR × NR` tile of `G` on or above the diagonal, the products of all packed rows are summed
-//! in vector registers, `KC` rows at a time in f32, and each such sum is added to the f64
-//! matrix, so f32 sums never run over more than `KC` products and each tile of `G` is read
-//! and written while it sits in L1 (once per [`Gram::super_rows`] rows, not once per `KC`).
+//! are gathered from those (no second pass over `X`), or, for the AVX-512 f32 kernel, read in
+//! place from them (`MR` divides `NR`), so the kernel reads both operands contiguously
+//! whatever the width (no cache-set aliasing at power-of-two widths). For each `MR × NR` tile
+//! of `G` on or above the diagonal, the products of all packed rows are summed in vector
+//! registers, `KC` rows at a time in f32, and each such sum is added to the f64 matrix, so f32
+//! sums never run over more than `KC` products and each tile of `G` is read and written while
+//! it sits in L1 (once per [`Gram::super_rows`] rows, not once per `KC`). Tiles run in groups
+//! of A panels (about 1 MiB, kept in L2) past which every B panel streams, and the next
+//! tile's rows of `G` are prefetched while one multiplies.
 //!
 //! Kernels, picked at run time from what the CPU has ([`Kernel::detect`]):
 //! - [`Kernel::Avx512Bf16`] (AVX-512 BF16, for rows that are bfloat16 values): the shifted
@@ -22,7 +25,8 @@
 //!   as above); a 32 × 32 block of `G` in four accumulator tiles. Used only where the CPU
 //!   reports AMX-TILE and AMX-BF16, the OS enables tile state (XCR0) and grants this process
 //!   tile data (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), else the AVX-512 BF16 kernel runs.
-//! - [`Kernel::Avx512`] (AVX-512F): f32 FMA, 12 × 32 tile in 24 registers.
+//! - [`Kernel::Avx512`] (AVX-512F): f32 FMA, 8 × 48 tile in 24 registers (3 loads and 8
+//!   broadcasts per 24 FMAs), its 8 A columns read from the 48-column B panels.
 //! - [`Kernel::Avx2`] (AVX2 + FMA): f32 FMA, 6 × 16 tile in 12 registers.
 //! - [`Kernel::Portable`]: the same loops in portable Rust.
 //!
@@ -887,8 +891,8 @@ mod x86 {
         }
     }
 
-    /// A 12 × 32 tile over `nk` packed steps (rows of f32, or pairs of bf16 rows), an f32
-    /// partial sum per `kc` steps; `$madd` multiplies and adds one step.
+    /// A 12 × 32 tile over `nk` packed steps (pairs of bf16 rows), an f32 partial sum per
+    /// `kc` steps; `$madd` multiplies and adds one step.
     macro_rules! tile512 {
         ($(#[$doc:meta])* $name:ident, $features:literal, $madd:ident) => {
             $(#[$doc])*
@@ -1096,6 +1100,38 @@ mod tests {
                         assert!(
                             err <= 1e-5 * scale,
                             "{kernel:?} d {d} n {n} ({i},{j}): {err:e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Widths around the 48-column panels the AVX-512 f32 kernel reads its A operand from
+    /// (columns 40..48 of a panel, a last panel cut short by `d`), and one wide enough for
+    /// several groups of A panels (over 528 columns at 512 rows), against float64, with
+    /// partial sums over 512 rows flushed twice per tile; every kernel this CPU has.
+    #[test]
+    fn panel_edges_and_a_groups_match_float64_reference() {
+        for kernel in Kernel::available() {
+            for &(d, n) in &[(47, 300), (48, 97), (49, 513), (95, 40), (700, 1100)] {
+                let rows = adversarial_rows(n, d, (d + n) as u64);
+                let shift = kernel.shift(&vec![0f32; d]);
+                let mut got = vec![0.0; d * d];
+                Gram::with_kernel(d, kernel).add(&rows, &shift, &mut got);
+                let want = reference(&rows, &shift, d);
+                for i in 0..d {
+                    for j in i..d {
+                        let (g, w) = (got[i * d + j], want[i * d + j]);
+                        // f32 sums of at most KC exact products: |error| <= KC u Σ|x_i x_j|,
+                        // and Σ|x_i x_j| <= sqrt(G_ii G_jj) (Cauchy-Schwarz; shift 0). A
+                        // missed or doubled row is off by about sqrt(G_ii G_jj) / n.
+                        let tol = KC as f64
+                            * 2f64.powi(-24)
+                            * (want[i * d + i] * want[j * d + j]).sqrt();
+                        assert!(
+                            (g - w).abs() <= tol,
+                            "{kernel:?} d {d} n {n} ({i},{j}): {g} vs {w}"
                         );
                     }
                 }
