@@ -1,5 +1,7 @@
 //! Speed of the second-moment kernel in the call pattern of `analyze` (one thread, CPU time):
 //! `cargo run --release --example gram_calls [DIM] [ROWS_PER_CALL] [CALLS] [KERNEL]`.
+//! The same rows are added `CALLS` times, in turn to `FOLDS` matrices (default 5, as analyze's
+//! fold matrices); `HUGE=1` backs them with huge pages, as analyze does.
 use rank1fast_core::gram::{Gram, Kernel};
 use std::time::Instant;
 
@@ -40,9 +42,11 @@ fn main() {
         let start = (g.as_ptr() as usize).div_ceil(huge) * huge;
         let end = (g.as_ptr() as usize + folds * d * d * 8) / huge * huge;
         if end > start {
+            // SAFETY: the range lies inside `g`'s allocation; advice only.
             unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
         }
         for v in g.iter_mut() {
+            // SAFETY: a valid element; volatile so the zero store faults the page in now.
             unsafe { std::ptr::write_volatile(v, 0.0) };
         }
     }

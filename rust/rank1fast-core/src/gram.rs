@@ -961,6 +961,7 @@ mod x86 {
                         _mm512_castsi512_ps(b1),
                         _mm512_castsi512_ps(b2),
                     );
+                    #[allow(clippy::needless_range_loop)] // indexing: c stays in registers
                     for r in 0..MR {
                         let x = _mm512_set1_ps(*ak.add(r));
                         c[r][0] = _mm512_fmadd_ps(x, b0, c[r][0]);
