@@ -59,8 +59,10 @@ def analyze(
             names the cluster. The files must be readable from every worker. More options:
             :func:`rank1fast.distributed.analyze`. Needs ``pip install 'rank1fast[ray]'``.
         moment_rows: cap the rows per site that enter the second moments and the direction's
-            fit: whole chunks spread evenly over the site, at least one (a chunk is 16 MiB
-            of float32 rows: 8192 rows up to dim 512, 1024 at 4096, 256 from 16384);
+            fit: whole chunks spread evenly over the site, at least one (a chunk is up to
+            16 MiB of float32 rows: 8192 rows up to dim 512, 1024 at 4096, 256 from 16384;
+            between, whole cycles of ``256 x folds`` rows where they fit: 2560 at dim 1536
+            with 5 folds);
             every row still counts in the per-dimension statistics. Second moments cost
             ``rows x dim²`` multiply-adds, so at dim 8192-16384 a cap keeps them affordable;
             the direction's held-out error (``report[site].direction.error``, fitted and

@@ -17,7 +17,7 @@ use crate::dtype::{any_nonfinite, decode_f32, DType};
 use crate::error::{Error, Result};
 use crate::gram::Kernel;
 use crate::source::{self, SiteSource};
-use crate::stats::{starts, zeroed_large, Accumulator, SharedMoments, SiteStats};
+use crate::stats::{starts, zeroed_large_on, Accumulator, SharedMoments, SiteStats};
 
 /// Rows of a bare 2-D tensor without document ids form folds in blocks of this many rows.
 pub const FOLD_BLOCK_ROWS: usize = 256;
@@ -274,7 +274,17 @@ fn check_memory(site: &str, dim: usize, opts: &AnalyzeOptions, threads: usize) -
 
 fn chunk_rows(dim: usize, opts: &AnalyzeOptions) -> usize {
     if opts.second_moments {
-        (CHUNK_FLOATS_MOMENTS / dim).clamp(256, 8192)
+        let rows = (CHUNK_FLOATS_MOMENTS / dim).clamp(256, 8192);
+        // Below the cap, whole cycles of fold blocks where they fit: rows without documents
+        // then reach each fold's second moments in whole blocks (2 x 256 rows of every fold
+        // at d = 1536, 2,560-row chunks), not blocks and a few rows, which cost the Gram kernel
+        // a pass over G for little work.
+        let cycle = FOLD_BLOCK_ROWS * opts.folds.max(1);
+        if rows < 8192 && rows >= cycle {
+            rows / cycle * cycle
+        } else {
+            rows
+        }
     } else {
         (CHUNK_FLOATS / dim).clamp(64, 8192)
     }
@@ -306,7 +316,7 @@ fn analyze_site(
     // One set of fold matrices for all threads (fold k behind its own lock).
     let dd = dim * dim;
     let mut moments = if opts.second_moments {
-        zeroed_large(opts.folds * dd)
+        zeroed_large_on(opts.folds * dd, workers)
     } else {
         Vec::new()
     };

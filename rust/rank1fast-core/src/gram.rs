@@ -3,12 +3,15 @@
 //!
 //! `X` is row-major (a row per token). Up to [`Gram::super_rows`] rows at a time are shifted by
 //! `c` and packed into panels of `NR` columns, stored row after row; panels of `MR` columns
-//! are gathered from those (no second pass over `X`), so the kernel reads both operands
-//! contiguously whatever the width (no cache-set aliasing at power-of-two widths). For each
-//! `MR × NR` tile of `G` on or above the diagonal, the products of all packed rows are summed
-//! in vector registers, `KC` rows at a time in f32, and each such sum is added to the f64
-//! matrix, so f32 sums never run over more than `KC` products and each tile of `G` is read
-//! and written while it sits in L1 (once per [`Gram::super_rows`] rows, not once per `KC`).
+//! are gathered from those (no second pass over `X`), or, for the AVX-512 f32 kernel, read in
+//! place from them (`MR` divides `NR`), so the kernel reads both operands contiguously
+//! whatever the width (no cache-set aliasing at power-of-two widths). For each `MR × NR` tile
+//! of `G` on or above the diagonal, the products of all packed rows are summed in vector
+//! registers, `KC` rows at a time in f32, and each such sum is added to the f64 matrix, so f32
+//! sums never run over more than `KC` products and each tile of `G` is read and written while
+//! it sits in L1 (once per [`Gram::super_rows`] rows, not once per `KC`). Tiles run in groups
+//! of A panels (about 1 MiB, kept in L2) past which every B panel streams, and the next
+//! tile's rows of `G` are prefetched while one multiplies.
 //!
 //! Kernels, picked at run time from what the CPU has ([`Kernel::detect`]):
 //! - [`Kernel::Avx512Bf16`] (AVX-512 BF16, for rows that are bfloat16 values): the shifted
@@ -22,7 +25,8 @@
 //!   as above); a 32 × 32 block of `G` in four accumulator tiles. Used only where the CPU
 //!   reports AMX-TILE and AMX-BF16, the OS enables tile state (XCR0) and grants this process
 //!   tile data (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), else the AVX-512 BF16 kernel runs.
-//! - [`Kernel::Avx512`] (AVX-512F): f32 FMA, 12 × 32 tile in 24 registers.
+//! - [`Kernel::Avx512`] (AVX-512F): f32 FMA, 8 × 48 tile in 24 registers (3 loads and 8
+//!   broadcasts per 24 FMAs), its 8 A columns read from the 48-column B panels.
 //! - [`Kernel::Avx2`] (AVX2 + FMA): f32 FMA, 6 × 16 tile in 12 registers.
 //! - [`Kernel::Portable`]: the same loops in portable Rust.
 //!
@@ -39,6 +43,8 @@
 const KC: usize = 512;
 /// Bytes of packed operands per super-block (both panel sets): bounds [`Gram::super_rows`].
 const PACK_BYTES: usize = 8 << 20;
+/// Bytes of A panels the FMA kernels keep in L2 while B panels stream past.
+const A_GROUP_BYTES: usize = 1 << 20;
 
 /// A second-moment kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,11 +134,17 @@ impl Kernel {
         matches!(self, Kernel::Avx512Bf16 | Kernel::Amx)
     }
 
+    /// Whether the kernel reads its A operand (`mr` columns) straight from the B panels
+    /// (`nr` columns, a multiple of `mr`), so no A panels are gathered.
+    fn a_in_b(self) -> bool {
+        self == Kernel::Avx512
+    }
+
     /// (rows of a tile, columns of a tile, rows of `X` per packed step).
     fn geometry(self) -> (usize, usize, usize) {
         match self {
             Kernel::Portable | Kernel::Avx2 => (6, 16, 1),
-            Kernel::Avx512 => (12, 32, 1),
+            Kernel::Avx512 => (8, 48, 1),
             Kernel::Avx512Bf16 => (12, 32, 2),
             Kernel::Amx => (32, 32, 2),
         }
@@ -247,6 +259,7 @@ impl Gram {
             }
             let (na, nb) = (d.div_ceil(mr), d.div_ceil(nr));
             // Grown, never shrunk: every word used is written by the packing below.
+            let na = if self.kernel.a_in_b() { 0 } else { na };
             self.b0 = aligned(&mut self.b, nb * nk * nr);
             self.a0 = aligned(&mut self.a, na * nk * mr);
             let b = &mut self.b[self.b0..][..nb * nk * nr];
@@ -256,7 +269,9 @@ impl Gram {
             } else {
                 pack_f32(block, shift, d, nr, nk, b);
             }
-            if amx {
+            if self.kernel.a_in_b() {
+                // Nothing to gather: A is read from the B panels.
+            } else if amx {
                 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
                 // SAFETY: the Amx kernel is only built where AVX-512F is present (`available`).
                 unsafe {
@@ -286,36 +301,69 @@ impl Gram {
             unreachable!("AMX is never available here");
         }
         let (na, nb) = (d.div_ceil(mr), d.div_ceil(nr));
-        for p in 0..nb {
-            let j0 = p * nr;
-            let b = &self.b[self.b0 + p * nk * nr..][..nk * nr];
-            for q in 0..na {
-                let i0 = q * mr;
-                if i0 >= j0 + nr {
-                    break; // this tile and the rest of the column lie below the diagonal
-                }
-                let a = &self.a[self.a0 + q * nk * mr..][..nk * mr];
-                let t = Tile {
-                    i0,
-                    j0,
-                    rows: (d - i0).min(mr),
-                    cols: (d - j0).min(nr),
+        // Tiles in the order they run: groups of A panels (about A_GROUP_BYTES) stay in L2
+        // while every B panel right of the group's first column streams past them.
+        // (A read from B panels: whole cache lines of them stay in L2, whole panels per group.)
+        let a_bytes = if self.kernel.a_in_b() { nr * 4 * nk / (nr / mr) } else { mr * 4 * nk };
+        let mut group = (A_GROUP_BYTES / a_bytes).max(1);
+        if self.kernel.a_in_b() {
+            group = group.next_multiple_of(nr / mr);
+        }
+        let mut tiles = Vec::with_capacity(na * nb / 2 + na + nb);
+        for q0 in (0..na).step_by(group) {
+            for p in (q0 * mr) / nr..nb {
+                // Tiles wholly below the diagonal (i0 >= j0 + nr) are skipped.
+                let q1 = (q0 + group).min(na).min((p * nr + nr).div_ceil(mr));
+                tiles.extend((q0..q1).map(|q| Tile {
+                    i0: q * mr,
+                    j0: p * nr,
+                    rows: (d - q * mr).min(mr),
+                    cols: (d - p * nr).min(nr),
+                }));
+            }
+        }
+        if let Some(&t) = tiles.first() {
+            prefetch_g(g, d, t);
+        }
+        for (n, &t) in tiles.iter().enumerate() {
+            // The next tile's rows of G come in while this one multiplies.
+            if let Some(&next) = tiles.get(n + 1) {
+                prefetch_g(g, d, next);
+            }
+            let b = &self.b[self.b0 + (t.j0 / nr) * nk * nr..][..nk * nr];
+            if self.kernel.a_in_b() {
+                // Columns i0.. of the panel holding them: steps `nr` words apart.
+                let a = &self.b[self.b0 + (t.i0 / nr) * nk * nr + t.i0 % nr..][..(nk - 1) * nr + mr];
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as below; `a` holds nk steps of `mr` words, `nr` apart.
+                unsafe {
+                    x86::tile_avx512(nk, kc, a, b, g, d, t)
                 };
-                match self.kernel {
-                    // SAFETY (all three): the CPU has the features (checked in `with_kernel`),
-                    // `a` / `b` hold `nk` packed steps of `mr` / `nr` words, and the tile lies
-                    // inside `g` (`rows`, `cols` clip it).
-                    #[cfg(target_arch = "x86_64")]
-                    Kernel::Avx2 => unsafe { x86::tile_avx2(nk, kc, a, b, g, d, t) },
-                    #[cfg(target_arch = "x86_64")]
-                    Kernel::Avx512 => unsafe { x86::tile_avx512(nk, kc, a, b, g, d, t) },
-                    #[cfg(target_arch = "x86_64")]
-                    Kernel::Avx512Bf16 => unsafe { x86::tile_bf16(nk, kc, a, b, g, d, t) },
-                    _ => tile_portable(mr, nr, step, nk, kc, a, b, g, d, t),
-                }
+                continue;
+            }
+            let a = &self.a[self.a0 + (t.i0 / mr) * nk * mr..][..nk * mr];
+            match self.kernel {
+                // SAFETY (all three): the CPU has the features (checked in `with_kernel`),
+                // `a` / `b` hold `nk` packed steps of `mr` / `nr` words, and the tile lies
+                // inside `g` (`rows`, `cols` clip it).
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx2 => unsafe { x86::tile_avx2(nk, kc, a, b, g, d, t) },
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx512Bf16 => unsafe { x86::tile_bf16(nk, kc, a, b, g, d, t) },
+                _ => tile_portable(mr, nr, step, nk, kc, a, b, g, d, t),
             }
         }
     }
+}
+
+/// Fetch the f64 rows of a tile of `G` (far apart in memory: `d` × 8 bytes) ahead of its
+/// update (a hint; nothing on other architectures).
+#[inline(always)]
+fn prefetch_g(g: &[f64], d: usize, t: Tile) {
+    #[cfg(target_arch = "x86_64")]
+    x86::prefetch_rows(g, d, t);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (g, d, t);
 }
 
 /// Grow `buf` to hold `n` words from a 64-byte boundary; the offset of that boundary.
@@ -788,6 +836,7 @@ mod x86 {
     }
 
     /// Add a full tile of `MR` rows of `V` 16-float vectors to `g`.
+    #[inline(never)]
     #[target_feature(enable = "avx512f")]
     fn flush512<const MR: usize, const V: usize>(
         c: &[[__m512; V]; MR],
@@ -828,13 +877,6 @@ mod x86 {
         }
     }
 
-    /// `c + x·b` lane by lane, f32.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    fn madd_f32(c: __m512, x: __m512i, b: __m512i) -> __m512 {
-        _mm512_fmadd_ps(_mm512_castsi512_ps(x), _mm512_castsi512_ps(b), c)
-    }
-
     /// `c + x.lo·b.lo + x.hi·b.hi` per lane, for lanes holding two bf16 (`vdpbf16ps`).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bf16")]
@@ -849,8 +891,8 @@ mod x86 {
         }
     }
 
-    /// A 12 × 32 tile over `nk` packed steps (rows of f32, or pairs of bf16 rows), an f32
-    /// partial sum per `kc` steps; `$madd` multiplies and adds one step.
+    /// A 12 × 32 tile over `nk` packed steps (pairs of bf16 rows), an f32 partial sum per
+    /// `kc` steps; `$madd` multiplies and adds one step.
     macro_rules! tile512 {
         ($(#[$doc:meta])* $name:ident, $features:literal, $madd:ident) => {
             $(#[$doc])*
@@ -866,7 +908,6 @@ mod x86 {
             ) {
                 const MR: usize = 12;
                 assert!(a.len() >= nk * MR && b.len() >= nk * 32);
-                prefetch_rows(g, d, t);
                 let (pa, pb) = (a.as_ptr(), b.as_ptr());
                 for k0 in (0..nk).step_by(kc) {
                     let mut c = [[_mm512_setzero_ps(); 2]; MR];
@@ -890,12 +931,48 @@ mod x86 {
         };
     }
 
-    tile512!(
-        /// 12 × 32 tile, f32 FMA.
-        tile_avx512,
-        "avx512f",
-        madd_f32
-    );
+    /// 8 × 48 tile, f32 FMA (24 accumulators, 3 loads and 8 broadcasts per 24 FMAs), its A
+    /// operand read from the 48-column B panels (`a`: steps of 8 words, 48 apart).
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn tile_avx512(
+        nk: usize,
+        kc: usize,
+        a: &[u32],
+        b: &[u32],
+        g: &mut [f64],
+        d: usize,
+        t: Tile,
+    ) {
+        const MR: usize = 8;
+        const NR: usize = 48;
+        assert!(nk > 0 && a.len() > (nk - 1) * NR + MR - 1 && b.len() >= nk * NR);
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        for k0 in (0..nk).step_by(kc) {
+            let mut c = [[_mm512_setzero_ps(); 3]; MR];
+            for k in k0..(k0 + kc).min(nk) {
+                // SAFETY: k < nk, and `a` / `b` hold nk steps (asserted).
+                unsafe {
+                    let b0 = _mm512_loadu_si512(pb.add(k * NR).cast());
+                    let b1 = _mm512_loadu_si512(pb.add(k * NR + 16).cast());
+                    let b2 = _mm512_loadu_si512(pb.add(k * NR + 32).cast());
+                    let ak = pa.add(k * NR).cast::<f32>();
+                    let (b0, b1, b2) = (
+                        _mm512_castsi512_ps(b0),
+                        _mm512_castsi512_ps(b1),
+                        _mm512_castsi512_ps(b2),
+                    );
+                    #[allow(clippy::needless_range_loop)] // indexing: c stays in registers
+                    for r in 0..MR {
+                        let x = _mm512_set1_ps(*ak.add(r));
+                        c[r][0] = _mm512_fmadd_ps(x, b0, c[r][0]);
+                        c[r][1] = _mm512_fmadd_ps(x, b1, c[r][1]);
+                        c[r][2] = _mm512_fmadd_ps(x, b2, c[r][2]);
+                    }
+                }
+            }
+            flush512(&c, g, d, t);
+        }
+    }
     tile512!(
         /// 12 × 32 tile, pairs of bf16 rows with `vdpbf16ps`.
         tile_bf16,
@@ -916,7 +993,6 @@ mod x86 {
     ) {
         const MR: usize = 6;
         assert!(a.len() >= nk * MR && b.len() >= nk * 16);
-        prefetch_rows(g, d, t);
         let (pa, pb) = (a.as_ptr().cast::<f32>(), b.as_ptr().cast::<f32>());
         for k0 in (0..nk).step_by(kc) {
             let mut c = [[_mm256_setzero_ps(); 2]; MR];
@@ -1025,6 +1101,38 @@ mod tests {
                         assert!(
                             err <= 1e-5 * scale,
                             "{kernel:?} d {d} n {n} ({i},{j}): {err:e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Widths around the 48-column panels the AVX-512 f32 kernel reads its A operand from
+    /// (columns 40..48 of a panel, a last panel cut short by `d`), and one wide enough for
+    /// several groups of A panels (over 528 columns at 512 rows), against float64, with
+    /// partial sums over 512 rows flushed twice per tile; every kernel this CPU has.
+    #[test]
+    fn panel_edges_and_a_groups_match_float64_reference() {
+        for kernel in Kernel::available() {
+            for &(d, n) in &[(47, 300), (48, 97), (49, 513), (95, 40), (700, 1100)] {
+                let rows = adversarial_rows(n, d, (d + n) as u64);
+                let shift = kernel.shift(&vec![0f32; d]);
+                let mut got = vec![0.0; d * d];
+                Gram::with_kernel(d, kernel).add(&rows, &shift, &mut got);
+                let want = reference(&rows, &shift, d);
+                for i in 0..d {
+                    for j in i..d {
+                        let (g, w) = (got[i * d + j], want[i * d + j]);
+                        // f32 sums of at most KC exact products: |error| <= KC u Σ|x_i x_j|,
+                        // and Σ|x_i x_j| <= sqrt(G_ii G_jj) (Cauchy-Schwarz; shift 0). A
+                        // missed or doubled row is off by about sqrt(G_ii G_jj) / n.
+                        let tol = KC as f64
+                            * 2f64.powi(-24)
+                            * (want[i * d + i] * want[j * d + j]).sqrt();
+                        assert!(
+                            (g - w).abs() <= tol,
+                            "{kernel:?} d {d} n {n} ({i},{j}): {g} vs {w}"
                         );
                     }
                 }

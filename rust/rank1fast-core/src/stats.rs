@@ -168,6 +168,14 @@ impl SiteStats {
 /// first write, with a TLB shootdown across threads each time (a third of the time of a
 /// d = 1536 analysis before this).
 pub(crate) fn zeroed_large(n: usize) -> Vec<f64> {
+    zeroed_large_on(n, 1)
+}
+
+/// [`zeroed_large`], the pages written by `threads` threads at once: mapping fresh memory is
+/// the kernel zeroing it (and, in a virtual machine, the host backing it), 0.5-1 GB/s per
+/// thread on the machines of BENCHMARKS.md, so 94 MB of fold matrices (d = 1536, 5 folds)
+/// took 0.1-0.2 s of one thread before the workers started.
+pub(crate) fn zeroed_large_on(n: usize, threads: usize) -> Vec<f64> {
     let mut v = vec![0f64; n];
     let bytes = n * std::mem::size_of::<f64>();
     #[cfg(target_os = "linux")]
@@ -181,11 +189,24 @@ pub(crate) fn zeroed_large(n: usize) -> Vec<f64> {
             unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
         }
     }
-    let per_page = 4096 / std::mem::size_of::<f64>();
-    for i in (0..n).step_by(per_page) {
-        // SAFETY: i < n. A volatile write, so it is not elided as a store of zero to memory
-        // the allocator returned zeroed.
-        unsafe { std::ptr::write_volatile(v.as_mut_ptr().add(i), 0.0) };
+    let touch = |part: &mut [f64]| {
+        let per_page = 4096 / std::mem::size_of::<f64>();
+        for i in (0..part.len()).step_by(per_page) {
+            // SAFETY: i < part.len(). A volatile write, so it is not elided as a store of zero
+            // to memory the allocator returned zeroed.
+            unsafe { std::ptr::write_volatile(part.as_mut_ptr().add(i), 0.0) };
+        }
+    };
+    // Parts of whole 2 MiB multiples (about whole huge pages), at least 16 MiB each.
+    let per = n.div_ceil(threads.max(1)).next_multiple_of(1 << 18).max(1 << 21);
+    if threads <= 1 || n <= per {
+        touch(&mut v);
+    } else {
+        std::thread::scope(|s| {
+            for part in v.chunks_mut(per) {
+                s.spawn(move || touch(part));
+            }
+        });
     }
     v
 }
@@ -519,10 +540,10 @@ impl Accumulator {
             let c = &self.shift64;
             // In 64 × 64 blocks, so the mirrored writes (a column each) stay in cache.
             const B: usize = 64;
-            for k in 0..st.folds {
-                let n = st.fold_count[k] as f64;
-                let s = &st.fold_sum[k * d..(k + 1) * d];
-                let g = &mut acc[k * d * d..(k + 1) * d * d];
+            let (counts, sums) = (&st.fold_count, &st.fold_sum);
+            let one = |k: usize, g: &mut [f64]| {
+                let n = counts[k] as f64;
+                let s = &sums[k * d..(k + 1) * d];
                 for i0 in (0..d).step_by(B) {
                     for j0 in (i0..d).step_by(B) {
                         for i in i0..(i0 + B).min(d) {
@@ -534,6 +555,23 @@ impl Accumulator {
                         }
                     }
                 }
+            };
+            // Folds on every core when they are large (a pass over folds × d² × 8 bytes).
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let workers = if d >= 512 { cores.min(st.folds) } else { 1 };
+            let mut folds: Vec<(usize, &mut [f64])> =
+                acc.chunks_mut((d * d).max(1)).enumerate().take(st.folds).collect();
+            if workers <= 1 {
+                folds.into_iter().for_each(|(k, g)| one(k, g));
+            } else {
+                std::thread::scope(|sc| {
+                    let per = folds.len().div_ceil(workers);
+                    while !folds.is_empty() {
+                        let part: Vec<_> = folds.drain(..per.min(folds.len())).collect();
+                        let one = &one;
+                        sc.spawn(move || part.into_iter().for_each(|(k, g)| one(k, g)));
+                    }
+                });
             }
         }
         self.stats
