@@ -68,10 +68,16 @@ def test_fit_corrections_refuses_bad_arguments(smollm):
     for kwargs, msg in [({"after": 0}, "after"), ({"rank": True}, "rank"), ({"folds": 1}, "folds")]:
         with pytest.raises(InvalidArgumentError, match=msg):
             fit_corrections(smollm, {"resid_post.3": np.ones(576)}, 1.0, {}, ["x"], **kwargs)
-    with pytest.raises(InvalidArgumentError, match="no fit texts"):
-        fit_corrections(smollm, {"resid_post.3": np.ones(576)}, 1.0, {}, [])
-    with pytest.raises(InvalidArgumentError, match="at least 5 texts"):
-        fit_corrections(smollm, {"resid_post.3": np.ones(576)}, 1.0, {}, ["a b c", "d e"])
+    for texts in ([], ["a b c", "d e"]):
+        with pytest.raises(InvalidArgumentError, match="at least 5 fit texts"):
+            fit_corrections(smollm, {"resid_post.3": np.ones(576)}, 1.0, {}, texts)
+    for tokens in (0, -1, True, 2.5):
+        with pytest.raises(InvalidArgumentError, match="tokens must be"):
+            fit_corrections(
+                smollm, {"resid_post.3": np.ones(576)}, 1.0, {}, ["x"] * 5, tokens=tokens
+            )
+    # The last layer's resid_post has no writer after it: nothing to correct, no pass run.
+    assert fit_corrections(smollm, {"resid_post.29": np.ones(576)}, 1.0, {}, ["x"] * 5) == []
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +154,18 @@ def test_corrections_are_checked(report, tmp_path):
             report, v, tmp_path / "x", method="one-hot", corrections=[bad[0][0]]
         )
     assert not (tmp_path / "x").exists()
+
+
+def test_write_corrected_checks_before_the_fit(smollm, report, tmp_path):
+    from rank1fast.corrections import write_corrected
+
+    v = {"resid_post.3": np.ones(576)}
+    ad = rank1fast.write_adapter(report, v, tmp_path / "a", scale=4.0)
+    texts = ["some text"] * 5
+    with pytest.raises(InvalidArgumentError, match="written with scale 4.0, not 1.0"):
+        write_corrected(smollm, report, v, ad, tmp_path / "b", texts, scale=1.0)
+    with pytest.raises(AdapterError, match="already exists"):
+        write_corrected(smollm, report, v, ad, ad, texts)
+    with pytest.raises(InvalidArgumentError, match="correction_rank must be"):
+        write_corrected(smollm, report, v, ad, tmp_path / "b", texts, correction_rank=0)
+    assert not (tmp_path / "b").exists()

@@ -8,6 +8,7 @@ write adapters from steering vectors, and verify them against hook-based steerin
 from __future__ import annotations
 
 from . import (
+    corrections,  # light: torch is imported when a fit runs
     distributed,  # light: ray is imported when a cluster is used; makes SiteStats picklable
     llamacpp,  # light: gguf is imported when a GGUF is read or written
     serving,  # light: json and the safetensors header only
@@ -76,6 +77,7 @@ __all__ = [
     "merge_adapter",
     "write_adapters",
     "serving",
+    "corrections",
     "verify",
     "steering",
     "convert",

@@ -156,7 +156,8 @@ def convert(
             hook-steered one); 0: none. Only for ``resid_*`` sites on models whose every
             writer is an exact carrier (else skipped, with a message).
         correction_rank: rank-1 terms per corrected module (the adapter's rank becomes
-            ``1 + correction_rank``, padded for ``target``).
+            ``correction_rank``, or ``1 + correction_rank`` where a correction lands on a
+            site's own module; padded for ``target``).
         correction_tokens: fit tokens per corrected module (two forward passes each, stopped
             after the module).
         verify: measure the fidelity and store it (False: write only).
@@ -178,7 +179,8 @@ def convert(
             directory), a path component of ``out`` is a file, or the adapter cannot be
             written (see :func:`rank1fast.write_adapter`). Checked before the model loads.
         InvalidArgumentError: no vectors or not a dict/file, a non-finite or non-numeric
-            ``scale``, a bad ``rank``/``dtype``/``tokens``/``generate``, an unknown
+            ``scale``, a bad ``rank``/``dtype``/``tokens``/``generate``/``corrections``/
+            ``correction_rank``/``correction_tokens``, an unknown
             ``target`` (all before the model loads); a vector of the wrong size, no
             held-out texts, or ``verify`` on a model without an LM head (an encoder), before
             the fit.
@@ -220,8 +222,8 @@ def convert(
         raise InvalidArgumentError(f"tokens must be an integer or None, got {tokens!r}")
     if tokens is not None and tokens < 1:
         raise InvalidArgumentError(f"tokens must be at least 1, got {tokens}")
-    if generate < 0:
-        raise InvalidArgumentError(f"generate must be at least 0, got {generate}")
+    if isinstance(generate, bool) or not isinstance(generate, int) or generate < 0:
+        raise InvalidArgumentError(f"generate must be an integer of at least 0, got {generate!r}")
     for what, val, low in (
         ("corrections", corrections, 0),
         ("correction_rank", correction_rank, 1),
@@ -427,6 +429,8 @@ def _corrected(
     from .corrections import correctable, write_corrected
 
     why = correctable(model[0], vecs)
+    if not why and len(texts) < 5:
+        why = f"{len(texts)} fit texts; the cross-validated fit needs at least 5"
     if why:
         say(f"convert: no downstream corrections ({why})")
         return adapter, None

@@ -21,13 +21,15 @@ For each such writer ``w``, in model order, on the fit texts:
 3. The LoRA on ``w`` gains ``r`` rank-1 terms ``(a_k, u_k)``: ``A = Pᵀ W`` (``[r, d_in]``),
    ``U = P / gain`` (``[d_out, r]``; Granite's ``residual_multiplier`` divided out).
 
-The corrected adapter is a LoRA of rank ``1 + r`` (padded for the serving target) on the
-sites' modules and on the writers after them; servers apply it as any LoRA. What it measured
-on the default model: BENCHMARKS.md ("Downstream corrections", ``python
-benches/bench_fidelity.py``).
+The corrected adapter is a LoRA of rank ``r`` (``1 + r`` where a correction lands on a site's
+own module; padded for the serving target) on the sites' modules and on the writers after
+them; servers apply it as any LoRA. What it measured on the default model: BENCHMARKS.md
+("Downstream corrections", ``python benches/bench_fidelity.py``).
 
-Memory: ``folds x (d_in² + d_in·d_model)`` float64 per writer (94 MB at the default model's
-``down_proj``; about 10 GB at Llama-3-8B's, so use ``corrections=0`` there without the RAM).
+Memory: ``folds x (d_in² + d_in·d_model)`` float64 per writer (130 MB at the default model's
+``down_proj``; about 10 GB at Llama-3-8B's, so use ``corrections=0`` there without the RAM),
+and the hook-steered residual sums of every corrected writer (``tokens x d_model`` float32
+each) while they fit in 2 GiB.
 Time: two forward passes over the correction tokens per writer, each stopped after the writer.
 """
 
@@ -61,7 +63,7 @@ DEFAULT_AFTER = 2
 #: Rank-1 terms per corrected writer.
 DEFAULT_RANK = 4
 #: Ridges tried (times ``tr(XᵀX)/d_in``), by cross-validation.
-RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 #: A writer keeps its correction when it lowers the cross-validated error by this fraction.
 MIN_GAIN = 0.01
 
@@ -77,8 +79,8 @@ class Correction:
             (``lora_B`` columns).
         ridge: the ridge picked (times ``tr(XᵀX)/d_in``).
         tokens: tokens fitted on.
-        rms_before: cross-validated rms of ``|D_t|`` (residual-stream units) before the
-            correction at this writer.
+        rms_before: rms of ``|D_t|`` (residual-stream units) before the correction at this
+            writer, over the fit tokens.
         rms_after: cross-validated rms of ``|D_t + gain·U A x_t|``.
     """
 
@@ -153,7 +155,7 @@ def write_corrected(
     out: str | os.PathLike[str],
     texts: Sequence[str],
     *,
-    scale: float = 1.0,
+    scale: float | None = None,
     after: int = DEFAULT_AFTER,
     correction_rank: int = DEFAULT_RANK,
     tokens: int | None = 20_000,
@@ -172,8 +174,9 @@ def write_corrected(
         adapter: the adapter directory (read: its LoRA is what the fit starts from).
         out: the corrected adapter's directory (written when a correction was kept).
         texts: the fit texts.
-        scale, after, tokens, max_length, batch_size, progress: as for
-            :func:`fit_corrections` (``scale`` also goes to ``write_adapter``).
+        scale: the scale ``adapter`` was written with (None: read from its
+            ``rank1fast.json``); also goes to ``write_adapter``.
+        after, tokens, max_length, batch_size, progress: as for :func:`fit_corrections`.
         correction_rank: :func:`fit_corrections`'s ``rank`` (terms per corrected module).
         **write_options: more :func:`rank1fast.write_adapter` options (``rank``, ``dtype``,
             ``target``, ``base_model``, ``overwrite``).
@@ -182,15 +185,38 @@ def write_corrected(
         The corrections kept (none: nothing is written).
 
     Raises:
-        As :func:`fit_corrections`; AdapterError for an unreadable ``adapter``.
+        As :func:`fit_corrections`; InvalidArgumentError for a bad ``correction_rank`` or a
+        ``scale`` other than the adapter's; AdapterError for an unreadable ``adapter`` or an
+        existing ``out`` (without ``overwrite=True``), both before the fit.
     """
     from pathlib import Path
 
     from ._peft import lora_pairs, peft_scaling, read_peft
-    from .adapter import write_adapter
+    from .adapter import check_destination, read_adapter_info, write_adapter
 
+    if (
+        isinstance(correction_rank, bool)
+        or not isinstance(correction_rank, int)
+        or correction_rank < 1
+    ):
+        raise InvalidArgumentError(
+            f"correction_rank must be an integer of at least 1, got {correction_rank!r}"
+        )
     adapter = Path(adapter)
+    check_destination(Path(out), bool(write_options.get("overwrite", False)))
     config, tensors = read_peft(adapter)
+    written = (read_adapter_info(adapter) or {}).get("scale")
+    if scale is None:
+        if written is None:
+            raise InvalidArgumentError(
+                f"{adapter}: no rank1fast.json records its scale; pass scale="
+            )
+        scale = float(written)
+    elif written is not None and not math.isclose(float(written), float(scale), rel_tol=1e-9):
+        raise InvalidArgumentError(
+            f"{adapter} was written with scale {written}, not {scale}: the corrections must "
+            "start from the adapter as written"
+        )
     lora = {
         m: (a, b * peft_scaling(config, m))
         for m, (a, b) in lora_pairs(tensors, adapter, "written by write_adapter").items()
@@ -244,7 +270,8 @@ def fit_corrections(
         texts: the fit texts (rendered).
         after: writers corrected after each site's module.
         rank: terms per corrected writer.
-        tokens: tokens per writer's fit (None: all texts).
+        tokens: tokens per writer's fit (None: all texts); whole batches are taken, so a few
+            more may be used (each correction records its count).
         max_length: tokens per text.
         batch_size: texts per forward pass.
         folds: cross-validation folds (text ``i`` is in fold ``i % folds``).
@@ -255,8 +282,8 @@ def fit_corrections(
         cross-validated error by :data:`MIN_GAIN` are left out).
 
     Raises:
-        InvalidArgumentError: bad ``after``/``rank``/``folds``, a site that is not a
-            ``resid_*`` site, or no fit texts.
+        InvalidArgumentError: bad ``after``/``rank``/``folds``/``tokens``, a site that is not
+            a ``resid_*`` site, or fewer fit texts than folds.
         SiteError: the model has writers that are not exact carriers
             (:func:`residual_writers`).
     """
@@ -267,8 +294,14 @@ def fit_corrections(
     for name, val, low in (("after", after, 1), ("rank", rank, 1), ("folds", folds, 2)):
         if isinstance(val, bool) or not isinstance(val, int) or val < low:
             raise InvalidArgumentError(f"{name} must be an integer of at least {low}, got {val!r}")
-    if not texts:
-        raise InvalidArgumentError("no fit texts for the corrections")
+    if tokens is not None and (
+        isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1
+    ):
+        raise InvalidArgumentError(f"tokens must be a positive integer or None, got {tokens!r}")
+    if len(texts) < folds:
+        raise InvalidArgumentError(
+            f"the correction fit needs at least {folds} fit texts (one per fold), got {len(texts)}"
+        )
     writers = residual_writers(net)
     index = {m: i for i, (m, _) in enumerate(writers)}
     site_at: dict[int, np.ndarray] = {}
@@ -280,6 +313,8 @@ def fit_corrections(
         site_at[index[site_carrier(net, site).module]] = np.asarray(v, np.float64) * scale
     first = min(site_at)
     targets = sorted({j for i in site_at for j in range(i + 1, i + 1 + after) if j < len(writers)})
+    if not targets:  # the sites are on the last writers: nothing after them to correct
+        return []
     terms: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     for module, (a, b) in lora.items():
         terms[module] = [
