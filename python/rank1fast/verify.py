@@ -356,7 +356,10 @@ def verify(
         device: where to run a model loaded here.
         combined: also evaluate all sites steered together (the row ``"all"``).
         each_site: evaluate each site steered alone (False: only the ``"all"`` row, for an
-            adapter fitted for all its sites at once).
+            adapter fitted for all its sites at once). A row applies each adapter's LoRA on
+            its sites' modules only, plus its downstream corrections
+            (:mod:`rank1fast.corrections`, recorded in ``rank1fast.json``) when the row steers
+            every site of ``vectors``.
         generate: with ``n > 0``, also a generation check per row: greedy continuations of
             ``n`` tokens of each prompt under hook steering, then teacher-forced through each
             adapter and through the unsteered model: the share of those tokens each ranks
