@@ -3,14 +3,16 @@
 On vectors and layers of the tests' own (formal vs casual contrastive prompts, not the demo's
 cheerful/gloomy ones; other layers than the benchmark's), held-out chat conversations:
 
-- one site at about 0.5 nats: KL(hook||adapter) at most 2 % of KL(hook||base) at resid_mid
-  and 8 % at resid_post (measured on a Sapphire Rapids: resid_mid.10 0.98 %, resid_post.10
-  2.37 %, resid_post.20 1.23 %; issue 18 asks for 0.5 % at resid_mid: these bounds guard what
-  convert achieves now);
+- one site at about 0.5 nats: KL(hook||adapter) at most 1 % of KL(hook||base) at resid_mid
+  and 2.5 % (issue 18's target) at resid_post (measured on a Sapphire Rapids with the
+  downstream corrections: resid_mid.10 0.52 %, resid_post.10 1.64 %, resid_post.20 0.61 %;
+  without them 0.98 %, 2.37 %, 1.23 %; issue 18 asks for 0.5 % at resid_mid);
 - many layers (10 resid_post sites, unit directions x one coefficient) at about 1 nat in
-  total: at most 8 % (measured 3.17 % at 0.93 nats; issue 18 asks for 1.5 %);
-- the one-hot adapter at least 5x worse, and the adapter's top-1 agreement with greedy
-  hook-steered continuations above the unsteered model's.
+  total: at most 3 % (measured 3.17 % at 0.93 nats before the downstream corrections; the
+  benchmark's 11 layers at 0.92 nats: 2.18 % without them, 0.84 % with; issue 18 asks for
+  1.5 %);
+- the one-hot adapter at least 10x worse, and the adapter's
+  top-1 agreement with greedy hook-steered continuations above the unsteered model's.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def _convert(smollm, vecs, out, held):
 
 
 @pytest.mark.parametrize(
-    "site,target", [("resid_mid.10", 0.02), ("resid_post.10", 0.08), ("resid_post.20", 0.08)]
+    "site,target", [("resid_mid.10", 0.01), ("resid_post.10", 0.025), ("resid_post.20", 0.025)]
 )
 def test_one_site_on_chat(smollm, formal, held, tmp_path, site, target):
     scale = calibrate_scale(smollm, {site: formal[site]}, held[:6], target_kl=0.5, max_length=192)
@@ -94,7 +96,7 @@ def test_one_site_on_chat(smollm, formal, held, tmp_path, site, target):
     assert 0.3 < row.steering_kl_mean < 0.8
     ls, onehot = row.adapters["least-squares"], row.adapters["one-hot"]
     assert ls.ratio <= target, fid
-    assert onehot.ratio >= 5 * ls.ratio, fid
+    assert onehot.ratio >= 10 * ls.ratio, fid
     # The generation check ran: the adapter follows the steered continuations at least as
     # well as the unsteered model does.
     assert row.generated_tokens > 100
@@ -130,8 +132,8 @@ def test_many_layers_on_chat(smollm, formal, held, tmp_path):
     row = fid["all"]
     assert 0.7 < row.steering_kl_mean < 1.4
     ls, onehot = row.adapters["least-squares"], row.adapters["one-hot"]
-    assert ls.ratio <= 0.08, fid
-    assert onehot.ratio >= 5 * ls.ratio, fid
+    assert ls.ratio <= 0.03, fid
+    assert onehot.ratio >= 10 * ls.ratio, fid
     assert ls.top1_agreement > row.base_top1_agreement
 
 
