@@ -34,7 +34,10 @@ fn main() {
     let shift = kernel.shift(&vec![0.25f32; d]);
     let mut gram = Gram::with_kernel(d, kernel);
     // Five fold matrices used in turn, as analyze does (FOLDS=1: one).
-    let folds: usize = std::env::var("FOLDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let folds: usize = std::env::var("FOLDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
     let mut g = vec![0f64; folds * d * d];
     if std::env::var("HUGE").is_ok() {
         // As analyze's fold matrices (`stats::zeroed_large`): transparent huge pages.

@@ -304,7 +304,11 @@ impl Gram {
         // Tiles in the order they run: groups of A panels (about A_GROUP_BYTES) stay in L2
         // while every B panel right of the group's first column streams past them.
         // (A read from B panels: whole cache lines of them stay in L2, whole panels per group.)
-        let a_bytes = if self.kernel.a_in_b() { nr * 4 * nk / (nr / mr) } else { mr * 4 * nk };
+        let a_bytes = if self.kernel.a_in_b() {
+            nr * 4 * nk / (nr / mr)
+        } else {
+            mr * 4 * nk
+        };
         let mut group = (A_GROUP_BYTES / a_bytes).max(1);
         if self.kernel.a_in_b() {
             group = group.next_multiple_of(nr / mr);
@@ -333,7 +337,8 @@ impl Gram {
             let b = &self.b[self.b0 + (t.j0 / nr) * nk * nr..][..nk * nr];
             if self.kernel.a_in_b() {
                 // Columns i0.. of the panel holding them: steps `nr` words apart.
-                let a = &self.b[self.b0 + (t.i0 / nr) * nk * nr + t.i0 % nr..][..(nk - 1) * nr + mr];
+                let a =
+                    &self.b[self.b0 + (t.i0 / nr) * nk * nr + t.i0 % nr..][..(nk - 1) * nr + mr];
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: as below; `a` holds nk steps of `mr` words, `nr` apart.
                 unsafe {
@@ -1127,9 +1132,8 @@ mod tests {
                         // f32 sums of at most KC exact products: |error| <= KC u Σ|x_i x_j|,
                         // and Σ|x_i x_j| <= sqrt(G_ii G_jj) (Cauchy-Schwarz; shift 0). A
                         // missed or doubled row is off by about sqrt(G_ii G_jj) / n.
-                        let tol = KC as f64
-                            * 2f64.powi(-24)
-                            * (want[i * d + i] * want[j * d + j]).sqrt();
+                        let tol =
+                            KC as f64 * 2f64.powi(-24) * (want[i * d + i] * want[j * d + j]).sqrt();
                         assert!(
                             (g - w).abs() <= tol,
                             "{kernel:?} d {d} n {n} ({i},{j}): {g} vs {w}"

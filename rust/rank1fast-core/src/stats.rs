@@ -198,7 +198,10 @@ pub(crate) fn zeroed_large_on(n: usize, threads: usize) -> Vec<f64> {
         }
     };
     // Parts of whole 2 MiB multiples (about whole huge pages), at least 16 MiB each.
-    let per = n.div_ceil(threads.max(1)).next_multiple_of(1 << 18).max(1 << 21);
+    let per = n
+        .div_ceil(threads.max(1))
+        .next_multiple_of(1 << 18)
+        .max(1 << 21);
     if threads <= 1 || n <= per {
         touch(&mut v);
     } else {
@@ -559,8 +562,11 @@ impl Accumulator {
             // Folds on every core when they are large (a pass over folds × d² × 8 bytes).
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             let workers = if d >= 512 { cores.min(st.folds) } else { 1 };
-            let mut folds: Vec<(usize, &mut [f64])> =
-                acc.chunks_mut((d * d).max(1)).enumerate().take(st.folds).collect();
+            let mut folds: Vec<(usize, &mut [f64])> = acc
+                .chunks_mut((d * d).max(1))
+                .enumerate()
+                .take(st.folds)
+                .collect();
             if workers <= 1 {
                 folds.into_iter().for_each(|(k, g)| one(k, g));
             } else {
