@@ -1,9 +1,29 @@
-"""argparse types shared by the subcommands (``type=positive_int``): a bad value is a usage
-error naming the value, before any work starts."""
+"""Argument checks: argparse types shared by the subcommands (``type=positive_int``: a bad
+value is a usage error naming the value, before any work starts) and :func:`check_int` for the
+Python API."""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+from .errors import InvalidArgumentError
+
+
+def check_int(name: str, value: Any, low: int, *, optional: bool = False) -> None:
+    """Refuse ``value`` unless it is an int (not a bool) of at least ``low`` (or None when
+    ``optional``).
+
+    Raises:
+        InvalidArgumentError: naming ``name``, the bound and the value.
+    """
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        either = " or None" if optional else ""
+        raise InvalidArgumentError(
+            f"{name} must be an integer of at least {low}{either}, got {value!r}"
+        )
 
 
 def positive_int(text: str) -> int:

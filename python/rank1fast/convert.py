@@ -41,6 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._args import check_int, positive_int
 from .errors import AdapterError, InvalidArgumentError, ResidualSiteError
 
 __all__ = ["convert", "fit_report", "add_cli"]
@@ -224,20 +225,9 @@ def convert(
         raise InvalidArgumentError(f"tokens must be at least 1, got {tokens}")
     if isinstance(generate, bool) or not isinstance(generate, int) or generate < 0:
         raise InvalidArgumentError(f"generate must be an integer of at least 0, got {generate!r}")
-    for what, val, low in (
-        ("corrections", corrections, 0),
-        ("correction_rank", correction_rank, 1),
-    ):
-        if isinstance(val, bool) or not isinstance(val, int) or val < low:
-            raise InvalidArgumentError(f"{what} must be an integer of at least {low}, got {val!r}")
-    if correction_tokens is not None and (
-        isinstance(correction_tokens, bool)
-        or not isinstance(correction_tokens, int)
-        or correction_tokens < 1
-    ):
-        raise InvalidArgumentError(
-            f"correction_tokens must be a positive integer or None, got {correction_tokens!r}"
-        )
+    check_int("corrections", corrections, 0)
+    check_int("correction_rank", correction_rank, 1)
+    check_int("correction_tokens", correction_tokens, 1, optional=True)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise InvalidArgumentError(f"scale must be a finite number, got {scale!r}")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
@@ -509,11 +499,14 @@ def add_cli(sub: Any) -> None:
         help="residual writers corrected after each site (default 2; 0: none)",
     )
     p.add_argument(
-        "--correction-rank", type=int, default=4, help="terms per corrected module (default 4)"
+        "--correction-rank",
+        type=positive_int,
+        default=4,
+        help="terms per corrected module (default 4)",
     )
     p.add_argument(
         "--correction-tokens",
-        type=int,
+        type=positive_int,
         default=20_000,
         help="fit tokens per corrected module (default 20000)",
     )

@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from ._args import check_int
 from .errors import InvalidArgumentError, SiteError
 
 __all__ = [
@@ -194,14 +195,7 @@ def write_corrected(
     from ._peft import lora_pairs, peft_scaling, read_peft
     from .adapter import check_destination, read_adapter_info, write_adapter
 
-    if (
-        isinstance(correction_rank, bool)
-        or not isinstance(correction_rank, int)
-        or correction_rank < 1
-    ):
-        raise InvalidArgumentError(
-            f"correction_rank must be an integer of at least 1, got {correction_rank!r}"
-        )
+    check_int("correction_rank", correction_rank, 1)
     adapter = Path(adapter)
     check_destination(Path(out), bool(write_options.get("overwrite", False)))
     config, tensors = read_peft(adapter)
@@ -292,12 +286,8 @@ def fit_corrections(
 
     net, tok = model
     for name, val, low in (("after", after, 1), ("rank", rank, 1), ("folds", folds, 2)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < low:
-            raise InvalidArgumentError(f"{name} must be an integer of at least {low}, got {val!r}")
-    if tokens is not None and (
-        isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1
-    ):
-        raise InvalidArgumentError(f"tokens must be a positive integer or None, got {tokens!r}")
+        check_int(name, val, low)
+    check_int("tokens", tokens, 1, optional=True)
     if len(texts) < folds:
         raise InvalidArgumentError(
             f"the correction fit needs at least {folds} fit texts (one per fold), got {len(texts)}"
@@ -326,7 +316,7 @@ def fit_corrections(
     # residual sums at every corrected writer (kept on the CPU when they fit in CACHE_BYTES).
     width = int(next(iter(site_at.values())).size)
     hook_sums = None
-    if batches.tokens_upper_bound() * width * 4 * len(targets) <= CACHE_BYTES:
+    if batches.tokens() * width * 4 * len(targets) <= CACHE_BYTES:
         hook_sums = [
             _run(net, inputs, keep, writers, first, set(targets), None, site_at)[0]
             for inputs, keep, _ in batches
@@ -376,7 +366,7 @@ class _Batches:
             if tokens is not None and done >= tokens:
                 break
 
-    def tokens_upper_bound(self) -> int:
+    def tokens(self) -> int:
         return sum(b.tokens for b in self.batches)
 
     def __iter__(self) -> Any:
