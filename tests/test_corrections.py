@@ -11,6 +11,9 @@ import pytest
 import rank1fast
 from rank1fast.corrections import (
     Correction,
+    _Batches,
+    _resume,
+    _run,
     _solve,
     _Stats,
     correctable,
@@ -78,6 +81,37 @@ def test_fit_corrections_refuses_bad_arguments(smollm):
             )
     # The last layer's resid_post has no writer after it: nothing to correct, no pass run.
     assert fit_corrections(smollm, {"resid_post.29": np.ones(576)}, 1.0, {}, ["x"] * 5) == []
+
+
+@pytest.mark.parametrize("sites", [["resid_post.3"], ["resid_mid.3", "resid_post.6"]])
+def test_resumed_adapter_runs_match_the_models_own_forward(smollm, prose, sites):
+    # The adapter runs resume from each batch's entry into the first site's layer, calling the
+    # decoder layers directly; the model's own forward from the embeddings is the reference.
+    import torch
+
+    net, tok = smollm
+    writers = residual_writers(net)
+    index = {m: i for i, (m, _) in enumerate(writers)}
+    rng = np.random.default_rng(0)
+    site_at = {
+        index[rank1fast.models.site_carrier(net, s).module]: rng.normal(size=576) for s in sites
+    }
+    first = min(site_at)
+
+    def terms(j: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        d_in, d_out = rank1fast.models.module_dims(rank1fast.models.get_module(net, writers[j][0]))
+        return torch.randn(k, d_in) * 0.05, torch.randn(d_out, k)
+
+    # adapter terms on the site's module and on the next writers
+    lora_t = {writers[j][0]: terms(j, 1 + j - first) for j in (first, first + 1, first + 2)}
+    for inputs, keep, _ in _Batches(net, tok, prose[:6], None, 48, 3):
+        _, _, point = _run(net, inputs, keep, writers, first, set(), None, site_at, until=first + 5)
+        for w in (first + 1, first + 2, first + 5):
+            summed, x, point = _resume(net, point, keep, writers, first, w, lora_t)
+            sums, x_ref, _ = _run(net, inputs, keep, writers, first, {w}, lora_t, site_at)
+            assert point.layer == w // 2
+            np.testing.assert_allclose(summed.numpy(), sums[w].numpy(), rtol=1e-5, atol=1e-4)
+            np.testing.assert_allclose(x.numpy(), x_ref.numpy(), rtol=1e-5, atol=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -52,6 +52,7 @@ __all__ = [
     "FAMILIES",
     "get_module",
     "num_layers",
+    "decoder_layers",
     "unwrap_model",
     "module_dims",
     "is_linear",
@@ -894,7 +895,16 @@ def num_layers(model: nn.Module) -> int:
         >>> num_layers(model)                                           # doctest: +SKIP
         30
     """
-    return len(_layer_list(unwrap_model(model))[1])
+    return len(decoder_layers(model))
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of ``model`` in order (layer ``L`` of ``resid_mid.L``).
+
+    Raises:
+        SiteError: the architecture has no known layer list.
+    """
+    return _layer_list(unwrap_model(model))[1]
 
 
 def resolve_sites(model: nn.Module, sites: str | Iterable[str]) -> dict[str, str]:
