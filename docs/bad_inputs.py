@@ -573,6 +573,46 @@ class _Skip(Exception):
     pass
 
 
+def _convert(t: Path, vectors: dict, **kwargs) -> None:
+    rank1fast.convert(
+        _tiny_model(), vectors, t / "adapter", texts=TEXTS, log=None, progress=False, **kwargs
+    )
+
+
+def case_convert_exists(t: Path) -> None:
+    (t / "adapter").mkdir()
+    (t / "adapter" / "adapter_config.json").write_text("{}")
+    _convert(t, {"resid_post.1": np.ones(64)})
+
+
+def case_convert_vector_size(t: Path) -> None:
+    _convert(t, {"resid_post.1": np.ones(65)})
+
+
+def case_convert_bad_layer(t: Path) -> None:
+    _convert(t, {"resid_post.7": np.ones(64)})
+
+
+def case_convert_correction_rank(t: Path) -> None:
+    _convert(t, {"resid_post.1": np.ones(64)}, correction_rank=0)
+
+
+def case_corrected_scale(t: Path) -> None:
+    from rank1fast.corrections import write_corrected
+
+    report = _report(t)
+    rank1fast.write_adapter(report, {"resid_post.1": np.ones(16)}, t / "a", scale=2.0)
+    write_corrected(
+        _tiny_model(), report, {"resid_post.1": np.ones(16)}, t / "a", t / "b", TEXTS, scale=1.0
+    )
+
+
+def case_corrections_few_texts(t: Path) -> None:
+    from rank1fast.corrections import fit_corrections
+
+    fit_corrections(_tiny_model(), {"resid_post.0": np.ones(64)}, 1.0, {}, TEXTS[:3])
+
+
 CASES: list[tuple[str, str, Callable[[Path], str | None]]] = [
     ("analyze", "a path that does not exist", case_missing),
     ("analyze", "a 3-byte file named .safetensors", case_tiny_file),
@@ -634,6 +674,12 @@ CASES: list[tuple[str, str, Callable[[Path], str | None]]] = [
     ("write_adapter", "an output directory that exists", case_adapter_exists),
     ("write_adapter", "a vector holding NaN", case_adapter_nan_vector),
     ("write_adapter", "a full disk (256 KiB tmpfs)", case_adapter_full_disk),
+    ("convert", "an output directory that exists", case_convert_exists),
+    ("convert", "a vector of 65 for a 64-wide residual stream", case_convert_vector_size),
+    ("convert", "a layer the model does not have", case_convert_bad_layer),
+    ("convert", "`correction_rank=0`", case_convert_correction_rank),
+    ("corrections.write_corrected", "a scale other than the adapter's", case_corrected_scale),
+    ("corrections.fit_corrections", "3 fit texts for 5 folds", case_corrections_few_texts),
 ]
 
 
