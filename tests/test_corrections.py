@@ -148,6 +148,11 @@ def test_corrected_adapter_is_what_peft_applies(smollm, report, tmp_path):
     info = rank1fast.adapter.read_adapter_info(out)
     assert set(info["corrections"]) == {own, new} and info["corrections"][new]["rank"] == 3
     assert not [p for p in rank1fast.serving.check(out, "vllm") if p.severity == "error"]
+    # explain reads the site's module as steering and names the corrected modules.
+    ex = rank1fast.explain(out, report, tokens=False)
+    assert ex.corrections == [own, new] and ex.unmatched == [new]
+    assert [c.index for c in ex["resid_post.3"].components] == [0, 1, 2]
+    assert "downstream corrections" in str(ex) and ex.to_json()["corrections"] == [own, new]
 
     model, _ = smollm
     b = report["resid_post.3"].direction.vector

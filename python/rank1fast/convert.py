@@ -159,8 +159,8 @@ def convert(
         correction_rank: rank-1 terms per corrected module (the adapter's rank becomes
             ``correction_rank``, or ``1 + correction_rank`` where a correction lands on a
             site's own module; padded for ``target``).
-        correction_tokens: fit tokens per corrected module (two forward passes each, stopped
-            after the module).
+        correction_tokens: fit tokens per corrected module (one hook-steered pass over them,
+            then the adapter's arithmetic layer by layer: :mod:`rank1fast.corrections`).
         verify: measure the fidelity and store it (False: write only).
         generate: tokens per prompt of verify's generation check (0: none).
         max_length: tokens per text, for fitting and verifying.

@@ -242,6 +242,9 @@ class Explanation:
         skip_positions: tokens at position < this were left out of every figure.
         sites: the explained modules, in the adapter's order.
         unmatched: adapter modules with no site in the dump (not explained).
+        corrections: modules that hold downstream corrections (:mod:`rank1fast.corrections`,
+            recorded in the adapter's ``rank1fast.json``): terms fitted to cancel the steering
+            adapter's per-token error, not steering of their own.
 
     Example:
         >>> ex = rank1fast.explain("trained-lora", "dump/")        # doctest: +SKIP
@@ -254,6 +257,7 @@ class Explanation:
     skip_positions: int
     sites: list[SiteExplanation] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
+    corrections: list[str] = field(default_factory=list)
 
     @property
     def vectors(self) -> dict[str, np.ndarray]:
@@ -276,6 +280,7 @@ class Explanation:
             "skip_positions": self.skip_positions,
             "sites": [s.summary() for s in self.sites],
             "unmatched": self.unmatched,
+            "corrections": self.corrections,
         }
 
     def plot(self, directory: str | os.PathLike[str]) -> list[Path]:
@@ -396,6 +401,12 @@ class Explanation:
         if self.unmatched:
             lines.append("")
             lines.append("not in the dump (not explained): " + ", ".join(self.unmatched))
+        if self.corrections:
+            lines.append(
+                "downstream corrections (fitted by rank1fast.convert to cancel the adapter's "
+                "per-token error; components after the first on a site's own module): "
+                + ", ".join(self.corrections)
+            )
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -535,6 +546,9 @@ def explain(
         raise InvalidArgumentError(f"top and context must be >= 0, got {top} and {context}")
     with _peft_dir(adapter, base) as path:
         loras = _read_loras(path)
+        from .adapter import read_adapter_info
+
+        corrected = sorted((read_adapter_info(path) or {}).get("corrections") or {})
     report, dump_dir = _inputs(source, loras, sites, dump, skip_positions, progress)
 
     for name in sites or ():
@@ -578,6 +592,7 @@ def explain(
         skip_positions=report.skip_positions,
         sites=explained,
         unmatched=unmatched,
+        corrections=corrected,
     )
 
 
