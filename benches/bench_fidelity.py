@@ -12,8 +12,8 @@ On the default model (SmolLM2-135M-Instruct, CPU, float32), per workload, side b
 - ``served+steered``: the served corpus with the steering applied, no corrections
   (``rank1fast.convert(..., corrections=0)``);
 - ``convert``: :func:`rank1fast.convert`'s adapter: the same plus the downstream corrections
-  (:mod:`rank1fast.corrections`: rank-4 LoRA terms on the two residual writers after each site,
-  fitted on ``--correction-tokens`` tokens);
+  (:mod:`rank1fast.corrections`: rank-4 LoRA terms on the ``--corrections`` (2) residual
+  writers after each site, fitted on ``--correction-tokens`` tokens);
 - ``one-hot``: the naive one-dimension adapter (from the prose fit).
 
 Each adapter is verified through PEFT against hook steering (:func:`rank1fast.verify`) on
@@ -79,6 +79,9 @@ def main() -> None:
     ap.add_argument("--generate", type=int, default=24, help="tokens per generation prompt")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--correction-tokens", type=int, default=20_000)
+    ap.add_argument(
+        "--corrections", type=int, default=2, help="writers corrected after each site (convert's)"
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -186,6 +189,7 @@ def main() -> None:
                 out,
                 fit_texts,
                 tokens=args.correction_tokens,
+                after=args.corrections,
                 max_length=args.max_length,
                 progress=False,
                 overwrite=True,
@@ -236,7 +240,8 @@ def main() -> None:
     print()
     print(
         f"CPU: {cpu_model()}; {args.tokens:,} fit tokens, {args.correction_tokens:,} per "
-        f"correction; {time.perf_counter() - t_start:.0f} s"
+        f"correction, {args.corrections} writers after each site; "
+        f"{time.perf_counter() - t_start:.0f} s"
     )
     print(
         "| corpus | workload | KL(hook‖base) | "
