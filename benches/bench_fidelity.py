@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--eval-texts", type=int, default=24)
     ap.add_argument("--generate", type=int, default=24, help="tokens per generation prompt")
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--correction-tokens", type=int, default=20_000)
+    ap.add_argument("--correction-tokens", type=int, default=40_000)
     ap.add_argument(
         "--corrections", type=int, default=2, help="writers corrected after each site (convert's)"
     )

@@ -1,16 +1,16 @@
 """rank1fast.convert end to end on the real default model and real PEFT, on chat.
 
 On vectors and layers of the tests' own (formal vs casual contrastive prompts, not the demo's
-cheerful/gloomy ones; other layers than the benchmark's), held-out chat conversations:
+cheerful/gloomy ones; other layers than the benchmark's), held-out chat conversations, issue
+18's targets:
 
-- one site at about 0.5 nats: KL(hook||adapter) at most 1 % of KL(hook||base) at resid_mid
-  and 2.5 % (issue 18's target) at resid_post (measured on a Sapphire Rapids with the
-  downstream corrections: resid_mid.10 0.52 %, resid_post.10 1.64 %, resid_post.20 0.61 %;
-  without them 0.98 %, 2.37 %, 1.23 %; issue 18 asks for 0.5 % at resid_mid);
+- one site at about 0.5 nats: KL(hook||adapter) at most 0.5 % of KL(hook||base) at resid_mid
+  and 2.5 % at resid_post (measured on a Sapphire Rapids, downstream corrections fitted on 40k
+  tokens per writer: resid_mid.10 0.44 %, resid_post.10 ... %, resid_post.20 ... %; on 20k
+  tokens 0.52 %, 1.64 %, 0.61 %; without corrections 0.98 %, 2.37 %, 1.23 %);
 - many layers (10 resid_post sites, unit directions x one coefficient) at about 1 nat in
-  total: at most 4 %, corrections on 10k tokens per writer (measured 3.17 % at 0.93 nats
-  before the downstream corrections, not yet re-measured with them; the benchmark's 11 layers
-  at 0.92 nats: 2.18 % without them, 0.84 % with; issue 18 asks for 1.5 %);
+  total: at most 1.5 %, corrections on 10k tokens per writer to keep CI short (measured
+  1.26 %; before the corrections 3.17 %);
 - the one-hot adapter at least 10x worse, and the adapter's
   top-1 agreement with greedy hook-steered continuations above the unsteered model's.
 """
@@ -52,6 +52,20 @@ TOKENS = 20_000
 EVAL = 16
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _all_cores():
+    """A few large forward passes and dense solves: every core helps here, unlike the many
+    small passes conftest's one torch thread is for (the corrections run 2.4x faster on 2)."""
+    import os
+
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("RANK1FAST_TEST_THREADS", os.cpu_count() or 1)))
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def formal(smollm):
     sites = ["resid_mid.10", "resid_post.10", "resid_post.20"] + [
@@ -87,7 +101,7 @@ def _convert(smollm, vecs, out, held, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "site,target", [("resid_mid.10", 0.01), ("resid_post.10", 0.025), ("resid_post.20", 0.025)]
+    "site,target", [("resid_mid.10", 0.005), ("resid_post.10", 0.025), ("resid_post.20", 0.025)]
 )
 def test_one_site_on_chat(smollm, formal, held, tmp_path, site, target):
     scale = calibrate_scale(smollm, {site: formal[site]}, held[:6], target_kl=0.5, max_length=192)
@@ -135,7 +149,7 @@ def test_many_layers_on_chat(smollm, formal, held, tmp_path):
     row = fid["all"]
     assert 0.7 < row.steering_kl_mean < 1.4
     ls, onehot = row.adapters["least-squares"], row.adapters["one-hot"]
-    assert ls.ratio <= 0.04, fid
+    assert ls.ratio <= 0.015, fid
     assert onehot.ratio >= 10 * ls.ratio, fid
     assert ls.top1_agreement > row.base_top1_agreement
 

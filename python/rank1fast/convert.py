@@ -115,7 +115,7 @@ def convert(
     under_steering: bool = True,
     corrections: int = 2,
     correction_rank: int = 4,
-    correction_tokens: int | None = 20_000,
+    correction_tokens: int | None = 40_000,
     verify: bool = True,
     generate: int = DEFAULT_GENERATE_TOKENS,
     max_length: int = 256,
@@ -507,8 +507,8 @@ def add_cli(sub: Any) -> None:
     p.add_argument(
         "--correction-tokens",
         type=positive_int,
-        default=20_000,
-        help="fit tokens per corrected module (default 20000)",
+        default=40_000,
+        help="fit tokens per corrected module (default 40000)",
     )
     p.add_argument("--no-verify", action="store_true", help="write without verifying")
     p.add_argument("--max-length", type=int, default=256)
