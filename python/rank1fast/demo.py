@@ -62,7 +62,8 @@ def run_demo(
     Args:
         out: working directory for the dump and the adapter (default: a temporary
             directory, removed at the end).
-        tokens: tokens to collect for the dump, and to fit the adapter on.
+        tokens: tokens to collect for the dump, to fit the adapter on, and per corrected
+            writer for the downstream corrections.
         layers: the layers whose resid_mid and resid_post sites are steered.
         target_kl: per site, hook steering is scaled to about this mean KL(hook||base).
         eval_texts: held-out texts to verify on.
@@ -163,6 +164,7 @@ def run_demo(
             vectors,
             adapter_dir,
             tokens=tokens,
+            correction_tokens=tokens,
             eval_texts=held,
             max_length=max_length,
             overwrite=True,
@@ -247,7 +249,10 @@ def add_cli(sub: Any) -> None:
     )
     p.add_argument("--out", default=None, help="keep the dump and adapters here")
     p.add_argument(
-        "--tokens", type=int, default=20_000, help="tokens to collect and fit on (default 20000)"
+        "--tokens",
+        type=int,
+        default=20_000,
+        help="tokens to collect, fit on and fit each correction on (default 20000)",
     )
     p.add_argument(
         "--layers",
