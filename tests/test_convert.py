@@ -6,7 +6,7 @@ cheerful/gloomy ones; other layers than the benchmark's), held-out chat conversa
 
 - one site at about 0.5 nats: KL(hook||adapter) at most 0.5 % of KL(hook||base) at resid_mid
   and 2.5 % at resid_post (measured on a Sapphire Rapids, downstream corrections fitted on 40k
-  tokens per writer: resid_mid.10 0.44 %, resid_post.10 ... %, resid_post.20 ... %; on 20k
+  tokens per writer: resid_mid.10 0.44 %, resid_post.10 1.53 %, resid_post.20 0.57 %; on 20k
   tokens 0.52 %, 1.64 %, 0.61 %; without corrections 0.98 %, 2.37 %, 1.23 %);
 - many layers (10 resid_post sites, unit directions x one coefficient) at about 1 nat in
   total: at most 1.5 %, corrections on 10k tokens per writer to keep CI short (measured
