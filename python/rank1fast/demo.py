@@ -8,11 +8,12 @@
    each scaled so that hook steering moves the next-token distribution by about
    ``target_kl`` nats on held-out conversations;
 4. :func:`rank1fast.convert`: one adapter for all six sites, fitted on the served corpus with
-   the steering applied, written, verified against hook steering on held-out texts (each site
-   alone and all six together, the one-hot adapter side by side, greedy continuations
+   the steering applied, downstream corrections, written, verified against hook steering on
+   held-out texts (all six together, the one-hot adapter side by side, greedy continuations
    teacher-forced), the fidelity table printed and stored in its ``rank1fast.json``;
 5. a greedy continuation of a chat prompt: unsteered, hook-steered at all six sites, and with
-   the adapter through PEFT.
+   the adapter through PEFT; then the hook's continuation teacher-forced through the adapter
+   (how many of its tokens the adapter ranks first; the first miss with both probabilities).
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def run_demo(
 
     Returns:
         ``{"fidelity": Fidelity, "scales": {site: scale}, "adapter": path, "seconds":
-        {step: s}, "generations": {...}}``.
+        {step: s}, "generations": {"base", "hook", "adapter": text, "teacher-forced":
+        line}}``.
 
     Example:
         >>> result = run_demo(tokens=10_000)          # doctest: +SKIP
@@ -178,7 +180,7 @@ def run_demo(
         log(f"5. generation, steering all {len(sites)} sites")
         generations = _generate(model, tokenizer, vectors, adapter_dir, prompt, new_tokens)
         for k, v in generations.items():
-            log(f"   {k:>9}: {v!r}")
+            log(f"   {k:>14}: {v if k == 'teacher-forced' else repr(v)}")
         step("generate", t0)
         timings["total"] = time.perf_counter() - t_start
         log(f"done in {timings['total']:.0f} s")
@@ -202,7 +204,10 @@ def _generate(
     prompt: str,
     new_tokens: int,
 ) -> dict[str, str]:
-    """Greedy continuations: unsteered, with the steering hooks, with the adapter (PEFT)."""
+    """Greedy continuations: unsteered, with the steering hooks, with the adapter (PEFT); and
+    the hook's continuation teacher-forced through the adapter (``"teacher-forced"``: how many
+    of its tokens the adapter ranks first, and the first miss with both models' probabilities).
+    """
     import torch
     from peft import PeftModel
 
@@ -213,24 +218,52 @@ def _generate(
     text = render_chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
     enc = tokenizer(text, return_tensors="pt")
 
-    def gen(m: Any) -> str:
+    def gen(m: Any) -> Any:
         with torch.no_grad():
-            ids = m.generate(
+            return m.generate(
                 **enc,
                 max_new_tokens=new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
-            )
-        return tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            )[0]
 
-    out = {"base": gen(model)}
+    start = enc["input_ids"].shape[1]
+
+    def text(ids: Any) -> str:
+        return tokenizer.decode(ids[start:], skip_special_tokens=True)
+
+    def next_token_probs(m: Any, ids: Any) -> Any:
+        """p(next token) at every position of the hook's continuation, [new, vocab]."""
+        with torch.no_grad():
+            logits = m(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None]).logits
+        return logits[0, start - 1 : len(ids) - 1].float().softmax(-1)
+
+    out = {"base": text(gen(model))}
     with steering(model, vectors):
-        out["hook"] = gen(model)
+        hook_ids = gen(model)
+        hook_p = next_token_probs(model, hook_ids)
+    out["hook"] = text(hook_ids)
     peft_model = PeftModel.from_pretrained(model, os.fspath(adapter))
     try:
-        out["adapter"] = gen(peft_model)
+        out["adapter"] = text(gen(peft_model))
+        adapter_p = next_token_probs(peft_model, hook_ids)
     finally:
         unload_adapters(peft_model, model)
+    # The hook's continuation fed to the adapter (teacher forcing, as verify's top-1 check):
+    # free-running texts part for good at the first near-tie, this shows where and how close.
+    want = hook_ids[start:]
+    agree = adapter_p.argmax(-1) == want
+    line = f"the adapter's top-1 is the hook's token at {int(agree.sum())} of {len(want)} positions"
+    if not bool(agree.all()):
+        k = int((~agree).nonzero()[0, 0])
+        got = int(adapter_p[k].argmax())
+        line += (
+            f"; first miss at token {k + 1}: hook {tokenizer.decode([int(want[k])])!r} "
+            f"(p {float(hook_p[k, want[k]]):.2f} under the hook, {float(adapter_p[k, want[k]]):.2f}"
+            f" under the adapter) vs {tokenizer.decode([got])!r} ({float(hook_p[k, got]):.2f}, "
+            f"{float(adapter_p[k, got]):.2f})"
+        )
+    out["teacher-forced"] = line
     return out
 
 
