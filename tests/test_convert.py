@@ -8,9 +8,10 @@ cheerful/gloomy ones; other layers than the benchmark's), held-out chat conversa
   and 2.5 % at resid_post (measured on a Sapphire Rapids, downstream corrections fitted on 40k
   tokens per writer: resid_mid.10 0.44 %, resid_post.10 1.53 %, resid_post.20 0.57 %; on 20k
   tokens 0.52 %, 1.64 %, 0.61 %; without corrections 0.98 %, 2.37 %, 1.23 %);
-- many layers (10 resid_post sites, unit directions x one coefficient) at about 1 nat in
-  total: at most 1.5 %, corrections on 10k tokens per writer to keep CI short (measured
-  1.26 %; before the corrections 3.17 %);
+- many layers (10 resid_post sites, unit directions x one coefficient), corrections on 10k
+  tokens per writer to keep CI short: at about 1 nat in total at most 1.5 % (measured 1.26 %;
+  before the corrections 3.17 %), at about 3 nats at most 3.5 % (measured 0.99 % at 3.13
+  nats, one-hot 34.5 %);
 - the one-hot adapter at least 10x worse, and the adapter's
   top-1 agreement with greedy hook-steered continuations above the unsteered model's.
 """
@@ -137,19 +138,20 @@ def test_one_site_on_chat(smollm, formal, held, tmp_path, site, target):
     )
 
 
-def test_many_layers_on_chat(smollm, formal, held, tmp_path):
+@pytest.mark.parametrize("nats,target", [(1.0, 0.015), (3.0, 0.035)])
+def test_many_layers_on_chat(smollm, formal, held, tmp_path, nats, target):
     sites = [f"resid_post.{i}" for i in range(3, 22, 2)]
     unit = {s: formal[s] / np.linalg.norm(formal[s]) for s in sites}
     coef = calibrate_scale(
-        smollm, unit, held[:6], target_kl=1.0, max_length=192, together=True, tolerance=0.05
+        smollm, unit, held[:6], target_kl=nats, max_length=192, together=True, tolerance=0.05
     )[sites[0]]
     # 20 corrected writers: 10k tokens each keeps the test within CI's budget.
     vecs = {s: coef * v for s, v in unit.items()}
     _, _, fid = _convert(smollm, vecs, tmp_path / "a", held, correction_tokens=10_000)
     row = fid["all"]
-    assert 0.7 < row.steering_kl_mean < 1.4
+    assert 0.7 * nats < row.steering_kl_mean < 1.4 * nats
     ls, onehot = row.adapters["least-squares"], row.adapters["one-hot"]
-    assert ls.ratio <= 0.015, fid
+    assert ls.ratio <= target, fid
     assert onehot.ratio >= 10 * ls.ratio, fid
     assert ls.top1_agreement > row.base_top1_agreement
 
