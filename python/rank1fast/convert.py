@@ -223,8 +223,7 @@ def convert(
         raise InvalidArgumentError(f"tokens must be an integer or None, got {tokens!r}")
     if tokens is not None and tokens < 1:
         raise InvalidArgumentError(f"tokens must be at least 1, got {tokens}")
-    if isinstance(generate, bool) or not isinstance(generate, int) or generate < 0:
-        raise InvalidArgumentError(f"generate must be an integer of at least 0, got {generate!r}")
+    check_int("generate", generate, 0)
     check_int("corrections", corrections, 0)
     check_int("correction_rank", correction_rank, 1)
     check_int("correction_tokens", correction_tokens, 1, optional=True)

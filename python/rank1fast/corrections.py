@@ -657,7 +657,8 @@ def _solve(stats: _Stats, writer: tuple[str, float], rank: int) -> Correction | 
 
     The ridge walks along :data:`RIDGES` from :data:`RIDGE_START` in the direction the
     cross-validated error falls and stops where it rises again. Dense algebra in torch float64
-    (its LAPACK eigensolver is about 3x numpy's at d_in = 1,536 on the machines we measured).
+    (its solve of a 1,536 x 1,536 system with 576 right-hand sides took 0.07-0.10 s on 2 cores
+    of a Sapphire Rapids, numpy's 0.12-0.17 s).
     """
     import torch
 
