@@ -80,14 +80,25 @@ class Server:
         assert ready, f"the collect server said nothing for {timeout} s"
         return self.proc.stdout.readline().strip()
 
-    def run(self, out: Path, kill_after: float | None = None) -> int:
-        """Collect into ``out``; SIGKILL it ``kill_after`` seconds in. Returns the wait status."""
+    def run(self, out: Path, kill_at: tuple[int, float] | None = None) -> int:
+        """Collect into ``out``; returns the wait status.
+
+        ``kill_at=(shards, delay)`` SIGKILLs the collection ``delay`` seconds after its
+        manifest first lists ``shards`` shards. Kills placed by the dump's own progress land
+        across the run however loaded the machine is (wall-clock kill times drawn from an
+        earlier run's duration bunched up before the first shard on a busy CI machine).
+        """
         self.proc.stdin.write(f"{out}\n")
         self.proc.stdin.flush()
         pid = int(self.line(60))
-        if kill_after is not None:
-            time.sleep(kill_after)
+        if kill_at is not None:
+            shards, delay = kill_at
+            deadline = time.monotonic() + 120
             with contextlib.suppress(ProcessLookupError):
+                while listed_shards(out) < shards and time.monotonic() < deadline:
+                    os.kill(pid, 0)  # raises once the server has reaped a finished collection
+                    time.sleep(0.002)
+                time.sleep(delay)
                 os.kill(pid, signal.SIGKILL)
         return int(self.line(120))
 
@@ -99,6 +110,14 @@ class Server:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def listed_shards(out: Path) -> int:
+    """How many shards ``out``'s manifest lists now (0 before it exists or mid-replace)."""
+    try:
+        return len(json.loads((out / "manifest.json").read_text())["shards"])
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 @pytest.fixture(scope="module")
@@ -123,28 +142,33 @@ def assert_valid(out: Path) -> Dump:
 
 def test_twenty_kill9_then_resume_equals_uninterrupted(server, tmp_path):
     whole_dir = tmp_path / "whole"
-    # Kill times are drawn from an uninterrupted run's duration: the faster of two, as the
-    # first run in a fresh server can take several times longer (caches, a loaded machine).
+    # The time one shard takes, from the faster of two uninterrupted runs (the first run in a
+    # fresh server can take several times longer: caches, a loaded machine).
     durations = []
     for out in (whole_dir, tmp_path / "whole-again"):
         started = time.monotonic()
         assert server.run(out) == 0
         durations.append(time.monotonic() - started)
-    took = min(durations)
     whole = Dump.open(whole_dir)
     assert whole.complete and len(whole.shards) >= 20
+    per_shard = min(durations) / len(whole.shards)
 
     rng = random.Random(1234)
+
+    def kill_at() -> tuple[int, float]:
+        """A random moment: after a random number of shards, within the next shard's time."""
+        return rng.randrange(len(whole.shards)), rng.uniform(0.0, per_shard)
+
     killed, cut_at = 0, []
     for trial in range(20):
         out = tmp_path / f"killed-{trial}"
-        status = server.run(out, kill_after=rng.uniform(0.0, took))
+        status = server.run(out, kill_at=kill_at())
         killed += os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
         if (out / "manifest.json").exists():
             # A reader sees a valid dump whatever the moment (lock and temp files about).
             cut_at.append(assert_valid(out).tokens)
         if trial % 2:  # every other trial, the resume is killed too
-            server.run(out, kill_after=rng.uniform(0.0, took))
+            server.run(out, kill_at=kill_at())
         assert server.run(out) == 0  # the plain rerun resumes and completes
         resumed = Dump.open(out)
         assert_same_dump(resumed, whole)
