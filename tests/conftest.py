@@ -27,6 +27,20 @@ def pytest_configure(config):
     torch.set_num_threads(int(os.environ.get("RANK1FAST_TEST_THREADS", "1")))
 
 
+@pytest.fixture(scope="module")
+def all_cores():
+    """torch on every core for one module (``pytestmark = pytest.mark.usefixtures("all_cores")``):
+    the default model's large forward passes and dense solves, unlike the many small passes
+    the one thread above is for (test_verify's pipeline on 2 cores: 352 s on one thread, 172 s
+    on two). RANK1FAST_TEST_THREADS still wins."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("RANK1FAST_TEST_THREADS", os.cpu_count() or 1)))
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smollm():
     """``(model, tokenizer)`` of the built-in default model, on the CPU in float32, eval mode."""

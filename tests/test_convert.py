@@ -53,18 +53,7 @@ TOKENS = 20_000
 EVAL = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _all_cores():
-    """A few large forward passes and dense solves: every core helps here, unlike the many
-    small passes conftest's one torch thread is for (the corrections run 2.4x faster on 2)."""
-    import os
-
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("RANK1FAST_TEST_THREADS", os.cpu_count() or 1)))
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("all_cores")
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,8 @@ from rank1fast.corrections import (
 )
 from rank1fast.errors import AdapterError, InvalidArgumentError
 
+pytestmark = pytest.mark.usefixtures("all_cores")
+
 
 def _stats(x: np.ndarray, d: np.ndarray, folds: int = 5) -> _Stats:
     f = np.arange(len(x)) % folds

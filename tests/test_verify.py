@@ -17,7 +17,7 @@ import rank1fast
 from rank1fast.errors import AdapterError
 from rank1fast.verify import EVAL_OFFSET, EVAL_STRIDE, Fidelity, calibrate_scale, steering_kl
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("all_cores")]
 pytest.importorskip("peft")
 
 LAYERS = (5, 15, 25)
