@@ -20,13 +20,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from . import _core
-from ._manifest import site_modules
+from ._manifest import MANIFEST, site_modules
 from ._progress import ProgressArg, bytes_callback
 from .errors import DumpError, InvalidArgumentError, PathNotFoundError, Rank1Error
 from .report import Report, SiteReport
-
-_MANIFEST = "manifest.json"
-
 
 # --------------------------------------------------------------------------- pickling
 
@@ -289,7 +286,7 @@ def _work_units(
         raise PathNotFoundError(f"{path}: no such file or directory")
     if not path.is_dir():
         return path.parent, [([path.name], None)], None
-    file = path / _MANIFEST
+    file = path / MANIFEST
     if file.exists():
         manifest = _read_dump_manifest(file)
         shards = manifest["shards"]
@@ -361,7 +358,7 @@ def _analyze_unit(
                 link.parent.mkdir(parents=True, exist_ok=True)
                 os.symlink(base / f, link)
             if manifest is not None:
-                Path(tmp, _MANIFEST).write_text(json.dumps(manifest))
+                Path(tmp, MANIFEST).write_text(json.dumps(manifest))
             try:
                 stats = run(Path(tmp))
             except Rank1Error as e:  # name the real files, not the links

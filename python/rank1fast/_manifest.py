@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+# The file name of a dump's manifest (collect, distributed and cluster analyses write it).
+MANIFEST = "manifest.json"
+
 
 def site_modules(path: Path) -> dict[str, str]:
     """site -> module path from a dump's manifest (empty for bare files)."""
-    manifest = path / "manifest.json"
+    manifest = path / MANIFEST
     if not manifest.is_file():
         return {}
     try:

@@ -54,6 +54,7 @@ import numpy as np
 
 from . import _core
 from ._fs import fsync_dir, write_json
+from ._manifest import MANIFEST
 from ._peft import peft_config
 from .errors import AdapterError, InvalidArgumentError, Rank1IOError, ResidualSiteError
 from .report import Report
@@ -841,7 +842,7 @@ def _manifest(report: Report) -> dict[str, Any]:
     """The dump manifest the report was analysed from, when it is still there."""
     if not report.source:
         return {}
-    path = Path(report.source) / "manifest.json"
+    path = Path(report.source) / MANIFEST
     try:
         doc = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):

@@ -53,6 +53,7 @@ except ImportError:  # Windows
 
 from ._batch import Batch, input_device, make_batch
 from ._fs import write_json_atomic
+from ._manifest import MANIFEST
 from ._progress import ProgressArg, iter_progress
 from .corpus import TextsArg, describe_corpus, read_texts
 from .errors import DumpError, InvalidArgumentError, PathNotFoundError, Rank1IOError, SiteError
@@ -68,7 +69,6 @@ __all__ = ["collect", "Dump"]
 
 _FORMAT = "rank1fast.dump"
 _VERSION = 1
-_MANIFEST = "manifest.json"
 _LOCK = "collect.lock"
 _SHARD = "shard-{:05d}.safetensors"
 #: Default shard size: as many tokens as fit in this many bytes of stored activations.
@@ -227,7 +227,7 @@ class Dump:
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
-    file = path / _MANIFEST
+    file = path / MANIFEST
     if not file.is_file():
         raise PathNotFoundError(f"{file} does not exist: {path} is not a dump directory")
     try:
@@ -257,11 +257,11 @@ def _locked(out: Path) -> Iterator[None]:
         raise DumpError(f"{out} exists and is not a directory")
     if (
         out.is_dir()
-        and not (out / _MANIFEST).exists()
-        and any(p.name not in (_LOCK, _MANIFEST + ".tmp") for p in out.iterdir())
+        and not (out / MANIFEST).exists()
+        and any(p.name not in (_LOCK, MANIFEST + ".tmp") for p in out.iterdir())
     ):
         raise DumpError(
-            f"{out} is not empty and holds no {_MANIFEST}: choose a new or empty directory"
+            f"{out} is not empty and holds no {MANIFEST}: choose a new or empty directory"
         )
     created = not out.exists()
     try:
@@ -278,7 +278,7 @@ def _locked(out: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        if created and not (out / _MANIFEST).exists():
+        if created and not (out / MANIFEST).exists():
             shutil.rmtree(out, ignore_errors=True)
         else:
             with contextlib.suppress(OSError):
@@ -924,14 +924,14 @@ class _ShardWriter:
             try:
                 save_file(tensors, tmp, metadata={"format": "pt"})
                 # safetensors creates files private (0600); give shards the manifest's mode.
-                os.chmod(tmp, (self.out / _MANIFEST).stat().st_mode & 0o777)
+                os.chmod(tmp, (self.out / MANIFEST).stat().st_mode & 0o777)
                 with open(tmp, "rb") as f:
                     os.fsync(f.fileno())
                 os.replace(tmp, path)
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
-        write_json_atomic(self.out / _MANIFEST, manifest)
+        write_json_atomic(self.out / MANIFEST, manifest)
 
 
 # --------------------------------------------------------------------------- resume
@@ -1000,9 +1000,9 @@ def _prepare_out(out: Path, fresh: dict[str, Any], max_tokens: int | None) -> di
 
     ``out`` exists and is locked (see :func:`_locked`).
     """
-    if not (out / _MANIFEST).exists():
+    if not (out / MANIFEST).exists():
         try:
-            write_json_atomic(out / _MANIFEST, fresh)
+            write_json_atomic(out / MANIFEST, fresh)
         except OSError as e:
             raise Rank1IOError(f"cannot create the dump {out}: {e}") from e
         return dict(fresh)
@@ -1052,7 +1052,7 @@ def _prepare_out(out: Path, fresh: dict[str, Any], max_tokens: int | None) -> di
         old["documents"] = prev["documents"] if prev else 0
         old["corpus_sha256"] = prev["corpus_sha256"] if prev else fresh["corpus_sha256"]
         old["complete"], old["stopped"] = False, None
-        write_json_atomic(out / _MANIFEST, old)
+        write_json_atomic(out / MANIFEST, old)
         (out / last["file"]).unlink(missing_ok=True)
     old["max_tokens"] = max_tokens
     return old

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 from ._args import positive_int
 from ._cluster import analyze, cancel, connect, get, ray_address
 from ._fs import write_json_atomic
+from ._manifest import MANIFEST
 from ._progress import ProgressArg, iter_progress
 from .collect import Dump
 from .corpus import TextsArg, describe_corpus, read_texts
@@ -67,7 +68,6 @@ _PART_RE = re.compile(r"rank-(\d{5})")
 #: Written into a worker's part once its document ids are global (see :func:`collect_part`).
 _PART_FILE = "part.json"
 _PART_FORMAT = "rank1fast.dump-part"
-_MANIFEST = "manifest.json"
 
 
 # --------------------------------------------------------------------------- collection
@@ -171,7 +171,7 @@ def collect_part(
 
 def _check_top(out: Path) -> None:
     """Refuse a directory that holds a one-worker dump."""
-    file = out / _MANIFEST
+    file = out / MANIFEST
     if file.exists():
         try:
             workers = json.loads(file.read_text()).get("collect", {}).get("workers")
@@ -287,7 +287,7 @@ def join_parts(out: str | os.PathLike[str], world: int | None = None) -> Dump:
     infos: list[dict[str, Any]] = []
     for rank in range(world):
         part = out / PART_DIR.format(rank)
-        if not (part / _MANIFEST).exists():
+        if not (part / MANIFEST).exists():
             raise DumpError(f"{out}: part {rank} of {world} ({part.name}) is missing")
         dump = Dump.open(part)
         info = _part_info(part, rank, world)
@@ -342,7 +342,7 @@ def join_parts(out: str | os.PathLike[str], world: int | None = None) -> Dump:
         manifest["outputs"] = first["outputs"]
     if "carriers" in first:  # how each resid_* site joins the residual (the adapter reads it)
         manifest["carriers"] = first["carriers"]
-    write_json_atomic(out / _MANIFEST, manifest)
+    write_json_atomic(out / MANIFEST, manifest)
     return Dump.open(out)
 
 

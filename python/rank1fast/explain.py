@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from ._manifest import MANIFEST
 from ._peft import lora_pairs, peft_scaling, read_peft
 from .errors import AdapterError, DumpError, InvalidArgumentError, PathNotFoundError, Rank1Error
 from .report import Report, SiteReport
@@ -618,7 +619,7 @@ def _inputs(
             report = Report.load(path)
         else:
             wanted: list[str] | None = list(sites) if sites else None
-            if wanted is None and (path / "manifest.json").is_file():
+            if wanted is None and (path / MANIFEST).is_file():
                 manifest = Dump.open(path).sites
                 wanted = [
                     s
@@ -632,7 +633,7 @@ def _inputs(
                 progress=False if progress is None else progress,
             )
     dump_dir = Path(dump) if dump is not None else Path(report.source) if report.source else None
-    if dump_dir is not None and not (dump_dir / "manifest.json").is_file():
+    if dump_dir is not None and not (dump_dir / MANIFEST).is_file():
         if dump is not None:
             raise DumpError(f"{dump_dir}: not a dump directory (no manifest.json)")
         dump_dir = None
@@ -891,7 +892,7 @@ def _decoder(tokenizer: Any, dump_dir: Path) -> Any:
     name = tokenizer
     if name is None:
         try:
-            model = json.loads((dump_dir / "manifest.json").read_text()).get("model", {})
+            model = json.loads((dump_dir / MANIFEST).read_text()).get("model", {})
             name = model.get("name") or None
         except (OSError, ValueError, AttributeError):
             name = None

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from . import _files
+from ._manifest import MANIFEST
 from .errors import DumpError, InvalidArgumentError, PathNotFoundError
 from .report import Report, SiteReport
 
@@ -470,7 +471,7 @@ def plot(
             modules=report.modules,
         )
     written = plot_report(report, out, top=top)
-    if dump is None and report.source and (Path(report.source) / "manifest.json").is_file():
+    if dump is None and report.source and (Path(report.source) / MANIFEST).is_file():
         dump = report.source
     if dump is not None:
         written += plot_residuals(report, dump, out, max_rows=max_rows)
