@@ -593,6 +593,14 @@ def case_convert_bad_layer(t: Path) -> None:
     _convert(t, {"resid_post.7": np.ones(64)})
 
 
+def case_convert_zero_scale(t: Path) -> None:
+    _convert(t, {"resid_post.1": np.ones(64)}, scale=0)
+
+
+def case_convert_zero_vector(t: Path) -> None:
+    _convert(t, {"resid_post.1": np.zeros(64)})
+
+
 def case_convert_correction_rank(t: Path) -> None:
     _convert(t, {"resid_post.1": np.ones(64)}, correction_rank=0)
 
@@ -677,6 +685,8 @@ CASES: list[tuple[str, str, Callable[[Path], str | None]]] = [
     ("convert", "an output directory that exists", case_convert_exists),
     ("convert", "a vector of 65 for a 64-wide residual stream", case_convert_vector_size),
     ("convert", "a layer the model does not have", case_convert_bad_layer),
+    ("convert", "`scale=0`", case_convert_zero_scale),
+    ("convert", "an all-zero vector", case_convert_zero_vector),
     ("convert", "`correction_rank=0`", case_convert_correction_rank),
     ("corrections.write_corrected", "a scale other than the adapter's", case_corrected_scale),
     ("corrections.fit_corrections", "3 fit texts for 5 folds", case_corrections_few_texts),

@@ -19,6 +19,11 @@ cheerful/gloomy ones; other layers than the benchmark's), held-out chat conversa
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -87,6 +92,8 @@ def _convert(smollm, vecs, out, held, **kwargs):
     info = rank1fast.adapter.read_adapter_info(path)
     fid = Fidelity.from_json(info["convert"]["fidelity"])
     print(fid)
+    # Where the verified adapter is now, not the work folder it was verified in.
+    assert fid.adapters == {"least-squares": str(path), "one-hot": "(not kept)"}
     return path, info, fid
 
 
@@ -165,9 +172,12 @@ def test_convert_refuses_before_the_fit(smollm, tmp_path):
         ({"dtype": "int8"}, "dtype must be one of"),
         ({"tokens": 0}, "tokens must be at least 1"),
         ({"eval_texts": []}, "eval_texts holds no texts"),
+        ({"scale": 0}, "scale 0 steers nothing"),
     ]:
         with pytest.raises(InvalidArgumentError, match=message):
             rank1fast.convert(smollm, v, tmp_path / "n" / "x", log=None, **kwargs)
+    with pytest.raises(InvalidArgumentError, match="resid_post.3: the vector is all zeros"):
+        rank1fast.convert(smollm, {"resid_post.3": np.zeros(576)}, tmp_path / "z", log=None)
     with pytest.raises(InvalidArgumentError, match="got list"):
         rank1fast.convert(smollm, [np.ones(576)], tmp_path / "z", log=None)
     with pytest.raises(InvalidArgumentError, match="loaded model"):
@@ -230,3 +240,31 @@ def test_convert_cli_writes_a_peft_adapter(smollm, tmp_path, held):
     assert info["convert"]["fit"]["corpus"] == str(corpus)
     assert "fidelity" not in info["convert"] and "corrections" not in info["convert"]
     assert not [p for p in rank1fast.serving.check(out, "vllm") if p.severity == "error"]
+
+
+def test_cli_convert_on_sigterm_leaves_nothing_behind(tmp_path, held):
+    """A convert stopped by SIGTERM (kill, timeout, a scheduler) mid-verify removes its work
+    folder and the folders it made, as a failure does."""
+    vec = tmp_path / "v.safetensors"
+    rank1fast.vectors.save({"resid_mid.12": 3.0 * np.ones(576) / 24}, vec)
+    ev = tmp_path / "ev.txt"
+    ev.write_text("\n\n".join(held[:8]) + "\n")
+    out = tmp_path / "new" / "lora"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    args = ["convert", str(vec), "-o", str(out), "--tokens", "300", "--eval-texts", str(ev)]
+    args += ["--generate", "8", "--corrections", "0", "--max-length", "64", "-q"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rank1fast", *args], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not list(out.parent.glob(".lora.convert-*")):  # the fit is done, verify runs
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the work folder never appeared"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    assert "terminated" in proc.stderr.read()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ev.txt", "v.safetensors"]

@@ -399,7 +399,7 @@ def test_gguf_lora_reads_the_same(real, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_json_export_and_plot(real, tmp_path):
+def test_cli_json_export_and_plot(real, tmp_path, capsys):
     from rank1fast.cli import main
 
     rng = np.random.default_rng(11)
@@ -450,6 +450,10 @@ def test_cli_json_export_and_plot(real, tmp_path):
         == 1
     )
     assert not (tmp_path / "mid.gguf").exists()
+    # A --json path in a missing folder: the CLI's error line, not a traceback.
+    missing = str(tmp_path / "no" / "such" / "ex.json")
+    assert main(["explain", str(lora), dump, "--no-tokens", "--json", missing, "-q"]) == 1
+    assert "No such file or directory" in capsys.readouterr().err
     pytest.importorskip("matplotlib")
     plots = str(tmp_path / "plots")
     assert main(["explain", str(lora), dump, "--plot", plots, "--top", "0", "-q"]) == 0

@@ -10,7 +10,9 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -448,14 +450,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    # SIGTERM (kill, timeout, a job scheduler) unwinds like Ctrl-C, so that every command's
+    # cleanup runs (convert and write remove their half-written folders) before the exit.
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         return int(args.func(args) or 0)
-    except Rank1Error as e:
+    except (Rank1Error, OSError) as e:  # OSError: a file the command itself opens (--json)
         print(f"rank1fast {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, before)
+
+
+class _Terminated(BaseException):
+    """Raised by the SIGTERM handler (a BaseException, as KeyboardInterrupt: ``except
+    Exception`` does not swallow it)."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
 
 
 if __name__ == "__main__":

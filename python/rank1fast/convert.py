@@ -41,7 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._args import check_int, positive_int
+from ._args import check_int, nonnegative_int, positive_int
 from .errors import AdapterError, InvalidArgumentError, ResidualSiteError
 
 __all__ = ["convert", "fit_report", "add_cli"]
@@ -159,7 +159,8 @@ def convert(
         correction_rank: rank-1 terms per corrected module (the adapter's rank becomes
             ``correction_rank``, or ``1 + correction_rank`` where a correction lands on a
             site's own module; padded for ``target``).
-        correction_tokens: fit tokens per corrected module (one hook-steered pass over them,
+        correction_tokens: fit tokens per corrected module, at least (whole batches of texts
+            are taken: up to ``batch_size x max_length`` more; one hook-steered pass over them,
             then the adapter's arithmetic layer by layer: :mod:`rank1fast.corrections`).
         verify: measure the fidelity and store it (False: write only).
         generate: tokens per prompt of verify's generation check (0: none).
@@ -179,10 +180,10 @@ def convert(
         AdapterError: ``out`` exists (without ``overwrite``; or it is not an adapter
             directory), a path component of ``out`` is a file, or the adapter cannot be
             written (see :func:`rank1fast.write_adapter`). Checked before the model loads.
-        InvalidArgumentError: no vectors or not a dict/file, a non-finite or non-numeric
-            ``scale``, a bad ``rank``/``dtype``/``tokens``/``generate``/``corrections``/
-            ``correction_rank``/``correction_tokens``, an unknown
-            ``target`` (all before the model loads); a vector of the wrong size, no
+        InvalidArgumentError: no vectors or not a dict/file, an all-zero vector, a zero,
+            non-finite or non-numeric ``scale``, a bad ``rank``/``dtype``/``tokens``/
+            ``generate``/``corrections``/``correction_rank``/``correction_tokens``, an
+            unknown ``target`` (all before the model loads); a vector of the wrong size, no
             held-out texts, or ``verify`` on a model without an LM head (an encoder), before
             the fit.
         SiteError: a site that does not resolve on the model (before the fit).
@@ -229,6 +230,11 @@ def convert(
     check_int("correction_tokens", correction_tokens, 1, optional=True)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise InvalidArgumentError(f"scale must be a finite number, got {scale!r}")
+    if scale == 0:
+        raise InvalidArgumentError(
+            "scale 0 steers nothing: there is no steering to fit or verify (a negative scale "
+            "steers the other way)"
+        )
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise InvalidArgumentError(f"rank must be a positive integer or None, got {rank!r}")
     if dtype not in DTYPES:
@@ -241,6 +247,9 @@ def convert(
                 raise AdapterError(f"{out}: {parent} is not a directory")
             break
     vecs = steered_vectors(vectors)
+    for site, v in vecs.items():
+        if not v.any():
+            raise InvalidArgumentError(f"site {site}: the vector is all zeros; it steers nothing")
     t_start = time.perf_counter()
 
     net, tok = load_model(model, device=device, quiet=progress is False)
@@ -285,7 +294,7 @@ def convert(
     if eval_texts is not None:
         held = [t for t in read_texts(eval_texts, tok) if t.strip()]
     if not fit_texts:
-        raise InvalidArgumentError("no fit texts")
+        raise InvalidArgumentError(f"no fit texts in {corpus}")
     if verify and not held:
         raise InvalidArgumentError(
             "eval_texts holds no texts"
@@ -327,7 +336,7 @@ def convert(
             base_model=_base_model_name(is_default, name),
             target=target,
         )
-        if corrections and scale != 0:
+        if corrections:
             adapter, record_corr = _corrected(
                 (net, tok),
                 report,
@@ -380,6 +389,12 @@ def convert(
                 else None,
                 progress=progress,
             )
+            # The adapters verify read lie in the work folder (and a temporary one-hot):
+            # record where the verified adapter ends up instead.
+            fid.adapters = {
+                label: os.fspath(out) if Path(path) == Path(adapter) else "(not kept)"
+                for label, path in fid.adapters.items()
+            }
             record["fidelity"] = fid.to_json()
             say(str(fid))
         update_adapter_info(adapter, {"convert": record})
@@ -483,11 +498,19 @@ def add_cli(sub: Any) -> None:
         help="fit corpus (.txt, .jsonl with text or chat messages); default: built-in chat+prose",
     )
     p.add_argument("--eval-texts", default=None, help="held-out corpus to verify on")
-    p.add_argument("--site", action="append", dest="sites", metavar="S", help="only these sites")
+    p.add_argument(
+        "--site",
+        action="append",
+        dest="sites",
+        metavar="S",
+        help="only these sites of the file (comma-separated or repeated; default: all)",
+    )
     p.add_argument("--scale", type=float, default=1.0, help="steering scale (default 1)")
     p.add_argument("--tokens", type=int, default=40_000, help="fit tokens (default 40000)")
     p.add_argument("--for", dest="target", default="peft", help="server profile (default peft)")
-    p.add_argument("--rank", type=int, default=None)
+    p.add_argument(
+        "--rank", type=int, default=None, help="LoRA rank (default: 1, or the profile's smallest)"
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--unsteered", action="store_true", help="fit on unsteered inputs")
     p.add_argument(
@@ -507,12 +530,30 @@ def add_cli(sub: Any) -> None:
         "--correction-tokens",
         type=positive_int,
         default=40_000,
-        help="fit tokens per corrected module (default 40000)",
+        help="fit tokens per corrected module, at least (whole batches; default 40000)",
     )
     p.add_argument("--no-verify", action="store_true", help="write without verifying")
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--generate",
+        type=nonnegative_int,
+        default=DEFAULT_GENERATE_TOKENS,
+        metavar="N",
+        help=f"tokens per prompt of verify's generation check (default "
+        f"{DEFAULT_GENERATE_TOKENS}; 0: none)",
+    )
+    p.add_argument(
+        "--max-length",
+        type=positive_int,
+        default=256,
+        help="tokens per text, fitting and verifying (default 256)",
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int, default=8, help="texts per forward pass (default 8)"
+    )
+    p.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (CUDA, MPS, then CPU)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing adapter at -o")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=_run_convert)
 
@@ -527,6 +568,7 @@ def _run_convert(args: Any) -> int:
         raise AdapterError(str(e).replace("overwrite=True", "--overwrite")) from None
     vecs = load(args.vectors)
     if args.sites:
+        args.sites = [s.strip() for arg in args.sites for s in arg.split(",") if s.strip()]
         missing = [s for s in args.sites if s not in vecs]
         if missing:
             raise InvalidArgumentError(
@@ -549,7 +591,9 @@ def _run_convert(args: Any) -> int:
         correction_rank=args.correction_rank,
         correction_tokens=args.correction_tokens,
         verify=not args.no_verify,
+        generate=args.generate,
         max_length=args.max_length,
+        batch_size=args.batch_size,
         device=args.device,
         overwrite=args.overwrite,
         progress=False if args.quiet else None,
