@@ -450,10 +450,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    # SIGTERM (kill, timeout, a job scheduler) unwinds like Ctrl-C, so that every command's
-    # cleanup runs (convert and write remove their half-written folders) before the exit.
+    # For commands that opt in (convert), SIGTERM (kill, timeout, a job scheduler) unwinds like
+    # Ctrl-C so that their cleanup runs (convert removes its work folder) before the exit. Not
+    # for all: a Python handler runs only between bytecodes, so SIGTERM would wait for a long
+    # native call (a solve at d = 8192) to return, where the default action stops it at once.
     main_thread = threading.current_thread() is threading.main_thread()
-    before = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
+    unwind = main_thread and getattr(args, "unwind_on_sigterm", False)
+    before = signal.signal(signal.SIGTERM, _terminated) if unwind else None
     try:
         return int(args.func(args) or 0)
     except (Rank1Error, OSError) as e:  # OSError: a file the command itself opens (--json)
@@ -466,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
     finally:
-        if main_thread:
+        if unwind:
             signal.signal(signal.SIGTERM, before)
 
 

@@ -555,7 +555,7 @@ def add_cli(sub: Any) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing adapter at -o")
     p.add_argument("--quiet", "-q", action="store_true")
-    p.set_defaults(func=_run_convert)
+    p.set_defaults(func=_run_convert, unwind_on_sigterm=True)  # cli.main: cleanup on SIGTERM
 
 
 def _run_convert(args: Any) -> int:
