@@ -604,7 +604,7 @@ def test_read_texts_formats(tmp_path):
     assert list(read_texts(gz)) == ["a", "b"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a"}\n{"txt": "b"}\n')
-    with pytest.raises(DumpError, match=r"bad\.jsonl:2"):
+    with pytest.raises(rank1fast.CorpusError, match=r"bad\.jsonl:2"):
         list(read_texts(bad))
     with pytest.raises(PathNotFoundError):
         read_texts(tmp_path / "missing.txt")

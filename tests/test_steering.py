@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import rank1fast
-from rank1fast.errors import DumpError, InvalidArgumentError, SiteError
+from rank1fast.errors import CorpusError, InvalidArgumentError, SiteError
 
 torch = pytest.importorskip("torch")
 
@@ -117,7 +117,7 @@ def test_chat_jsonl_is_rendered_with_the_template(tmp_path, tokenizer):
         list(read_texts(path))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
-    with pytest.raises(DumpError, match=r"bad.jsonl:1: messages\[0\]"):
+    with pytest.raises(CorpusError, match=r"bad.jsonl:1: messages\[0\]"):
         list(read_texts(bad, tokenizer))
 
 

@@ -21,6 +21,7 @@ from .collect import Dump, collect  # light: torch is imported only when collect
 from .convert import convert  # light: torch is imported when convert() runs
 from .errors import (
     AdapterError,
+    CorpusError,
     DumpError,
     InsufficientMemoryError,
     InvalidArgumentError,
@@ -65,6 +66,7 @@ __all__ = [
     "Outlier",
     "Rank1Error",
     "DumpError",
+    "CorpusError",
     "PathNotFoundError",
     "Rank1IOError",
     "InvalidArgumentError",

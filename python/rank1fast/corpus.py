@@ -32,7 +32,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import IO, Any, Union
 
-from .errors import DumpError, InvalidArgumentError, PathNotFoundError
+from .errors import CorpusError, InvalidArgumentError, PathNotFoundError
 
 __all__ = [
     "default_corpus",
@@ -118,7 +118,7 @@ def read_texts(texts: TextsArg, tokenizer: Any = None) -> Iterator[str]:
     Raises:
         PathNotFoundError: the file does not exist.
         InvalidArgumentError: an unknown file type, or an item that is not a string.
-        DumpError: a ``.jsonl`` line that is not JSON, or has neither a string ``"text"``
+        CorpusError: a ``.jsonl`` line that is not JSON, or has neither a string ``"text"``
             nor a well-formed ``"messages"`` list (the message names the file and line).
         InvalidArgumentError: a chat conversation but no tokenizer, or a tokenizer without a
             chat template.
@@ -203,7 +203,7 @@ def _read_jsonl(path: Path, tokenizer: Any = None) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except ValueError as e:
-                raise DumpError(f"{path}:{lineno}: not valid JSON: {e}") from None
+                raise CorpusError(f"{path}:{lineno}: not valid JSON: {e}") from None
             if isinstance(record, dict) and "messages" in record and "text" not in record:
                 messages = _messages(record["messages"], f"{path}:{lineno}")
                 if tokenizer is None:
@@ -215,19 +215,19 @@ def _read_jsonl(path: Path, tokenizer: Any = None) -> Iterator[str]:
                 continue
             text = record.get("text") if isinstance(record, dict) else None
             if not isinstance(text, str):
-                raise DumpError(f'{path}:{lineno}: no string "text" field (nor chat "messages")')
+                raise CorpusError(f'{path}:{lineno}: no string "text" field (nor chat "messages")')
             yield text
 
 
 def _messages(value: Any, where: str) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
-        raise DumpError(f'{where}: "messages" must be a non-empty list')
+        raise CorpusError(f'{where}: "messages" must be a non-empty list')
     out = []
     for i, m in enumerate(value):
         role = m.get("role") if isinstance(m, dict) else None
         content = m.get("content") if isinstance(m, dict) else None
         if role not in ("system", "user", "assistant") or not isinstance(content, str):
-            raise DumpError(
+            raise CorpusError(
                 f'{where}: messages[{i}] must be {{"role": "system"|"user"|"assistant", '
                 f'"content": str}}'
             )

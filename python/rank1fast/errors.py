@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "Rank1Error",
     "DumpError",
+    "CorpusError",
     "PathNotFoundError",
     "Rank1IOError",
     "InvalidArgumentError",
@@ -24,6 +25,14 @@ class DumpError(Rank1Error, ValueError):
     """A dump, .safetensors or .npy file is malformed, truncated or unsupported.
 
     The message names the file and, where there is one, the tensor.
+    """
+
+
+class CorpusError(DumpError):
+    """A corpus file (``.jsonl`` of ``"text"`` or chat ``"messages"``) is malformed.
+
+    The message names the file and the line. A :class:`DumpError` for code written before it
+    had a class of its own.
     """
 
 
