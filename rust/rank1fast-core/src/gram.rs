@@ -3,15 +3,15 @@
 //!
 //! `X` is row-major (a row per token). Up to [`Gram::super_rows`] rows at a time are shifted by
 //! `c` and packed into panels of `NR` columns, stored row after row; panels of `MR` columns
-//! are gathered from those (no second pass over `X`), or, for the AVX-512 f32 kernel, read in
-//! place from them (`MR` divides `NR`), so the kernel reads both operands contiguously
-//! whatever the width (no cache-set aliasing at power-of-two widths). For each `MR × NR` tile
-//! of `G` on or above the diagonal, the products of all packed rows are summed in vector
-//! registers, `KC` rows at a time in f32, and each such sum is added to the f64 matrix, so f32
-//! sums never run over more than `KC` products and each tile of `G` is read and written while
-//! it sits in L1 (once per [`Gram::super_rows`] rows, not once per `KC`). Tiles run in groups
-//! of A panels (about 1 MiB, kept in L2) past which every B panel streams, and the next
-//! tile's rows of `G` are prefetched while one multiplies.
+//! are gathered from those (no second pass over `X`), so the kernel reads both operands
+//! contiguously whatever the width (no cache-set aliasing at power-of-two widths). For each
+//! `MR × NR` tile of `G` on or above the diagonal, the products of all packed rows are summed
+//! in vector registers, `KC` rows at a time in f32, and each such sum is added to the f64
+//! matrix, so f32 sums never run over more than `KC` products and each tile of `G` is read and
+//! written once per [`Gram::super_rows`] rows, not once per `KC`. The FMA kernels run their
+//! tiles as BLIS does (Goto & van de Geijn 2008): a group of B panels (the vector operand,
+//! about 512 KiB) stays in L2 while each A panel (the broadcast operand, in L1) passes it, and
+//! the next tile's rows of `G` are prefetched while one multiplies.
 //!
 //! Kernels, picked at run time from what the CPU has ([`Kernel::detect`]):
 //! - [`Kernel::Avx512Bf16`] (AVX-512 BF16, for rows that are bfloat16 values): the shifted
@@ -25,8 +25,8 @@
 //!   as above); a 32 × 32 block of `G` in four accumulator tiles. Used only where the CPU
 //!   reports AMX-TILE and AMX-BF16, the OS enables tile state (XCR0) and grants this process
 //!   tile data (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), else the AVX-512 BF16 kernel runs.
-//! - [`Kernel::Avx512`] (AVX-512F): f32 FMA, 8 × 48 tile in 24 registers (3 loads and 8
-//!   broadcasts per 24 FMAs), its 8 A columns read from the 48-column B panels.
+//! - [`Kernel::Avx512`] (AVX-512F): f32 FMA, 12 × 32 tile in 24 registers (2 loads and 12
+//!   broadcasts per 24 FMAs).
 //! - [`Kernel::Avx2`] (AVX2 + FMA): f32 FMA, 6 × 16 tile in 12 registers.
 //! - [`Kernel::Portable`]: the same loops in portable Rust.
 //!
@@ -43,8 +43,8 @@
 const KC: usize = 512;
 /// Bytes of packed operands per super-block (both panel sets): bounds [`Gram::super_rows`].
 const PACK_BYTES: usize = 8 << 20;
-/// Bytes of A panels the FMA kernels keep in L2 while B panels stream past.
-const A_GROUP_BYTES: usize = 1 << 20;
+/// Bytes of B panels the FMA kernels keep in L2 while A panels pass them.
+const B_GROUP_BYTES: usize = 512 << 10;
 
 /// A second-moment kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,17 +134,11 @@ impl Kernel {
         matches!(self, Kernel::Avx512Bf16 | Kernel::Amx)
     }
 
-    /// Whether the kernel reads its A operand (`mr` columns) straight from the B panels
-    /// (`nr` columns, a multiple of `mr`), so no A panels are gathered.
-    fn a_in_b(self) -> bool {
-        self == Kernel::Avx512
-    }
-
     /// (rows of a tile, columns of a tile, rows of `X` per packed step).
     fn geometry(self) -> (usize, usize, usize) {
         match self {
             Kernel::Portable | Kernel::Avx2 => (6, 16, 1),
-            Kernel::Avx512 => (8, 48, 1),
+            Kernel::Avx512 => (12, 32, 1),
             Kernel::Avx512Bf16 => (12, 32, 2),
             Kernel::Amx => (32, 32, 2),
         }
@@ -259,7 +253,6 @@ impl Gram {
             }
             let (na, nb) = (d.div_ceil(mr), d.div_ceil(nr));
             // Grown, never shrunk: every word used is written by the packing below.
-            let na = if self.kernel.a_in_b() { 0 } else { na };
             self.b0 = aligned(&mut self.b, nb * nk * nr);
             self.a0 = aligned(&mut self.a, na * nk * mr);
             let b = &mut self.b[self.b0..][..nb * nk * nr];
@@ -269,9 +262,7 @@ impl Gram {
             } else {
                 pack_f32(block, shift, d, nr, nk, b);
             }
-            if self.kernel.a_in_b() {
-                // Nothing to gather: A is read from the B panels.
-            } else if amx {
+            if amx {
                 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
                 // SAFETY: the Amx kernel is only built where AVX-512F is present (`available`).
                 unsafe {
@@ -301,29 +292,23 @@ impl Gram {
             unreachable!("AMX is never available here");
         }
         let (na, nb) = (d.div_ceil(mr), d.div_ceil(nr));
-        // Tiles in the order they run: groups of A panels (about A_GROUP_BYTES) stay in L2
-        // while every B panel right of the group's first column streams past them.
-        // (A read from B panels: whole cache lines of them stay in L2, whole panels per group.)
-        let a_bytes = if self.kernel.a_in_b() {
-            nr * 4 * nk / (nr / mr)
-        } else {
-            mr * 4 * nk
-        };
-        let mut group = (A_GROUP_BYTES / a_bytes).max(1);
-        if self.kernel.a_in_b() {
-            group = group.next_multiple_of(nr / mr);
-        }
         let mut tiles = Vec::with_capacity(na * nb / 2 + na + nb);
-        for q0 in (0..na).step_by(group) {
-            for p in (q0 * mr) / nr..nb {
+        let tile = |q: usize, p: usize| Tile {
+            i0: q * mr,
+            j0: p * nr,
+            rows: (d - q * mr).min(mr),
+            cols: (d - p * nr).min(nr),
+        };
+        // Tiles in the order they run: groups of B panels (about B_GROUP_BYTES) stay in L2
+        // while each A panel, in L1, passes every panel of the group at or right of it (the
+        // order of BLIS's loops around the micro-kernel: Goto & van de Geijn 2008).
+        let group = (B_GROUP_BYTES / (nr * 4 * nk)).max(1);
+        for p0 in (0..nb).step_by(group) {
+            let p1 = (p0 + group).min(nb);
+            for q in 0..na.min((p1 * nr).div_ceil(mr)) {
                 // Tiles wholly below the diagonal (i0 >= j0 + nr) are skipped.
-                let q1 = (q0 + group).min(na).min((p * nr + nr).div_ceil(mr));
-                tiles.extend((q0..q1).map(|q| Tile {
-                    i0: q * mr,
-                    j0: p * nr,
-                    rows: (d - q * mr).min(mr),
-                    cols: (d - p * nr).min(nr),
-                }));
+                let first = (q * mr + 1).saturating_sub(nr).div_ceil(nr).max(p0);
+                tiles.extend((first..p1).map(|p| tile(q, p)));
             }
         }
         if let Some(&t) = tiles.first() {
@@ -335,17 +320,6 @@ impl Gram {
                 prefetch_g(g, d, next);
             }
             let b = &self.b[self.b0 + (t.j0 / nr) * nk * nr..][..nk * nr];
-            if self.kernel.a_in_b() {
-                // Columns i0.. of the panel holding them: steps `nr` words apart.
-                let a =
-                    &self.b[self.b0 + (t.i0 / nr) * nk * nr + t.i0 % nr..][..(nk - 1) * nr + mr];
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: as below; `a` holds nk steps of `mr` words, `nr` apart.
-                unsafe {
-                    x86::tile_avx512(nk, kc, a, b, g, d, t)
-                };
-                continue;
-            }
             let a = &self.a[self.a0 + (t.i0 / mr) * nk * mr..][..nk * mr];
             match self.kernel {
                 // SAFETY (all three): the CPU has the features (checked in `with_kernel`),
@@ -353,6 +327,8 @@ impl Gram {
                 // inside `g` (`rows`, `cols` clip it).
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Avx2 => unsafe { x86::tile_avx2(nk, kc, a, b, g, d, t) },
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx512 => unsafe { x86::tile_f32(nk, kc, a, b, g, d, t) },
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Avx512Bf16 => unsafe { x86::tile_bf16(nk, kc, a, b, g, d, t) },
                 _ => tile_portable(mr, nr, step, nk, kc, a, b, g, d, t),
@@ -936,48 +912,18 @@ mod x86 {
         };
     }
 
-    /// 8 × 48 tile, f32 FMA (24 accumulators, 3 loads and 8 broadcasts per 24 FMAs), its A
-    /// operand read from the 48-column B panels (`a`: steps of 8 words, 48 apart).
+    /// `c + x·b` per lane (f32 FMA; `x` and `b` hold f32 bits).
+    #[inline]
     #[target_feature(enable = "avx512f")]
-    pub(super) fn tile_avx512(
-        nk: usize,
-        kc: usize,
-        a: &[u32],
-        b: &[u32],
-        g: &mut [f64],
-        d: usize,
-        t: Tile,
-    ) {
-        const MR: usize = 8;
-        const NR: usize = 48;
-        assert!(nk > 0 && a.len() > (nk - 1) * NR + MR - 1 && b.len() >= nk * NR);
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        for k0 in (0..nk).step_by(kc) {
-            let mut c = [[_mm512_setzero_ps(); 3]; MR];
-            for k in k0..(k0 + kc).min(nk) {
-                // SAFETY: k < nk, and `a` / `b` hold nk steps (asserted).
-                unsafe {
-                    let b0 = _mm512_loadu_si512(pb.add(k * NR).cast());
-                    let b1 = _mm512_loadu_si512(pb.add(k * NR + 16).cast());
-                    let b2 = _mm512_loadu_si512(pb.add(k * NR + 32).cast());
-                    let ak = pa.add(k * NR).cast::<f32>();
-                    let (b0, b1, b2) = (
-                        _mm512_castsi512_ps(b0),
-                        _mm512_castsi512_ps(b1),
-                        _mm512_castsi512_ps(b2),
-                    );
-                    #[allow(clippy::needless_range_loop)] // indexing: c stays in registers
-                    for r in 0..MR {
-                        let x = _mm512_set1_ps(*ak.add(r));
-                        c[r][0] = _mm512_fmadd_ps(x, b0, c[r][0]);
-                        c[r][1] = _mm512_fmadd_ps(x, b1, c[r][1]);
-                        c[r][2] = _mm512_fmadd_ps(x, b2, c[r][2]);
-                    }
-                }
-            }
-            flush512(&c, g, d, t);
-        }
+    fn madd_f32(c: __m512, x: __m512i, b: __m512i) -> __m512 {
+        _mm512_fmadd_ps(_mm512_castsi512_ps(x), _mm512_castsi512_ps(b), c)
     }
+    tile512!(
+        /// 12 × 32 tile, f32 FMA.
+        tile_f32,
+        "avx512f",
+        madd_f32
+    );
     tile512!(
         /// 12 × 32 tile, pairs of bf16 rows with `vdpbf16ps`.
         tile_bf16,

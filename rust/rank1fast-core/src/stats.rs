@@ -167,6 +167,24 @@ impl SiteStats {
 /// the kernel does not first map the shared zero page on a read and then copy it on the
 /// first write, with a TLB shootdown across threads each time (a third of the time of a
 /// d = 1536 analysis before this).
+/// Copy the upper triangle of the row-major `d × d` matrix `g` onto its lower triangle, in
+/// 32 × 32 blocks (a block's rows and columns stay in L1; the writes run along rows).
+fn mirror_upper(g: &mut [f64], d: usize) {
+    const B: usize = 32;
+    assert!(g.len() >= d * d);
+    for i0 in (0..d).step_by(B) {
+        for j0 in (i0..d).step_by(B) {
+            for j in j0..(j0 + B).min(d) {
+                let (upper, lower) = g.split_at_mut(j * d);
+                let dst = &mut lower[i0..(i0 + B).min(j)];
+                for (i, v) in (i0..).zip(dst.iter_mut()) {
+                    *v = upper[i * d + j];
+                }
+            }
+        }
+    }
+}
+
 pub(crate) fn zeroed_large(n: usize) -> Vec<f64> {
     zeroed_large_on(n, 1)
 }
@@ -539,25 +557,24 @@ impl Accumulator {
         }
         let st = &mut self.stats;
         if let Some(acc) = &mut st.fold_moment {
-            // Σ x xᵀ = Σ (x−c)(x−c)ᵀ + c sᵀ + s cᵀ − n c cᵀ, with s = Σ x; then mirror.
+            // Σ x xᵀ = Σ (x−c)(x−c)ᵀ + c sᵀ + s cᵀ − n c cᵀ, with s = Σ x (nothing to undo
+            // when c = 0); then mirror.
             let c = &self.shift64;
-            // In 64 × 64 blocks, so the mirrored writes (a column each) stay in cache.
-            const B: usize = 64;
+            let shifted = c.iter().any(|&v| v != 0.0);
             let (counts, sums) = (&st.fold_count, &st.fold_sum);
             let one = |k: usize, g: &mut [f64]| {
-                let n = counts[k] as f64;
-                let s = &sums[k * d..(k + 1) * d];
-                for i0 in (0..d).step_by(B) {
-                    for j0 in (i0..d).step_by(B) {
-                        for i in i0..(i0 + B).min(d) {
-                            for j in j0.max(i)..(j0 + B).min(d) {
-                                let v = g[i * d + j] + c[i] * s[j] + s[i] * c[j] - n * c[i] * c[j];
-                                g[i * d + j] = v;
-                                g[j * d + i] = v;
-                            }
+                if shifted {
+                    let n = counts[k] as f64;
+                    let s = &sums[k * d..(k + 1) * d];
+                    for i in 0..d {
+                        let (ci, si) = (c[i], s[i]);
+                        let row = &mut g[i * d + i..(i + 1) * d];
+                        for ((v, &cj), &sj) in row.iter_mut().zip(&c[i..]).zip(&s[i..]) {
+                            *v += ci * sj + si * cj - n * ci * cj;
                         }
                     }
                 }
+                mirror_upper(g, d);
             };
             // Folds on every core when they are large (a pass over folds × d² × 8 bytes).
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
