@@ -527,12 +527,23 @@ fn process_chunk(
     // Second moments: the kept rows decoded to f32 straight into fold order (the Gram kernel
     // takes a fold's rows together); `folds` holds each row's fold, or DROP.
     const DROP: u32 = u32::MAX;
+    // f32 rows go to the kernels straight from the map, where the statistics pass finds the
+    // non-finite ones (no pass of its own over the rows); decoded rows are checked here.
+    let direct: Option<&[f32]> = match src.dtype {
+        #[cfg(target_endian = "little")]
+        DType::F32 => {
+            // SAFETY: any 4 bytes are an f32; `align_to` only yields aligned items.
+            let (pre, rows, post) = unsafe { bytes.align_to::<f32>() };
+            (pre.is_empty() && post.is_empty()).then_some(rows)
+        }
+        _ => None,
+    };
     folds.clear();
     let mut counts = vec![0usize; opts.folds];
     for i in 0..m {
         let row = r0 + i;
         let raw = &bytes[i * rb..(i + 1) * rb];
-        if any_nonfinite(src.dtype, raw) {
+        if direct.is_none() && any_nonfinite(src.dtype, raw) {
             acc.stats.nonfinite += 1;
             folds.push(DROP);
         } else if src.position(row).is_some_and(|p| p < opts.skip_positions) {
@@ -545,28 +556,23 @@ fn process_chunk(
         }
     }
     // f32 dumps: the rows straight from the map, as runs of consecutive rows of one fold.
-    #[cfg(target_endian = "little")]
-    if src.dtype == DType::F32 {
-        // SAFETY: any 4 bytes are an f32; `align_to` only yields aligned items.
-        let (pre, rows, post) = unsafe { bytes.align_to::<f32>() };
-        if pre.is_empty() && post.is_empty() {
-            let mut runs: Vec<Vec<&[f32]>> = vec![Vec::new(); opts.folds];
-            let mut i = 0;
-            while i < m {
-                let k = folds[i];
-                let mut j = i + 1;
-                while j < m && folds[j] == k {
-                    j += 1;
-                }
-                if k != DROP {
-                    runs[k as usize].push(&rows[i * d..j * d]);
-                }
-                i = j;
+    if let Some(rows) = direct {
+        let mut runs: Vec<Vec<&[f32]>> = vec![Vec::new(); opts.folds];
+        let mut i = 0;
+        while i < m {
+            let k = folds[i];
+            let mut j = i + 1;
+            while j < m && folds[j] == k {
+                j += 1;
             }
-            acc.add_fold_runs_shared(&runs, sink);
-            release_pages(src, r0 * rb, r1 * rb);
-            return;
+            if k != DROP {
+                runs[k as usize].push(&rows[i * d..j * d]);
+            }
+            i = j;
         }
+        acc.add_checked_fold_runs_shared(&runs, sink);
+        release_pages(src, r0 * rb, r1 * rb);
+        return;
     }
     let mut next = starts(&counts);
     for (i, &k) in folds.iter().enumerate() {

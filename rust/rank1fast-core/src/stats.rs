@@ -398,7 +398,6 @@ impl Accumulator {
 
     /// Add finite rows given as runs per fold (`runs[k]`: whole rows of fold `k`) to the
     /// statistics, and their second moments to the shared fold matrices `sink` (one per fold).
-    /// A fold whose matrix another thread holds is done later, so threads rarely wait.
     pub fn add_fold_runs_shared(&mut self, runs: &[Vec<&[f32]>], sink: &SharedMoments) {
         let d = self.stats.dim.max(1);
         for (k, fold_runs) in runs.iter().enumerate() {
@@ -406,6 +405,40 @@ impl Accumulator {
                 self.reduce_f32(Some(k), run, run.len() / d);
             }
         }
+        self.add_fold_moments_shared(runs, sink);
+    }
+
+    /// [`Accumulator::add_fold_runs_shared`] for rows that may hold NaNs or infinities (f32
+    /// rows straight from a dump): the statistics pass over a run also says whether all of it
+    /// was finite, so no separate check reads the rows; a run that was not is taken row by
+    /// row, and its non-finite rows are dropped from the statistics and the second moments
+    /// alike (counted in `nonfinite`).
+    pub fn add_checked_fold_runs_shared(&mut self, runs: &[Vec<&[f32]>], sink: &SharedMoments) {
+        let d = self.stats.dim.max(1);
+        let mut kept: Vec<Vec<&[f32]>> = vec![Vec::new(); runs.len()];
+        for (k, fold_runs) in runs.iter().enumerate() {
+            for &run in fold_runs {
+                if self.reduce_f32(Some(k), run, run.len() / d) {
+                    kept[k].push(run);
+                    continue;
+                }
+                for row in run.chunks_exact(d) {
+                    if self.reduce_f32(Some(k), row, 1) {
+                        kept[k].push(row);
+                    } else {
+                        self.stats.nonfinite += 1;
+                    }
+                }
+            }
+        }
+        self.add_fold_moments_shared(&kept, sink);
+    }
+
+    /// The second moments of finite rows given as runs per fold, into the shared fold
+    /// matrices `sink` (one per fold). A fold whose matrix another thread holds is done
+    /// later, so threads rarely wait.
+    fn add_fold_moments_shared(&mut self, runs: &[Vec<&[f32]>], sink: &SharedMoments) {
+        let d = self.stats.dim.max(1);
         let Some(gram) = &mut self.gram else {
             return;
         };
@@ -432,8 +465,9 @@ impl Accumulator {
         }
     }
 
-    /// The per-dimension statistics of `c` finite f32 rows (`seg`), into a slot.
-    fn reduce_f32(&mut self, fold: Option<usize>, seg: &[f32], c: usize) {
+    /// The per-dimension statistics of `c` f32 rows (`seg`), into a slot when all of them are
+    /// finite (returned; else nothing is added).
+    fn reduce_f32(&mut self, fold: Option<usize>, seg: &[f32], c: usize) -> bool {
         #[cfg(target_endian = "little")]
         // SAFETY: any f32 is 4 plain bytes; on a little-endian machine they are the F32
         // encoding the kernel reads.
@@ -442,8 +476,11 @@ impl Accumulator {
         let owned: Vec<u8> = seg.iter().flat_map(|v| v.to_le_bytes()).collect();
         #[cfg(not(target_endian = "little"))]
         let bytes: &[u8] = &owned;
-        self.run.reduce(DType::F32, bytes, c, &self.shift64);
-        self.take_run(fold, c);
+        let finite = self.run.reduce(DType::F32, bytes, c, &self.shift64);
+        if finite {
+            self.take_run(fold, c);
+        }
+        finite
     }
 
     /// Add `rows` rows of `dtype` values straight from a dump's bytes (`rows × dim` values) to
