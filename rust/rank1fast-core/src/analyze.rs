@@ -2,8 +2,9 @@
 //!
 //! Rows are read from the memory map in chunks of 16 MiB, filtered (position < skip,
 //! non-finite) and handed to a per-thread [`Accumulator`]: straight from the map for the
-//! per-dimension statistics (runs of one fold's rows), and for the second moments of f32
-//! dumps; bf16/f16 rows are decoded to f32 in fold order for the second moments. The threads
+//! per-dimension statistics (runs of one fold's rows), and for the second moments of f32 and
+//! bf16 dumps (the statistics pass over a run also finds its non-finite rows); f16 rows are
+//! checked and decoded to f32 in fold order for the second moments. The threads
 //! add second moments to one set of fold matrices, fold k behind its own lock, and merge their
 //! per-dimension statistics at the end. Memory is `folds × dim² × 8 + threads × chunk` bytes,
 //! whatever the number of tokens; an analysis that cannot fit is refused before it allocates
@@ -15,7 +16,7 @@ use std::sync::Mutex;
 
 use crate::dtype::{any_nonfinite, decode_f32, DType};
 use crate::error::{Error, Result};
-use crate::gram::Kernel;
+use crate::gram::{Bf16, Kernel};
 use crate::source::{self, SiteSource};
 use crate::stats::{starts, zeroed_large_on, Accumulator, SharedMoments, SiteStats};
 
@@ -527,23 +528,16 @@ fn process_chunk(
     // Second moments: the kept rows decoded to f32 straight into fold order (the Gram kernel
     // takes a fold's rows together); `folds` holds each row's fold, or DROP.
     const DROP: u32 = u32::MAX;
-    // f32 rows go to the kernels straight from the map, where the statistics pass finds the
-    // non-finite ones (no pass of its own over the rows); decoded rows are checked here.
-    let direct: Option<&[f32]> = match src.dtype {
-        #[cfg(target_endian = "little")]
-        DType::F32 => {
-            // SAFETY: any 4 bytes are an f32; `align_to` only yields aligned items.
-            let (pre, rows, post) = unsafe { bytes.align_to::<f32>() };
-            (pre.is_empty() && post.is_empty()).then_some(rows)
-        }
-        _ => None,
-    };
+    // f32 and bf16 rows go to the kernels straight from the map, where the statistics pass
+    // finds the non-finite ones (no pass of its own over the rows); f16 rows are checked here
+    // and decoded.
+    let direct = direct_rows(src.dtype, bytes);
     folds.clear();
     let mut counts = vec![0usize; opts.folds];
     for i in 0..m {
         let row = r0 + i;
         let raw = &bytes[i * rb..(i + 1) * rb];
-        if direct.is_none() && any_nonfinite(src.dtype, raw) {
+        if matches!(direct, Direct::No) && any_nonfinite(src.dtype, raw) {
             acc.stats.nonfinite += 1;
             folds.push(DROP);
         } else if src.position(row).is_some_and(|p| p < opts.skip_positions) {
@@ -555,14 +549,15 @@ fn process_chunk(
             folds.push(k as u32);
         }
     }
-    // f32 dumps: the rows straight from the map, as runs of consecutive rows of one fold.
-    if let Some(rows) = direct {
-        let mut runs: Vec<Vec<&[f32]>> = vec![Vec::new(); opts.folds];
+    // f32 and bf16 dumps: the rows straight from the map, as runs of consecutive rows of one
+    // fold.
+    fn runs<'r, R>(rows: &'r [R], folds: &[u32], n: usize, d: usize) -> Vec<Vec<&'r [R]>> {
+        let mut runs: Vec<Vec<&[R]>> = vec![Vec::new(); n];
         let mut i = 0;
-        while i < m {
+        while i < folds.len() {
             let k = folds[i];
             let mut j = i + 1;
-            while j < m && folds[j] == k {
+            while j < folds.len() && folds[j] == k {
                 j += 1;
             }
             if k != DROP {
@@ -570,7 +565,18 @@ fn process_chunk(
             }
             i = j;
         }
-        acc.add_checked_fold_runs_shared(&runs, sink);
+        runs
+    }
+    match direct {
+        Direct::F32(rows) => {
+            acc.add_checked_fold_runs_shared(&runs(rows, folds, opts.folds, d), sink)
+        }
+        Direct::Bf16(rows) => {
+            acc.add_checked_fold_runs_shared(&runs(rows, folds, opts.folds, d), sink)
+        }
+        Direct::No => {}
+    }
+    if !matches!(direct, Direct::No) {
         release_pages(src, r0 * rb, r1 * rb);
         return;
     }
@@ -589,6 +595,37 @@ fn process_chunk(
     let kept: usize = counts.iter().sum();
     acc.add_sorted_rows_shared(&buf[..kept * d], &counts, sink);
     release_pages(src, r0 * rb, r1 * rb);
+}
+
+/// A chunk's rows as the kernels can read them in place, when they can.
+enum Direct<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [Bf16]),
+    No,
+}
+
+fn direct_rows(dtype: DType, bytes: &[u8]) -> Direct<'_> {
+    #[cfg(target_endian = "little")]
+    match dtype {
+        DType::F32 => {
+            // SAFETY: any 4 bytes are an f32; `align_to` only yields aligned items.
+            let (pre, rows, post) = unsafe { bytes.align_to::<f32>() };
+            if pre.is_empty() && post.is_empty() {
+                return Direct::F32(rows);
+            }
+        }
+        DType::BF16 => {
+            // SAFETY: any 2 bytes are a Bf16 (the bits of a bfloat16 number); `align_to` only
+            // yields aligned items.
+            let (pre, rows, post) = unsafe { bytes.align_to::<Bf16>() };
+            if pre.is_empty() && post.is_empty() {
+                return Direct::Bf16(rows);
+            }
+        }
+        DType::F16 => {}
+    }
+    let _ = (dtype, bytes);
+    Direct::No
 }
 
 /// A row the position filter skips: kept aside, not dropped (adapters pin b·x = 1 at the sink

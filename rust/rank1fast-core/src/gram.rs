@@ -178,6 +178,35 @@ fn bf16_bits(x: f32) -> u32 {
     (b.wrapping_add(0x7fff + ((b >> 16) & 1))) >> 16
 }
 
+/// A value the kernels read rows of: f32, or a bfloat16 number as its bits ([`Bf16`]), so
+/// bf16 dumps are packed straight from the map, with no f32 copy of their rows.
+pub trait Value: Copy + Send + Sync + 'static {
+    /// The dump dtype whose little-endian encoding these values are.
+    const DTYPE: crate::dtype::DType;
+    fn value(self) -> f32;
+}
+
+impl Value for f32 {
+    const DTYPE: crate::dtype::DType = crate::dtype::DType::F32;
+    #[inline(always)]
+    fn value(self) -> f32 {
+        self
+    }
+}
+
+/// A bfloat16 number: the top 16 bits of the f32 it stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct Bf16(pub u16);
+
+impl Value for Bf16 {
+    const DTYPE: crate::dtype::DType = crate::dtype::DType::BF16;
+    #[inline(always)]
+    fn value(self) -> f32 {
+        f32::from_bits((self.0 as u32) << 16)
+    }
+}
+
 /// Packing buffers of the kernel for one dimension; one per thread.
 pub struct Gram {
     dim: usize,
@@ -234,8 +263,8 @@ impl Gram {
         self.add_rows(&rows, shift, g)
     }
 
-    /// [`Gram::add`] for rows wherever they lie (each `dim` values).
-    pub fn add_rows(&mut self, rows: &[&[f32]], shift: &[f32], g: &mut [f64]) {
+    /// [`Gram::add`] for rows wherever they lie (each `dim` values, f32 or [`Bf16`]).
+    pub fn add_rows<R: Value>(&mut self, rows: &[&[R]], shift: &[f32], g: &mut [f64]) {
         let d = self.dim;
         assert_eq!(shift.len(), d, "one shift per dimension");
         assert_eq!(g.len(), d * d, "g must be dim × dim");
@@ -366,7 +395,14 @@ struct Tile {
 
 /// Pack `block` (rows of width `d`, minus `shift`) into panels of `w` columns, each panel
 /// `nk` rows of `w` f32 words; columns past `d` are zero.
-fn pack_f32(rows: &[&[f32]], shift: &[f32], d: usize, w: usize, nk: usize, out: &mut [u32]) {
+fn pack_f32<R: Value>(
+    rows: &[&[R]],
+    shift: &[f32],
+    d: usize,
+    w: usize,
+    nk: usize,
+    out: &mut [u32],
+) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") && !avx512_disabled() {
         // SAFETY: AVX-512F is present; the body is safe code compiled for it.
@@ -376,19 +412,60 @@ fn pack_f32(rows: &[&[f32]], shift: &[f32], d: usize, w: usize, nk: usize, out: 
 }
 
 #[inline(always)]
-fn pack_f32_body(rows: &[&[f32]], shift: &[f32], d: usize, w: usize, nk: usize, out: &mut [u32]) {
+fn pack_f32_body<R: Value>(
+    rows: &[&[R]],
+    shift: &[f32],
+    d: usize,
+    w: usize,
+    nk: usize,
+    out: &mut [u32],
+) {
     for (k, row) in rows.iter().enumerate() {
         for p in 0..d.div_ceil(w) {
             let c0 = p * w;
             let n = (d - c0).min(w);
             let dst = &mut out[(p * nk + k) * w..][..w];
-            for ((o, &x), &c) in dst[..n].iter_mut().zip(&row[c0..c0 + n]).zip(&shift[c0..]) {
-                *o = (x - c).to_bits();
-            }
+            lanes(
+                &mut dst[..n],
+                &row[c0..c0 + n],
+                &row[c0..c0 + n],
+                &shift[c0..c0 + n],
+                |x, _, c| (x.value() - c).to_bits(),
+            );
             if n < w {
                 dst[n..].fill(0);
             }
         }
+    }
+}
+
+/// `out[i] = f(a[i], b[i], c[i])`, 16 lanes at a time (one AVX-512 vector: a fixed-size body
+/// the compiler vectorizes whole, where a loop over the 32 columns of a panel would stay
+/// below its unrolled vector loop's width), the rest one by one.
+#[inline(always)]
+fn lanes<R: Value>(out: &mut [u32], a: &[R], b: &[R], c: &[f32], f: impl Fn(R, R, f32) -> u32) {
+    const L: usize = 16;
+    let n = out.len();
+    assert!(a.len() == n && b.len() == n && c.len() == n);
+    let whole = n / L * L;
+    for (((o, a), b), c) in out[..whole]
+        .chunks_exact_mut(L)
+        .zip(a.chunks_exact(L))
+        .zip(b.chunks_exact(L))
+        .zip(c.chunks_exact(L))
+    {
+        let (o, a, b, c): (&mut [u32; L], &[R; L], &[R; L], &[f32; L]) = (
+            o.try_into().expect("L"),
+            a.try_into().expect("L"),
+            b.try_into().expect("L"),
+            c.try_into().expect("L"),
+        );
+        for i in 0..L {
+            o[i] = f(a[i], b[i], c[i]);
+        }
+    }
+    for i in whole..n {
+        out[i] = f(a[i], b[i], c[i]);
     }
 }
 
@@ -397,7 +474,14 @@ fn pack_f32_body(rows: &[&[f32]], shift: &[f32], d: usize, w: usize, nk: usize, 
 /// high halves (the operand layout of `vdpbf16ps`, and of the B operand of `tdpbf16ps`: a
 /// tile row is a step, pairs along K); missing rows (past the block's, up to `2 nk`) and
 /// columns past `d` are zero.
-fn pack_bf16_pairs(rows: &[&[f32]], shift: &[f32], d: usize, w: usize, nk: usize, out: &mut [u32]) {
+fn pack_bf16_pairs<R: Value>(
+    rows: &[&[R]],
+    shift: &[f32],
+    d: usize,
+    w: usize,
+    nk: usize,
+    out: &mut [u32],
+) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") && !avx512_disabled() {
         // SAFETY: AVX-512F is present; the body is safe code compiled for it.
@@ -407,34 +491,42 @@ fn pack_bf16_pairs(rows: &[&[f32]], shift: &[f32], d: usize, w: usize, nk: usize
 }
 
 #[inline(always)]
-fn pack_bf16_pairs_body(
-    rows: &[&[f32]],
+fn pack_bf16_pairs_body<R: Value>(
+    rows: &[&[R]],
     shift: &[f32],
     d: usize,
     w: usize,
     nk: usize,
     out: &mut [u32],
 ) {
-    let zero = vec![0f32; d];
-    let mut rows = rows.iter().copied();
     for k in 0..nk {
-        let (lo, lshift) = match rows.next() {
-            Some(r) => (r, shift),
-            None => (&zero[..], &zero[..]),
-        };
-        let (hi, hshift) = match rows.next() {
-            Some(r) => (r, shift),
-            None => (&zero[..], &zero[..]),
-        };
+        let (lo, hi) = (rows.get(2 * k), rows.get(2 * k + 1));
         for p in 0..d.div_ceil(w) {
             let c0 = p * w;
             let n = (d - c0).min(w);
             let dst = &mut out[(p * nk + k) * w..][..w];
-            for (i, o) in dst[..n].iter_mut().enumerate() {
-                let j = c0 + i;
-                let l = bf16_bits(lo[j] - lshift[j]);
-                let h = bf16_bits(hi[j] - hshift[j]);
-                *o = l | (h << 16);
+            let sh = &shift[c0..c0 + n];
+            match (lo, hi) {
+                (Some(lo), Some(hi)) => {
+                    lanes(
+                        &mut dst[..n],
+                        &lo[c0..c0 + n],
+                        &hi[c0..c0 + n],
+                        sh,
+                        |l, h, c| bf16_bits(l.value() - c) | (bf16_bits(h.value() - c) << 16),
+                    );
+                }
+                // The last row of an odd block: its pair is zero.
+                (Some(lo), None) => {
+                    lanes(
+                        &mut dst[..n],
+                        &lo[c0..c0 + n],
+                        &lo[c0..c0 + n],
+                        sh,
+                        |l, _, c| bf16_bits(l.value() - c),
+                    );
+                }
+                _ => dst[..n].fill(0),
             }
             if n < w {
                 dst[n..].fill(0);
@@ -791,12 +883,12 @@ mod amx {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{add_tile, pack_bf16_pairs_body, pack_f32_body, Tile};
+    use super::{add_tile, pack_bf16_pairs_body, pack_f32_body, Tile, Value};
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx512f")]
-    pub(super) fn pack_f32_avx512(
-        rows: &[&[f32]],
+    pub(super) fn pack_f32_avx512<R: Value>(
+        rows: &[&[R]],
         shift: &[f32],
         d: usize,
         w: usize,
@@ -807,8 +899,8 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx512f")]
-    pub(super) fn pack_bf16_pairs_avx512(
-        rows: &[&[f32]],
+    pub(super) fn pack_bf16_pairs_avx512<R: Value>(
+        rows: &[&[R]],
         shift: &[f32],
         d: usize,
         w: usize,
@@ -1079,7 +1171,7 @@ mod tests {
     /// several groups of A panels (over 528 columns at 512 rows), against float64, with
     /// partial sums over 512 rows flushed twice per tile; every kernel this CPU has.
     #[test]
-    fn panel_edges_and_a_groups_match_float64_reference() {
+    fn panel_edges_and_b_groups_match_float64_reference() {
         for kernel in Kernel::available() {
             for &(d, n) in &[(47, 300), (48, 97), (49, 513), (95, 40), (700, 1100)] {
                 let rows = adversarial_rows(n, d, (d + n) as u64);
@@ -1242,6 +1334,32 @@ mod tests {
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
         assert_eq!(alone, together);
+    }
+
+    #[test]
+    fn bf16_rows_from_the_map_match_their_f32_decode() {
+        // Every kernel, bf16 rows read in place (`Bf16`) and decoded to f32 first: the same
+        // sums bit for bit (odd row counts, a shift, widths off the panel grid).
+        for (d, n) in [(77, 301), (130, 1025)] {
+            let rows: Vec<f32> = adversarial_rows(n, d, 9).into_iter().map(bf16).collect();
+            let bits: Vec<Bf16> = rows
+                .iter()
+                .map(|x| Bf16((x.to_bits() >> 16) as u16))
+                .collect();
+            let shift: Vec<f32> = (0..d)
+                .map(|j| if j % 3 == 0 { 0.25 } else { 0.0 })
+                .collect();
+            for kernel in Kernel::available() {
+                let shift = kernel.shift(&shift);
+                let mut from_f32 = vec![0f64; d * d];
+                let mut from_bits = vec![0f64; d * d];
+                let f: Vec<&[f32]> = rows.chunks_exact(d).collect();
+                let b: Vec<&[Bf16]> = bits.chunks_exact(d).collect();
+                Gram::with_kernel(d, kernel).add_rows(&f, &shift, &mut from_f32);
+                Gram::with_kernel(d, kernel).add_rows(&b, &shift, &mut from_bits);
+                assert_eq!(from_f32, from_bits, "{kernel:?} d {d} n {n}");
+            }
+        }
     }
 
     #[test]

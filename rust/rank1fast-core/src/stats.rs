@@ -6,7 +6,7 @@
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::gram::{Gram, Kernel};
+use crate::gram::{Gram, Kernel, Value};
 use crate::rowstats::RunStats;
 use std::sync::{Mutex, TryLockError};
 
@@ -371,7 +371,7 @@ impl Accumulator {
     pub fn add_fold_runs(&mut self, k: usize, runs: &[&[f32]]) {
         let d = self.stats.dim.max(1);
         for run in runs {
-            self.reduce_f32(Some(k), run, run.len() / d);
+            self.reduce_rows(Some(k), run, run.len() / d);
         }
         if let (Some(acc), Some(gram)) = (&mut self.stats.fold_moment, &mut self.gram) {
             // Upper triangle (row-major) of the shifted rows' Gram matrix; `finish` mirrors it.
@@ -402,28 +402,32 @@ impl Accumulator {
         let d = self.stats.dim.max(1);
         for (k, fold_runs) in runs.iter().enumerate() {
             for run in fold_runs {
-                self.reduce_f32(Some(k), run, run.len() / d);
+                self.reduce_rows(Some(k), run, run.len() / d);
             }
         }
         self.add_fold_moments_shared(runs, sink);
     }
 
-    /// [`Accumulator::add_fold_runs_shared`] for rows that may hold NaNs or infinities (f32
-    /// rows straight from a dump): the statistics pass over a run also says whether all of it
-    /// was finite, so no separate check reads the rows; a run that was not is taken row by
-    /// row, and its non-finite rows are dropped from the statistics and the second moments
+    /// [`Accumulator::add_fold_runs_shared`] for rows that may hold NaNs or infinities (f32 or
+    /// bf16 rows straight from a dump): the statistics pass over a run also says whether all
+    /// of it was finite, so no separate check reads the rows; a run that was not is taken row
+    /// by row, and its non-finite rows are dropped from the statistics and the second moments
     /// alike (counted in `nonfinite`).
-    pub fn add_checked_fold_runs_shared(&mut self, runs: &[Vec<&[f32]>], sink: &SharedMoments) {
+    pub fn add_checked_fold_runs_shared<R: Value>(
+        &mut self,
+        runs: &[Vec<&[R]>],
+        sink: &SharedMoments,
+    ) {
         let d = self.stats.dim.max(1);
-        let mut kept: Vec<Vec<&[f32]>> = vec![Vec::new(); runs.len()];
+        let mut kept: Vec<Vec<&[R]>> = vec![Vec::new(); runs.len()];
         for (k, fold_runs) in runs.iter().enumerate() {
             for &run in fold_runs {
-                if self.reduce_f32(Some(k), run, run.len() / d) {
+                if self.reduce_rows(Some(k), run, run.len() / d) {
                     kept[k].push(run);
                     continue;
                 }
                 for row in run.chunks_exact(d) {
-                    if self.reduce_f32(Some(k), row, 1) {
+                    if self.reduce_rows(Some(k), row, 1) {
                         kept[k].push(row);
                     } else {
                         self.stats.nonfinite += 1;
@@ -437,14 +441,14 @@ impl Accumulator {
     /// The second moments of finite rows given as runs per fold, into the shared fold
     /// matrices `sink` (one per fold). A fold whose matrix another thread holds is done
     /// later, so threads rarely wait.
-    fn add_fold_moments_shared(&mut self, runs: &[Vec<&[f32]>], sink: &SharedMoments) {
+    fn add_fold_moments_shared<R: Value>(&mut self, runs: &[Vec<&[R]>], sink: &SharedMoments) {
         let d = self.stats.dim.max(1);
         let Some(gram) = &mut self.gram else {
             return;
         };
         let mut pending: Vec<usize> = (0..runs.len()).filter(|&k| !runs[k].is_empty()).collect();
         let mut add = |k: usize, g: &mut [f64]| {
-            let rows: Vec<&[f32]> = runs[k].iter().flat_map(|r| r.chunks_exact(d)).collect();
+            let rows: Vec<&[R]> = runs[k].iter().flat_map(|r| r.chunks_exact(d)).collect();
             gram.add_rows(&rows, &self.shift, g);
         };
         while !pending.is_empty() {
@@ -465,18 +469,20 @@ impl Accumulator {
         }
     }
 
-    /// The per-dimension statistics of `c` f32 rows (`seg`), into a slot when all of them are
+    /// The per-dimension statistics of `c` rows (`seg`), into a slot when all of them are
     /// finite (returned; else nothing is added).
-    fn reduce_f32(&mut self, fold: Option<usize>, seg: &[f32], c: usize) -> bool {
+    fn reduce_rows<R: Value>(&mut self, fold: Option<usize>, seg: &[R], c: usize) -> bool {
         #[cfg(target_endian = "little")]
-        // SAFETY: any f32 is 4 plain bytes; on a little-endian machine they are the F32
-        // encoding the kernel reads.
-        let bytes = unsafe { std::slice::from_raw_parts(seg.as_ptr().cast::<u8>(), seg.len() * 4) };
+        // SAFETY: f32 and Bf16 are plain bytes without padding; on a little-endian machine
+        // they are the encoding of their dtype that the kernel reads.
+        let (dtype, bytes) = (R::DTYPE, unsafe {
+            std::slice::from_raw_parts(seg.as_ptr().cast::<u8>(), std::mem::size_of_val(seg))
+        });
         #[cfg(not(target_endian = "little"))]
-        let owned: Vec<u8> = seg.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let owned: Vec<u8> = seg.iter().flat_map(|x| x.value().to_le_bytes()).collect();
         #[cfg(not(target_endian = "little"))]
-        let bytes: &[u8] = &owned;
-        let finite = self.run.reduce(DType::F32, bytes, c, &self.shift64);
+        let (dtype, bytes) = (DType::F32, &owned[..]);
+        let finite = self.run.reduce(dtype, bytes, c, &self.shift64);
         if finite {
             self.take_run(fold, c);
         }
