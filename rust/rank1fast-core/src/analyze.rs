@@ -525,8 +525,9 @@ fn process_chunk(
         release_pages(src, r0 * rb, r1 * rb);
         return;
     }
-    // Second moments: the kept rows decoded to f32 straight into fold order (the Gram kernel
-    // takes a fold's rows together); `folds` holds each row's fold, or DROP.
+    // Second moments: the kept rows go to the Gram kernel a fold at a time (it takes a fold's
+    // rows together), in place or decoded to f32 in fold order; `folds` holds each row's fold,
+    // or DROP.
     const DROP: u32 = u32::MAX;
     // f32 and bf16 rows go to the kernels straight from the map, where the statistics pass
     // finds the non-finite ones (no pass of its own over the rows); f16 rows are checked here
