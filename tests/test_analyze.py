@@ -135,10 +135,10 @@ def test_npy_float16_and_outliers(tmp_path: Path) -> None:
     assert o.cv == pytest.approx(ref[:, 5].std() / abs(ref[:, 5].mean()))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_nonfinite_rows_are_counted_and_excluded(tmp_path: Path, dtype: str) -> None:
-    # Rows straight from the map (f32: the statistics pass finds them) and decoded rows (bf16:
-    # checked before the decode) drop the same rows from the statistics and second moments.
+    # Rows straight from the map (f32, bf16) and decoded rows (f16): the statistics pass finds
+    # the non-finite ones and drops them from the statistics and second moments alike.
     x = activations(3000, 16, seed=5)
     x[7, 3] = np.nan
     x[100, 0] = np.inf

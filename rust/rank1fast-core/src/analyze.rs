@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use crate::dtype::{any_nonfinite, decode_f32, DType};
+use crate::dtype::{decode_f32, DType};
 use crate::error::{Error, Result};
 use crate::gram::{Bf16, Kernel};
 use crate::source::{self, SiteSource};
@@ -527,21 +527,15 @@ fn process_chunk(
     }
     // Second moments: the kept rows go to the Gram kernel a fold at a time (it takes a fold's
     // rows together), in place or decoded to f32 in fold order; `folds` holds each row's fold,
-    // or DROP.
+    // or DROP. Rows holding a NaN or an infinity are found (and dropped) by the statistics
+    // pass over them: no pass of its own.
     const DROP: u32 = u32::MAX;
-    // f32 and bf16 rows go to the kernels straight from the map, where the statistics pass
-    // finds the non-finite ones (no pass of its own over the rows); f16 rows are checked here
-    // and decoded.
-    let direct = direct_rows(src.dtype, bytes);
     folds.clear();
     let mut counts = vec![0usize; opts.folds];
     for i in 0..m {
         let row = r0 + i;
         let raw = &bytes[i * rb..(i + 1) * rb];
-        if matches!(direct, Direct::No) && any_nonfinite(src.dtype, raw) {
-            acc.stats.nonfinite += 1;
-            folds.push(DROP);
-        } else if src.position(row).is_some_and(|p| p < opts.skip_positions) {
+        if src.position(row).is_some_and(|p| p < opts.skip_positions) {
             set_aside(src.dtype, raw, &mut buf[..d], acc);
             folds.push(DROP);
         } else {
@@ -568,16 +562,18 @@ fn process_chunk(
         }
         runs
     }
-    match direct {
+    let in_place = match direct_rows(src.dtype, bytes) {
         Direct::F32(rows) => {
-            acc.add_checked_fold_runs_shared(&runs(rows, folds, opts.folds, d), sink)
+            acc.add_fold_runs_shared(&runs(rows, folds, opts.folds, d), sink);
+            true
         }
         Direct::Bf16(rows) => {
-            acc.add_checked_fold_runs_shared(&runs(rows, folds, opts.folds, d), sink)
+            acc.add_fold_runs_shared(&runs(rows, folds, opts.folds, d), sink);
+            true
         }
-        Direct::No => {}
-    }
-    if !matches!(direct, Direct::No) {
+        Direct::No => false,
+    };
+    if in_place {
         release_pages(src, r0 * rb, r1 * rb);
         return;
     }

@@ -97,25 +97,6 @@ pub fn decode_f32(dtype: DType, bytes: &[u8], dst: &mut [f32]) {
     }
 }
 
-/// Whether any value in `bytes` (little-endian `dtype` values) is NaN or infinite: its
-/// exponent bits all ones.
-pub fn any_nonfinite(dtype: DType, bytes: &[u8]) -> bool {
-    let (mask, size) = match dtype {
-        DType::F32 => (0x7f80_0000u32, 4),
-        DType::BF16 => (0x7f80, 2),
-        DType::F16 => (0x7c00, 2),
-    };
-    if size == 4 {
-        bytes.chunks_exact(4).fold(false, |a, c| {
-            a | (u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & mask == mask)
-        })
-    } else {
-        bytes.chunks_exact(2).fold(false, |a, c| {
-            a | (u16::from_le_bytes([c[0], c[1]]) as u32 & mask == mask)
-        })
-    }
-}
-
 /// Encode f32 values as little-endian bytes of `dtype` (round to nearest even).
 pub fn encode_f32(dtype: DType, src: &[f32], out: &mut Vec<u8>) {
     out.reserve(src.len() * dtype.size());

@@ -537,35 +537,20 @@ fn pack_bf16_pairs_body<R: Value>(
 
 /// Gather panels of `mr` columns (`nk` steps each) from the `nr`-column panels `b`.
 fn gather_panels(b: &[u32], d: usize, nr: usize, mr: usize, nk: usize, a: &mut [u32]) {
-    match mr {
-        // Fixed-size copies (vector moves, not a call per step) for the kernels' widths.
-        6 => gather_panels_n::<6>(b, d, nr, nk, a),
-        12 => gather_panels_n::<12>(b, d, nr, nk, a),
-        _ => unreachable!("no kernel has {mr}-column A panels"),
-    }
-}
-
-fn gather_panels_n<const MR: usize>(b: &[u32], d: usize, nr: usize, nk: usize, a: &mut [u32]) {
-    for q in 0..d.div_ceil(MR) {
-        let dst = &mut a[q * nk * MR..][..nk * MR];
+    for q in 0..d.div_ceil(mr) {
+        let dst = &mut a[q * nk * mr..][..nk * mr];
         // The panel's columns are one run in a `nr`-panel, or two in neighbouring ones (the
         // second maybe cut short by `d`; `b` is zero past `d` within its last panel).
-        let c0 = q * MR;
-        let split = (nr - c0 % nr).min(MR);
+        let c0 = q * mr;
+        let split = (nr - c0 % nr).min(mr);
         let first = &b[(c0 / nr) * nk * nr + c0 % nr..];
-        let rest = (split < MR && c0 + split < d).then(|| &b[((c0 + split) / nr) * nk * nr..]);
-        if split == MR {
-            for (k, dk) in dst.chunks_exact_mut(MR).enumerate() {
-                let src: &[u32; MR] = first[k * nr..][..MR].try_into().expect("MR words");
-                dk.copy_from_slice(src);
-            }
-            continue;
-        }
-        for (k, dk) in dst.chunks_exact_mut(MR).enumerate() {
+        let rest = (split < mr && c0 + split < d).then(|| &b[((c0 + split) / nr) * nk * nr..]);
+        for (k, dk) in dst.chunks_exact_mut(mr).enumerate() {
             dk[..split].copy_from_slice(&first[k * nr..][..split]);
             match rest {
-                Some(r) => dk[split..].copy_from_slice(&r[k * nr..][..MR - split]),
-                None => dk[split..].fill(0),
+                Some(r) => dk[split..].copy_from_slice(&r[k * nr..][..mr - split]),
+                None if split < mr => dk[split..].fill(0),
+                None => {}
             }
         }
     }

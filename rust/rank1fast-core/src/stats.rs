@@ -162,11 +162,6 @@ impl SiteStats {
     }
 }
 
-/// A zeroed vector for the fold matrices (up to gigabytes), with its pages mapped up front:
-/// huge pages where the kernel offers them (Linux, `madvise`), and every page written once, so
-/// the kernel does not first map the shared zero page on a read and then copy it on the
-/// first write, with a TLB shootdown across threads each time (a third of the time of a
-/// d = 1536 analysis before this).
 /// Copy the upper triangle of the row-major `d × d` matrix `g` onto its lower triangle, in
 /// 32 × 32 blocks (a block's rows and columns stay in L1; the writes run along rows).
 fn mirror_upper(g: &mut [f64], d: usize) {
@@ -185,6 +180,11 @@ fn mirror_upper(g: &mut [f64], d: usize) {
     }
 }
 
+/// A zeroed vector for the fold matrices (up to gigabytes), with its pages mapped up front:
+/// huge pages where the kernel offers them (Linux, `madvise`), and every page written once, so
+/// the kernel does not first map the shared zero page on a read and then copy it on the
+/// first write, with a TLB shootdown across threads each time (a third of the time of a
+/// d = 1536 analysis before this).
 pub(crate) fn zeroed_large(n: usize) -> Vec<f64> {
     zeroed_large_on(n, 1)
 }
@@ -381,7 +381,8 @@ impl Accumulator {
         }
     }
 
-    /// [`Accumulator::add_sorted_rows`] with the second moments added to shared fold matrices.
+    /// [`Accumulator::add_sorted_rows`] with the second moments added to shared fold matrices;
+    /// rows holding a NaN or an infinity are dropped (see [`Accumulator::add_fold_runs_shared`]).
     pub fn add_sorted_rows_shared(&mut self, rows: &[f32], counts: &[usize], sink: &SharedMoments) {
         let d = self.stats.dim;
         debug_assert_eq!(rows.len(), counts.iter().sum::<usize>() * d);
@@ -396,28 +397,13 @@ impl Accumulator {
         self.add_fold_runs_shared(&runs, sink);
     }
 
-    /// Add finite rows given as runs per fold (`runs[k]`: whole rows of fold `k`) to the
-    /// statistics, and their second moments to the shared fold matrices `sink` (one per fold).
-    pub fn add_fold_runs_shared(&mut self, runs: &[Vec<&[f32]>], sink: &SharedMoments) {
-        let d = self.stats.dim.max(1);
-        for (k, fold_runs) in runs.iter().enumerate() {
-            for run in fold_runs {
-                self.reduce_rows(Some(k), run, run.len() / d);
-            }
-        }
-        self.add_fold_moments_shared(runs, sink);
-    }
-
-    /// [`Accumulator::add_fold_runs_shared`] for rows that may hold NaNs or infinities (f32 or
-    /// bf16 rows straight from a dump): the statistics pass over a run also says whether all
-    /// of it was finite, so no separate check reads the rows; a run that was not is taken row
-    /// by row, and its non-finite rows are dropped from the statistics and the second moments
-    /// alike (counted in `nonfinite`).
-    pub fn add_checked_fold_runs_shared<R: Value>(
-        &mut self,
-        runs: &[Vec<&[R]>],
-        sink: &SharedMoments,
-    ) {
+    /// Add rows given as runs per fold (`runs[k]`: whole rows of fold `k`, f32 or bf16, maybe
+    /// straight from a dump) to the statistics, and their second moments to the shared fold
+    /// matrices `sink` (one per fold). The statistics pass over a run also says whether all of
+    /// it was finite, so no separate check reads the rows; a run that was not is taken row by
+    /// row, and its rows holding a NaN or an infinity are dropped from the statistics and the
+    /// second moments alike (counted in `nonfinite`).
+    pub fn add_fold_runs_shared<R: Value>(&mut self, runs: &[Vec<&[R]>], sink: &SharedMoments) {
         let d = self.stats.dim.max(1);
         let mut kept: Vec<Vec<&[R]>> = vec![Vec::new(); runs.len()];
         for (k, fold_runs) in runs.iter().enumerate() {
