@@ -3,8 +3,8 @@
 //! Rows are read from the memory map in chunks of 16 MiB, filtered (position < skip,
 //! non-finite) and handed to a per-thread [`Accumulator`]: straight from the map for the
 //! per-dimension statistics (runs of one fold's rows), and for the second moments of f32 and
-//! bf16 dumps (the statistics pass over a run also finds its non-finite rows); f16 rows are
-//! checked and decoded to f32 in fold order for the second moments. The threads
+//! bf16 dumps; f16 rows are decoded to f32 in fold order for them. The statistics pass over a
+//! run also finds the rows holding a NaN or an infinity, which are then dropped. The threads
 //! add second moments to one set of fold matrices, fold k behind its own lock, and merge their
 //! per-dimension statistics at the end. Memory is `folds × dim² × 8 + threads × chunk` bytes,
 //! whatever the number of tokens; an analysis that cannot fit is refused before it allocates
