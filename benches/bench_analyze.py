@@ -15,7 +15,8 @@ Second moments (--moment-dim, --moment-dtypes, --moment-rows): a file of that ma
   rank1fast    analyze() with second moments: statistics, per-fold moments, the solve
 reported as useful GFLOP/s (rows x d x (d + 1): one triangle's multiply-adds, counted as two)
 next to numpy's float32 GEMM on all cores (the BLAS's best case on this machine).
-Ends with a table of the ratios the performance issue targets.
+Ends with a table of the ratios the performance issues target (statistics: issue 5; second
+moments: issue 20, whose bf16 target depends on the kernel the CPU gives bf16 dumps).
 """
 
 from __future__ import annotations
@@ -260,6 +261,28 @@ def moments_case(args, dtype: str) -> dict:
     }
 
 
+def moment_target(case: str, for_bf16: str) -> float | None:
+    """Issue 20's second-moment targets against numpy's f32 BLAS loop on the same file: bf16
+    dumps >= 1.5x where the CPU has bf16 dot products or AMX (the aim with AMX is 2.5x), >= 0.9x
+    where it has only f32 FMA (both then run at the same peak); f32 dumps >= 1.0x."""
+    if "bfloat16" in case:
+        return 1.5 if for_bf16 in ("amx", "avx512-bf16") else 0.9
+    return 1.0 if "float32" in case else None
+
+
+def cpu_model() -> str:
+    """`lscpu`'s model name (from /proc/cpuinfo), for the record every table carries."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--gib", type=float, default=1.0, help="size of each statistics file")
@@ -277,6 +300,7 @@ def main() -> None:
     )
     ap.add_argument("--dir", default=None, help="where to write the files (default: a temp dir)")
     args = ap.parse_args()
+    print(f"CPU: {cpu_model()}")
     print(
         f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}; "
         f"numpy float32 GEMM on all cores: {sgemm_rate(args.moment_dim, 3):.0f} GFLOP/s"
@@ -309,11 +333,13 @@ def main() -> None:
                 f"{r['vs raw read']:.2f}x raw read | >= 2x, >= 0.5x: {'met' if ok else 'NOT met'} |"
             )
         else:
-            want = 1.2 if "bfloat16" in r["case"] else 0.9
-            ok = r["vs numpy"] >= want
+            want = moment_target(r["case"], for_bf16)
+            verdict = "no target" if want is None else (
+                f">= {want}x: {'met' if r['vs numpy'] >= want else 'NOT met'}"
+            )
             print(
                 f"| {r['case']} | {r['GFLOP/s']:.1f} GFLOP/s | {r['vs numpy']:.2f}x numpy | "
-                f">= {want}x: {'met' if ok else 'NOT met'} |"
+                f"{verdict} |"
             )
 
 

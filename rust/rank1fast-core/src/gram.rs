@@ -17,14 +17,16 @@
 //! - [`Kernel::Avx512Bf16`] (AVX-512 BF16, for rows that are bfloat16 values): the shifted
 //!   values are rounded to bfloat16 (exact whenever `x` lies between `c / 2` and `16 c`, or
 //!   `c = 0`: see [`Kernel::shift`]) and pairs of rows are
-//!   multiplied with `vdpbf16ps`: bf16 × bf16 products are exact in f32, at twice the f32
-//!   multiply-add rate; a 12 × 32 tile in 24 registers.
+//!   multiplied with `vdpbf16ps`: bf16 × bf16 products are exact in f32; a 12 × 32 tile in
+//!   24 registers. The default for bf16 rows only where `vdpbf16ps` runs at twice the f32
+//!   multiply-add rate (AMD Zen 4: [`bf16_dot_at_full_rate`]); Intel's runs at half that, so
+//!   there bf16 rows without AMX go to the f32 FMA kernel.
 //! - [`Kernel::Amx`] (AMX-BF16 tiles, for bfloat16 rows; Linux, Intel Sapphire Rapids and
 //!   later): the same shifted bf16 pairs, multiplied with `tdpbf16ps`, which adds a 16 × 32
 //!   bf16 tile times a 32 × 16 one into a 16 × 16 f32 tile (bf16 products exact, sums in f32
 //!   as above); a 32 × 32 block of `G` in four accumulator tiles. Used only where the CPU
 //!   reports AMX-TILE and AMX-BF16, the OS enables tile state (XCR0) and grants this process
-//!   tile data (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), else the AVX-512 BF16 kernel runs.
+//!   tile data (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), else the AVX-512 f32 kernel runs.
 //! - [`Kernel::Avx512`] (AVX-512F): f32 FMA, 12 × 32 tile in 24 registers (2 loads and 12
 //!   broadcasts per 24 FMAs).
 //! - [`Kernel::Avx2`] (AVX2 + FMA): f32 FMA, 6 × 16 tile in 12 registers.
@@ -100,9 +102,19 @@ impl Kernel {
                 ),
             }
         }
+        Kernel::pick(&avail, bf16_rows, bf16_dot_at_full_rate())
+    }
+
+    /// The default among `avail` (slowest first, as [`Kernel::available`] lists them): the
+    /// last one that suits the rows, passing over the AVX-512 BF16 kernel where `vdpbf16ps`
+    /// runs at half the f32 FMA rate (`full_rate_dot` false: see [`bf16_dot_at_full_rate`]),
+    /// since the f32 FMA kernel is then the faster for bf16 rows too.
+    fn pick(avail: &[Kernel], bf16_rows: bool, full_rate_dot: bool) -> Kernel {
         avail
-            .into_iter()
+            .iter()
             .rev()
+            .copied()
+            .filter(|&k| k != Kernel::Avx512Bf16 || full_rate_dot)
             .find(|&k| bf16_rows || !k.bf16())
             .unwrap_or(Kernel::Portable)
     }
@@ -159,6 +171,30 @@ impl Kernel {
         } else {
             shift.to_vec()
         }
+    }
+}
+
+/// Whether `vdpbf16ps` (a 16-lane dot product of bf16 pairs into f32) multiplies-and-adds
+/// twice as fast as `vfmadd` on f32, as on AMD Zen 4 (session 4: the AVX-512 BF16 kernel
+/// 1.43-1.80x numpy's f32 BLAS loop on bf16 dumps, the f32 kernel 0.89-0.95x on f32 dumps).
+/// Not on Intel: on Sapphire Rapids one `vdpbf16ps` zmm issues every other cycle, 107
+/// GFLOP/s against `vfmadd`'s 215 per core (`benches/prototypes/fma_peak.c`), and the f32
+/// kernel adds bf16 rows at 131 GFLOP/s against the BF16 kernel's 88 (`gram_calls`, one
+/// thread); there the BF16 kernel runs only when forced (AMX comes first where usable).
+pub fn bf16_dot_at_full_rate() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: CPUID leaf 0 exists on every x86-64 CPU (a safe function in newer Rust).
+        #[allow(unused_unsafe)]
+        let v = unsafe { std::arch::x86_64::__cpuid(0) };
+        // "GenuineIntel", as EBX, EDX, ECX.
+        !(v.ebx == u32::from_le_bytes(*b"Genu")
+            && v.edx == u32::from_le_bytes(*b"ineI")
+            && v.ecx == u32::from_le_bytes(*b"ntel"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        true
     }
 }
 
@@ -1103,6 +1139,20 @@ mod tests {
 
     fn bf16(x: f32) -> f32 {
         f32::from_bits(bf16_bits(x) << 16)
+    }
+
+    #[test]
+    fn default_kernel_passes_over_a_half_rate_bf16_dot() {
+        use Kernel::*;
+        let all = [Portable, Avx2, Avx512, Avx512Bf16, Amx];
+        let no_amx = [Portable, Avx2, Avx512, Avx512Bf16];
+        assert_eq!(Kernel::pick(&all, true, false), Amx);
+        assert_eq!(Kernel::pick(&all, false, true), Avx512);
+        assert_eq!(Kernel::pick(&no_amx, true, true), Avx512Bf16);
+        assert_eq!(Kernel::pick(&no_amx, true, false), Avx512);
+        assert_eq!(Kernel::pick(&no_amx, false, true), Avx512);
+        assert_eq!(Kernel::pick(&[Portable, Avx2], true, true), Avx2);
+        assert_eq!(Kernel::pick(&[Portable], true, false), Portable);
     }
 
     /// Every kernel this CPU has, against a float64 reference, at widths around the tile
