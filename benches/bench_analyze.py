@@ -334,8 +334,10 @@ def main() -> None:
             )
         else:
             want = moment_target(r["case"], for_bf16)
-            verdict = "no target" if want is None else (
-                f">= {want}x: {'met' if r['vs numpy'] >= want else 'NOT met'}"
+            verdict = (
+                "no target"
+                if want is None
+                else (f">= {want}x: {'met' if r['vs numpy'] >= want else 'NOT met'}")
             )
             print(
                 f"| {r['case']} | {r['GFLOP/s']:.1f} GFLOP/s | {r['vs numpy']:.2f}x numpy | "

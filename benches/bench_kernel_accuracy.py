@@ -2,8 +2,9 @@
 
 Usage: python benches/bench_kernel_accuracy.py [DUMP] [--tokens 40000]
 
-Without DUMP it first collects a bf16 dump of the default model (resid_mid.5, resid_post.5,
-resid_post.15; --tokens tokens of the built-in corpus, about 1.5 min on 2 cores). For each
+Without DUMP it first collects a bf16 dump of the default model (resid_mid.5, resid_mid.15,
+resid_post.5, resid_post.15; --tokens tokens of the built-in corpus, about 1.5 min on 2
+cores). For each
 kernel (forced with RANK1FAST_GRAM) it analyses the dump and prints, per site, the error of
 the covariance against numpy float64 on the same rows, relative to sd_i sd_j (max and median),
 the cross-validated error of the constant direction, and how far that direction's
@@ -41,7 +42,7 @@ def main() -> None:
                 "rank1fast",
                 "collect",
                 "--sites",
-                "resid_mid.5,resid_post.5,resid_post.15",
+                "resid_mid.5,resid_mid.15,resid_post.5,resid_post.15",
                 "--tokens",
                 str(args.tokens),
                 "--storage-dtype",

@@ -394,6 +394,22 @@ def test_manifest_cannot_leave_the_dump(tmp_path: Path) -> None:
         rank1fast.analyze(tmp_path / "dump", progress=False)
 
 
+def test_manifest_must_agree_with_its_shards(tmp_path: Path) -> None:
+    write_dump(tmp_path / "dump", {"a": 8}, [30, 40], "float32", shard_docs=1)
+    good = json.loads((tmp_path / "dump/manifest.json").read_text())
+    twice = {**good, "shards": good["shards"] + good["shards"][:1]}
+    (tmp_path / "dump/manifest.json").write_text(json.dumps(twice))
+    with pytest.raises(rank1fast.DumpError, match=r'manifest.json: shard "shard-00000.* twice'):
+        rank1fast.analyze(tmp_path / "dump", progress=False)
+    wrong = {**good, "sites": {"a": {**good["sites"]["a"], "dtype": "bfloat16"}}}
+    (tmp_path / "dump/manifest.json").write_text(json.dumps(wrong))
+    with pytest.raises(
+        rank1fast.DumpError,
+        match=r"00000.safetensors \[a\]: manifest says dtype bfloat16 but the tensor is float32",
+    ):
+        rank1fast.analyze(tmp_path / "dump", progress=False)
+
+
 # -- command line -----------------------------------------------------------------------------
 
 
@@ -432,6 +448,56 @@ def test_site_without_finite_rows_is_an_error(tmp_path: Path) -> None:
     np.save(tmp_path / "nan.npy", np.full((50, 4), np.nan, np.float32))
     with pytest.raises(rank1fast.DumpError, match=r"nan.npy \[nan\].*all 50 rows"):
         rank1fast.analyze(tmp_path / "nan.npy", progress=False)
+
+
+def test_site_with_every_row_before_skip_positions_is_an_error(tmp_path: Path) -> None:
+    write_dump(tmp_path / "dump", {"a": 8}, [30, 40], "float32")
+    with pytest.raises(rank1fast.DumpError, match=r"dump \[a\]: all 70 rows .*positions < skip"):
+        rank1fast.analyze(tmp_path / "dump", skip_positions=100, progress=False)
+    assert rank1fast.analyze(tmp_path / "dump", skip_positions=35, progress=False)["a"].count == 5
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"folds": 2.5},
+        {"folds": True},
+        {"folds": 0},
+        {"skip_positions": -5},
+        {"threads": 0},
+        {"threads": -1},
+        {"memory_limit": -1},
+        {"moment_rows": 0},
+        {"moment_rows": "100"},
+    ],
+)
+def test_arguments_out_of_range_are_named(tmp_path: Path, kwargs: dict) -> None:
+    write_dump(tmp_path / "dump", {"a": 8}, [30, 40], "float32")
+    (name,) = kwargs
+    with pytest.raises(rank1fast.InvalidArgumentError, match=f"^{name} must be an integer"):
+        rank1fast.analyze(tmp_path / "dump", progress=False, **kwargs)
+    # numpy integers are integers; a cap beyond any dump is no cap.
+    r = rank1fast.analyze(tmp_path / "dump", folds=np.int64(2), moment_rows=10**30, progress=False)
+    assert r["a"].moment_count == r["a"].count == 68
+
+
+def test_save_into_a_directory_fails_cleanly(tmp_path: Path) -> None:
+    write_dump(tmp_path / "dump", {"a": 8}, [30, 40], "float32")
+    report = rank1fast.analyze(tmp_path / "dump", progress=False)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(rank1fast.Rank1IOError, match="out: cannot write the report"):
+        report.save(tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dump", "out"]  # no out.tmp
+    for option in ("--json", "--save"):
+        for target, why in ((tmp_path / "out", "is a directory"), (tmp_path / "no/r", "not exist")):
+            bad = subprocess.run(
+                [sys.executable, "-m", "rank1fast", "analyze", str(tmp_path / "dump")]
+                + [option, str(target), "-q"],
+                capture_output=True,
+                text=True,
+            )
+            assert bad.returncode == 1 and f"{option} {target}: " in bad.stderr, bad.stderr
+            assert why in bad.stderr
 
 
 def test_ctrl_c_interrupts_within_a_second(tmp_path: Path) -> None:

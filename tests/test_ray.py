@@ -184,6 +184,12 @@ def test_errors_and_cli(cluster, dump: Path, tmp_path: Path, capsys, monkeypatch
     out = tmp_path / "r.json"
     assert main(["analyze", str(dump), "--ray", "--json", str(out), "-q"]) == 0
     assert out.exists()
+    # A relative path: the workers run in other directories.
+    monkeypatch.chdir(dump.parent)
+    assert main(["analyze", dump.name, "--ray", "-q"]) == 0
+    # A site that no row reached is refused on the merged statistics, as in one process.
+    with pytest.raises(rank1fast.DumpError, match=r"all .* rows .*positions < skip"):
+        rank1fast.analyze(dump.name, cluster="ray", skip_positions=10**6, progress=False)
 
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     with pytest.raises(rank1fast.InvalidArgumentError, match=r"pip install 'rank1fast\[ray\]'"):

@@ -5,13 +5,15 @@ Python API."""
 from __future__ import annotations
 
 import argparse
+import operator
 from typing import Any
 
 from .errors import InvalidArgumentError
 
 
 def check_int(name: str, value: Any, low: int, *, optional: bool = False) -> None:
-    """Refuse ``value`` unless it is an int (not a bool) of at least ``low`` (or None when
+    """Refuse ``value`` unless it is an integer (an ``int`` or anything ``operator.index``
+    takes, such as ``numpy.int64``; not a bool) of at least ``low`` (or None when
     ``optional``).
 
     Raises:
@@ -19,7 +21,11 @@ def check_int(name: str, value: Any, low: int, *, optional: bool = False) -> Non
     """
     if optional and value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < low:
         either = " or None" if optional else ""
         raise InvalidArgumentError(
             f"{name} must be an integer of at least {low}{either}, got {value!r}"

@@ -20,8 +20,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from . import _core
+from ._args import check_int
 from ._manifest import MANIFEST, site_modules
 from ._progress import ProgressArg, bytes_callback
+from .analysis import check_rows
 from .errors import DumpError, InvalidArgumentError, PathNotFoundError, Rank1Error
 from .report import Report, SiteReport
 
@@ -170,12 +172,17 @@ def analyze(
     if isinstance(sites, str):
         sites = [sites]
     sites = None if sites is None else list(sites)
-    for name, value in (("folds", folds), ("shards_per_task", shards_per_task)):
-        if value < 1:
-            raise InvalidArgumentError(f"{name} must be at least 1, got {value}")
-    if fanin < 2:
-        raise InvalidArgumentError(f"fanin must be at least 2, got {fanin}")
-    root, units, manifest = _work_units(Path(path), shards_per_task)
+    check_int("skip_positions", skip_positions, 0)
+    check_int("threads", threads, 1, optional=True)
+    for name, value, low in (
+        ("folds", folds, 1),
+        ("shards_per_task", shards_per_task, 1),
+        ("fanin", fanin, 2),
+    ):
+        check_int(name, value, low)
+    # Workers run in other directories: hand them an absolute path.
+    path = Path(path).absolute()
+    root, units, manifest = _work_units(path, shards_per_task)
     if manifest is not None and sites is not None:
         have = list(manifest["sites"])
         for s in sites:
@@ -256,12 +263,7 @@ def analyze(
                     f"site {s!r} is not in {path}; it has: {', '.join(by_name)}"
                 )
         stats = [by_name[s] for s in sites]
-    for st in stats:
-        if st.count == 0 and st.nonfinite > 0:
-            raise DumpError(
-                f"{path}: tensor {st.name!r}: all {st.nonfinite} rows of the site hold NaN "
-                "or infinity"
-            )
+    check_rows(stats, path, int(skip_positions))
     return Report(
         (SiteReport(st) for st in stats),
         skip_positions=int(skip_positions),
@@ -310,6 +312,7 @@ def _read_dump_manifest(file: Path) -> dict[str, Any]:
     shards = manifest.get("shards") if isinstance(manifest, dict) else None
     if not isinstance(shards, list) or not isinstance(manifest.get("sites"), dict):
         raise DumpError(f'{file}: missing "sites" object or "shards" array')
+    seen: set[str] = set()
     for s in shards:
         name = s.get("file") if isinstance(s, dict) else None
         if not isinstance(name, str) or not name:
@@ -317,6 +320,11 @@ def _read_dump_manifest(file: Path) -> dict[str, Any]:
         parts = PurePosixPath(name).parts
         if name.startswith("/") or any(p in ("..", ".") for p in parts) or "\\" in name:
             raise DumpError(f"{file}: shard path {name!r} leaves the dump directory")
+        if name in seen:  # as the Rust reader (parse_manifest) says
+            raise DumpError(
+                f'{file}: shard "{name}" is listed twice (its tokens would count twice)'
+            )
+        seen.add(name)
     if not shards:
         raise DumpError(f"{file}: the dump holds no shard yet")
     return manifest

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from . import _core
+from ._args import check_int
 from ._manifest import site_modules
 from ._progress import ProgressArg, bytes_callback
-from .errors import InvalidArgumentError
+from .errors import DumpError, InvalidArgumentError
 from .report import SOLVERS, Report, SiteReport
 
-__all__ = ["analyze"]
+__all__ = ["analyze", "check_rows"]
 
 
 def analyze(
@@ -46,7 +48,8 @@ def analyze(
             ``position`` tensor or the seq index of 3-D tensors; rows of bare 2-D tensors
             have no position and are all kept.
         folds: cross-validation folds for the ridge (by document where documents are known,
-            else by blocks of 256 rows).
+            else by blocks of 256 rows); 1 fits without cross-validation, and the errors
+            are then in-sample (``cross_validated`` is False; the table marks them).
         second_moments: accumulate ``E[x xᵀ]`` per fold (needed for the least-squares
             direction; off gives statistics and the one-hot baseline only, much faster).
         threads: worker threads (default: one per core; on a cluster, threads per task,
@@ -83,16 +86,25 @@ def analyze(
         DumpError: a file is malformed, truncated or of an unsupported dtype.
         InsufficientMemoryError: the fold matrices would not fit in the memory available
             (or ``memory_limit``); the message names the folds that would.
-        InvalidArgumentError: an unknown site, an unknown solver, folds < 1 or
-            moment_rows < 1; with
-            ``cluster``, Ray missing, the cluster unreachable, or moment_rows given.
+        DumpError: also when a site has no row left: every row holds a NaN or an infinity,
+            or lies at a position below ``skip_positions``.
+        InvalidArgumentError: an unknown site, an unknown solver, or an argument that is not
+            an integer in range (skip_positions < 0, folds < 1, threads < 1, moment_rows < 1,
+            memory_limit < 1); with ``cluster``, Ray missing, the cluster unreachable, or
+            moment_rows given.
 
     Example:
         >>> report = rank1fast.analyze("dump/", sites=["resid_mid.15"])   # doctest: +SKIP
         >>> print(report)                                                # doctest: +SKIP
     """
-    if moment_rows is not None and int(moment_rows) < 1:
-        raise InvalidArgumentError(f"moment_rows must be at least 1, got {moment_rows}")
+    check_int("skip_positions", skip_positions, 0)
+    check_int("folds", folds, 1)
+    for name, value in (
+        ("threads", threads),
+        ("moment_rows", moment_rows),
+        ("memory_limit", memory_limit),
+    ):
+        check_int(name, value, 1, optional=True)
     if cluster is not None:
         if moment_rows is not None:
             raise InvalidArgumentError(
@@ -120,20 +132,47 @@ def analyze(
         stats = _core.analyze(
             os.fspath(path),
             sites=None if sites is None else list(sites),
-            skip_positions=int(skip_positions),
-            folds=int(folds),
+            skip_positions=min(int(skip_positions), sys.maxsize),
+            folds=min(int(folds), sys.maxsize),
             second_moments=bool(second_moments),
-            threads=int(threads or 0),
+            threads=min(int(threads or 0), sys.maxsize),
             progress=callback,
-            moment_rows=None if moment_rows is None else int(moment_rows),
-            memory_limit=None if memory_limit is None else int(memory_limit),
+            # Beyond any dump or machine, a cap is no cap.
+            moment_rows=None if moment_rows is None else min(int(moment_rows), sys.maxsize),
+            memory_limit=None if memory_limit is None else min(int(memory_limit), sys.maxsize),
         )
     finally:
         if bar is not None:
             bar.close()
+    check_rows(stats, path, int(skip_positions))
     return Report(
         (SiteReport(s, solver=solver) for s in stats),
         skip_positions=int(skip_positions),
         source=os.fspath(path),
         modules=site_modules(Path(path)),
     )
+
+
+def check_rows(stats: Iterable[_core.SiteStats], path: str | os.PathLike[str], skip: int) -> None:
+    """Refuse a site that no row reached: all held a NaN or an infinity, or lay at positions
+    below ``skip`` (``skip_positions``). Run on whole-dump statistics (after a Ray analysis
+    merges its tasks: one task may hold such a shard while the site has rows elsewhere).
+
+    Raises:
+        DumpError: naming ``path``, the site and why its rows were dropped.
+    """
+    for st in stats:
+        if st.count > 0:
+            continue
+        if st.nonfinite:
+            why = f"all {st.nonfinite} rows of the site hold NaN or infinity"
+            if st.skipped:
+                why += f" (and {st.skipped} more lie at positions < {skip})"
+        elif st.skipped:
+            why = (
+                f"all {st.skipped} rows of the site lie at positions < skip_positions = {skip}; "
+                "pass a smaller skip_positions (--skip-positions)"
+            )
+        else:
+            why = "the site holds no rows"
+        raise DumpError(f"{os.fspath(path)} [{st.name}]: {why}")

@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._args import nonnegative_float, positive_float, positive_int
+from ._args import nonnegative_float, nonnegative_int, positive_float, positive_int
 from ._version import __version__
-from .errors import Rank1Error
+from .errors import InvalidArgumentError, Rank1Error
 
 # Modules that contribute subcommands (imported lazily so `rank1fast analyze` never imports torch).
 _COMMAND_MODULES: list[str] = [
@@ -58,12 +58,18 @@ def _analyze_cli(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--skip-positions",
-        type=int,
+        type=nonnegative_int,
         default=1,
         metavar="K",
         help="drop tokens at position < K (default 1: drop BOS)",
     )
-    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    p.add_argument(
+        "--folds",
+        type=positive_int,
+        default=5,
+        help="cross-validation folds (default 5; 1: no cross-validation, the errors are then "
+        "in-sample)",
+    )
     p.add_argument(
         "--no-second-moments",
         action="store_true",
@@ -71,7 +77,7 @@ def _analyze_cli(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--moment-rows",
-        type=int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="use about N rows per site (whole chunks spread over the dump) for the second "
@@ -80,7 +86,7 @@ def _analyze_cli(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=None,
         help="worker threads (default: all cores; with --ray: threads per task, default 1)",
     )
@@ -120,6 +126,11 @@ def _analyze_cli(sub: argparse._SubParsersAction) -> None:
 def _run_analyze(args: argparse.Namespace) -> int:
     from .analysis import analyze
 
+    for option, out in (("--json", args.json), ("--save", args.save)):
+        # Before the analysis, which can take long: a path that cannot be written.
+        if out and (Path(out).is_dir() or not Path(out).absolute().parent.is_dir()):
+            why = "is a directory" if Path(out).is_dir() else "its directory does not exist"
+            raise InvalidArgumentError(f"{option} {out}: {why}")
     report = analyze(
         args.path,
         sites=args.sites,

@@ -14,7 +14,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _core
-from .errors import DumpError, InvalidArgumentError, PathNotFoundError, RankDeficientWarning
+from .errors import (
+    DumpError,
+    InvalidArgumentError,
+    PathNotFoundError,
+    Rank1IOError,
+    RankDeficientWarning,
+)
 
 __all__ = ["Report", "SiteReport", "Direction", "OneHot", "Outlier", "OUTLIER_RATIO", "merge"]
 
@@ -56,7 +62,7 @@ class Direction:
         steps: Krylov steps of the final fit (0 when exact).
     """
 
-    vector: np.ndarray
+    vector: np.ndarray = field(repr=False)
     ridge: float
     error: float
     ridges: np.ndarray = field(repr=False)
@@ -78,7 +84,7 @@ class OneHot:
         cross_validated: False when fewer than two folds held tokens.
     """
 
-    vector: np.ndarray
+    vector: np.ndarray = field(repr=False)
     dims: list[int]
     error: float
     cross_validated: bool = True
@@ -322,7 +328,11 @@ class SiteReport:
         }
         if self.count:
             oh = self.onehot
-            d["onehot"] = {"dims": oh.dims, "error": oh.error}
+            d["onehot"] = {
+                "dims": oh.dims,
+                "error": oh.error,
+                "cross_validated": oh.cross_validated,
+            }
             if self.direction is not None:
                 dr = self.direction
                 d["direction"] = {
@@ -407,6 +417,10 @@ class Report:
 
         The file is written under a temporary name and renamed, so a crash leaves no partial
         report.
+
+        Raises:
+            Rank1IOError: the file cannot be written (a directory, no space, no permission);
+                nothing is left behind.
         """
         path = Path(path)
         arrays: dict[str, np.ndarray] = {}
@@ -449,9 +463,15 @@ class Report:
                 arrays[f"{i}.fold_moment"] = moment
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, path)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise Rank1IOError(f"{path}: cannot write the report: {e.strerror or e}") from e
+            raise
         return path
 
     @classmethod
@@ -524,9 +544,11 @@ class Report:
         for s in self:
             outl = ", ".join(f"{o.dim}: {o.mean:.3g}, {o.cv:.2f}" for o in s.outliers[:3]) or "-"
             if s.count:
-                oh = f"{s.onehot.error:.4f} (dim {s.onehot.dims[0]})"
+                # Errors without held-out folds are marked: they are not comparable.
+                mark = "" if s.onehot.cross_validated else " in-sample"
+                oh = f"{s.onehot.error:.4f} (dim {s.onehot.dims[0]}){mark}"
                 dr = s.direction
-                ls = f"{dr.error:.4f}" if dr else "-"
+                ls = f"{dr.error:.4f}{'' if dr.cross_validated else ' in-sample'}" if dr else "-"
                 ridge = f"{dr.ridge:.1e}" if dr else "-"
             else:
                 oh = ls = ridge = "-"

@@ -121,17 +121,9 @@ pub fn analyze(path: &Path, opts: &AnalyzeOptions, progress: &Progress) -> Resul
                 }
                 None => moment_shift(srcs, chunk_rows(srcs[0].dim, opts), opts.skip_positions),
             };
+            // A site no row reached (all NaN, or all before skip_positions) is refused by
+            // the caller, on whole-dump statistics: a part of a dump may hold no such row.
             let stats = analyze_site(srcs, opts, threads, shift, progress)?;
-            if stats.count == 0 && stats.nonfinite > 0 {
-                return Err(Error::dump(
-                    srcs[0].path(),
-                    Some(name),
-                    format!(
-                        "all {} rows of the site hold NaN or infinity",
-                        stats.nonfinite
-                    ),
-                ));
-            }
             Ok(SiteResult {
                 name: name.clone(),
                 dtype: srcs[0].dtype,
@@ -248,14 +240,19 @@ fn check_memory(site: &str, dim: usize, opts: &AnalyzeOptions, threads: usize) -
                 ..opts.clone()
             };
             fixes.push(format!(
-                "folds={folds} ({})",
+                "folds={folds} / --folds {folds} ({})",
                 gib(analysis_bytes(dim, &o, threads))
             ));
         }
-        fixes.push("second_moments=False (statistics and the one-hot direction only)".into());
+        fixes.push(
+            "second_moments=False / --no-second-moments (statistics and the one-hot direction \
+             only)"
+                .into(),
+        );
     }
-    if threads > 1 {
-        fixes.push("fewer threads".into());
+    // Fewer threads only where their buffers are what does not fit.
+    if threads > 1 && analysis_bytes(dim, opts, 1) <= available {
+        fixes.push("fewer threads (threads= / --threads)".into());
     }
     Err(Error::Memory(format!(
         "site {site}: the analysis needs {} ({} fold matrices of {dim} x {dim} float64, {} each, \

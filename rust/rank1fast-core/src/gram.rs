@@ -6,9 +6,10 @@
 //! are gathered from those (no second pass over `X`), so the kernel reads both operands
 //! contiguously whatever the width (no cache-set aliasing at power-of-two widths). For each
 //! `MR × NR` tile of `G` on or above the diagonal, the products of all packed rows are summed
-//! in vector registers, `KC` rows at a time in f32, and each such sum is added to the f64
-//! matrix, so f32 sums never run over more than `KC` products and each tile of `G` is read and
-//! written once per [`Gram::super_rows`] rows, not once per `KC`. The FMA kernels run their
+//! in vector registers, `KC` rows at a time in f32 (256 for the AVX-512 BF16 kernel), and
+//! each such sum is added to the f64 matrix, so f32 sums never run over more than `KC`
+//! products and each tile of `G` is read and written once per [`Gram::super_rows`] rows, not
+//! once per `KC`. The FMA kernels run their
 //! tiles as BLIS does (Goto & van de Geijn 2008): a group of B panels (the vector operand,
 //! about 512 KiB) stays in L2 while each A panel (the broadcast operand, in L1) passes it, and
 //! the next tile's rows of `G` are prefetched while one multiplies.
@@ -40,8 +41,8 @@
 //! Tiles wholly below the diagonal are skipped; tiles that cross it also write a few entries
 //! below it, which are not part of the result (only `i ≤ j` is; callers mirror it).
 
-/// Rows of `X` per f32 partial sum (256 row pairs for the bf16 kernel). 512 rather than 256:
-/// fewer f64 updates of `G` (2% at d = 1536, f32), for f32 sums of 512 products.
+/// Rows of `X` per f32 partial sum (most kernels: [`Kernel::partial_rows`]). 512 rather than
+/// 256: fewer f64 updates of `G` (2% at d = 1536, f32), for f32 sums of 512 products.
 const KC: usize = 512;
 /// Bytes of packed operands per super-block (both panel sets): bounds [`Gram::super_rows`].
 const PACK_BYTES: usize = 8 << 20;
@@ -144,6 +145,21 @@ impl Kernel {
     /// bfloat16 numbers, and its shift is rounded: see [`Kernel::shift`]).
     pub fn bf16(self) -> bool {
         matches!(self, Kernel::Avx512Bf16 | Kernel::Amx)
+    }
+
+    /// Rows of `X` per f32 partial sum ([`KC`], a multiple of this). The AVX-512 BF16 kernel
+    /// sums over 256 rows (128 `vdpbf16ps` steps): dimensions whose mean lies between 1 and
+    /// 8 standard deviations enter it unshifted (see [`Kernel::shift`]), and over 512 rows
+    /// their f32 sums cost the covariance up to 4.8e-5 of sd_i·sd_j on the default model's
+    /// activations against 3.9e-6 over 256 (`benches/bench_kernel_accuracy.py`: as accurate
+    /// as the f32 kernels), at no measured cost in speed on Sapphire Rapids (kernel alone
+    /// 76-82 GFLOP/s either way); AMX's tiles sum 32 products per instruction and stay
+    /// within 6.4e-7 over 512.
+    fn partial_rows(self) -> usize {
+        match self {
+            Kernel::Avx512Bf16 => KC / 2,
+            _ => KC,
+        }
     }
 
     /// (rows of a tile, columns of a tile, rows of `X` per packed step).
@@ -343,7 +359,7 @@ impl Gram {
     fn multiply(&self, nk: usize, g: &mut [f64]) {
         let d = self.dim;
         let (mr, nr, step) = self.kernel.geometry();
-        let kc = KC / step;
+        let kc = self.kernel.partial_rows() / step;
         if self.kernel == Kernel::Amx {
             #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
             {
@@ -1229,6 +1245,55 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// A dimension whose mean is 6 standard deviations from zero enters the bf16 kernels
+    /// unshifted (`moment_shift` in analyze.rs shifts only past 8; the f32 kernels are shifted
+    /// by the mean), so its variance comes from sums of x² about 37 times larger: the f32
+    /// partial sums must stay short enough for the variance to keep 1e-5 of itself (the
+    /// AVX-512 BF16 kernel over 512 rows lost 2-5e-5 on real activations; over 256, 4e-6).
+    #[test]
+    fn unshifted_large_means_keep_their_variance() {
+        let (d, n) = (64, 8192);
+        let mut state = 7u64;
+        let mut normal = || {
+            // Sum of 12 uniforms minus 6: mean 0, variance 1.
+            (0..12)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (state >> 40) as f64 / (1u64 << 24) as f64
+                })
+                .sum::<f64>()
+                - 6.0
+        };
+        let rows: Vec<f32> = (0..n * d).map(|_| bf16((6.0 + normal()) as f32)).collect();
+        let column = |i: usize| rows.iter().skip(i).step_by(d).map(|&x| x as f64);
+        let mean: Vec<f64> = (0..d).map(|i| column(i).sum::<f64>() / n as f64).collect();
+        let var: Vec<f64> = (0..d)
+            .map(|i| column(i).map(|x| (x - mean[i]).powi(2)).sum::<f64>() / n as f64)
+            .collect();
+        for kernel in Kernel::available() {
+            let asked: Vec<f32> = if kernel.bf16() {
+                vec![0.0; d]
+            } else {
+                mean.iter().map(|&m| m as f32).collect()
+            };
+            let c = kernel.shift(&asked);
+            let mut got = vec![0.0; d * d];
+            Gram::with_kernel(d, kernel).add(&rows, &c, &mut got);
+            let worst = (0..d)
+                .map(|i| {
+                    let m = mean[i] - c[i] as f64;
+                    (got[i * d + i] / n as f64 - m * m - var[i]).abs() / var[i]
+                })
+                .fold(0.0, f64::max);
+            assert!(
+                worst < 1e-5,
+                "{kernel:?}: variance off by {worst:.2e} of itself"
+            );
         }
     }
 

@@ -900,6 +900,11 @@ pub fn parse_manifest(bytes: &[u8], path: &Path) -> Result<Manifest> {
                 "shard path {file:?} leaves the dump directory"
             )));
         }
+        if shards.iter().any(|(f, _)| f == file) {
+            return Err(bad(format!(
+                "shard {file:?} is listed twice (its tokens would count twice)"
+            )));
+        }
         shards.push((file.to_owned(), shard.get("tokens").and_then(Value::as_u64)));
     }
     Ok(Manifest {
@@ -923,6 +928,22 @@ fn open_dump(dir: &Path, manifest_path: &Path) -> Result<Sources> {
                     &path,
                     Some(name),
                     "site listed in the manifest is missing",
+                ));
+            }
+        }
+        for t in tensors.iter().filter(|t| dims.contains_key(&t.name)) {
+            let said = manifest.value["sites"][&t.name]["dtype"].as_str();
+            let have = match t.stored {
+                StoredType::Float(d) => d.name(),
+                StoredType::I32 => "int32",
+                StoredType::I64 => "int64",
+                StoredType::Other(name) => name,
+            };
+            if let Some(said) = said.filter(|&said| said != have) {
+                return Err(Error::dump(
+                    &path,
+                    Some(&t.name),
+                    format!("manifest says dtype {said} but the tensor is {have}"),
                 ));
             }
         }
