@@ -401,6 +401,9 @@ def test_manifest_must_agree_with_its_shards(tmp_path: Path) -> None:
     (tmp_path / "dump/manifest.json").write_text(json.dumps(twice))
     with pytest.raises(rank1fast.DumpError, match=r'manifest.json: shard "shard-00000.* twice'):
         rank1fast.analyze(tmp_path / "dump", progress=False)
+    (tmp_path / "dump/manifest.json").write_text(json.dumps({**good, "version": 2}))
+    with pytest.raises(rank1fast.DumpError, match=r"unsupported dump version 2 \(this reader"):
+        rank1fast.analyze(tmp_path / "dump", progress=False)
     wrong = {**good, "sites": {"a": {**good["sites"]["a"], "dtype": "bfloat16"}}}
     (tmp_path / "dump/manifest.json").write_text(json.dumps(wrong))
     with pytest.raises(

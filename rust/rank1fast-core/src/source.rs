@@ -860,13 +860,14 @@ pub fn parse_manifest(bytes: &[u8], path: &Path) -> Result<Manifest> {
     if value.get("format").and_then(Value::as_str) != Some("rank1fast.dump") {
         return Err(bad("\"format\" is not \"rank1fast.dump\"".into()));
     }
-    match value.get("version").and_then(Value::as_u64) {
-        Some(1) => {}
-        v => {
+    match value.get("version") {
+        Some(v) if v.as_u64() == Some(1) => {}
+        Some(v) => {
             return Err(bad(format!(
-                "unsupported dump version {v:?} (this reader knows 1)"
+                "unsupported dump version {v} (this reader knows 1)"
             )))
         }
+        None => return Err(bad("no \"version\" (this reader knows 1)".into())),
     }
     let mut sites = Vec::new();
     for (name, s) in value
