@@ -23,9 +23,8 @@ from . import _core
 from ._args import check_int
 from ._manifest import MANIFEST, site_modules
 from ._progress import ProgressArg, bytes_callback
-from .analysis import check_rows
 from .errors import DumpError, InvalidArgumentError, PathNotFoundError, Rank1Error
-from .report import Report, SiteReport
+from .report import Report, SiteReport, check_rows
 
 # --------------------------------------------------------------------------- pickling
 

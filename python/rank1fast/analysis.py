@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from . import _core
 from ._args import check_int
 from ._manifest import site_modules
 from ._progress import ProgressArg, bytes_callback
-from .errors import DumpError, InvalidArgumentError
-from .report import SOLVERS, Report, SiteReport
+from .errors import InvalidArgumentError
+from .report import SOLVERS, Report, SiteReport, check_rows
 
-__all__ = ["analyze", "check_rows"]
+__all__ = ["analyze"]
 
 
 def analyze(
@@ -151,28 +151,3 @@ def analyze(
         source=os.fspath(path),
         modules=site_modules(Path(path)),
     )
-
-
-def check_rows(stats: Iterable[_core.SiteStats], path: str | os.PathLike[str], skip: int) -> None:
-    """Refuse a site that no row reached: all held a NaN or an infinity, or lay at positions
-    below ``skip`` (``skip_positions``). Run on whole-dump statistics (after a Ray analysis
-    merges its tasks: one task may hold such a shard while the site has rows elsewhere).
-
-    Raises:
-        DumpError: naming ``path``, the site and why its rows were dropped.
-    """
-    for st in stats:
-        if st.count > 0:
-            continue
-        if st.nonfinite:
-            why = f"all {st.nonfinite} rows of the site hold NaN or infinity"
-            if st.skipped:
-                why += f" (and {st.skipped} more lie at positions < {skip})"
-        elif st.skipped:
-            why = (
-                f"all {st.skipped} rows of the site lie at positions < skip_positions = {skip}; "
-                "pass a smaller skip_positions (--skip-positions)"
-            )
-        else:
-            why = "the site holds no rows"
-        raise DumpError(f"{os.fspath(path)} [{st.name}]: {why}")

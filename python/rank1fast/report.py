@@ -562,6 +562,31 @@ class Report:
         return f"Report(sites={self.sites!r}, skip_positions={self.skip_positions})"
 
 
+def check_rows(stats: Iterable[_core.SiteStats], path: str | os.PathLike[str], skip: int) -> None:
+    """Refuse a site that no row reached: all held a NaN or an infinity, or lay at positions
+    below ``skip`` (``skip_positions``). Run on whole-dump statistics (after a Ray analysis
+    merges its tasks: one task may hold such a shard while the site has rows elsewhere).
+
+    Raises:
+        DumpError: naming ``path``, the site and why its rows were dropped.
+    """
+    for st in stats:
+        if st.count > 0:
+            continue
+        if st.nonfinite:
+            why = f"all {st.nonfinite} rows of the site hold NaN or infinity"
+            if st.skipped:
+                why += f" (and {st.skipped} more lie at positions < {skip})"
+        elif st.skipped:
+            why = (
+                f"all {st.skipped} rows of the site lie at positions < skip_positions = {skip}; "
+                "pass a smaller skip_positions (--skip-positions)"
+            )
+        else:
+            why = "the site holds no rows"
+        raise DumpError(f"{os.fspath(path)} [{st.name}]: {why}")
+
+
 def _check_solver(solver: str) -> str:
     if solver not in SOLVERS:
         raise InvalidArgumentError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
