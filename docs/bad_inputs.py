@@ -175,6 +175,44 @@ def case_manifest_missing_shard(t: Path) -> None:
     _analyze(dump)
 
 
+def case_manifest_twice(t: Path) -> None:
+    dump = _dump(t)
+    _edit_manifest(dump, lambda m: m["shards"].append(m["shards"][0]))
+    _analyze(dump)
+
+
+def case_manifest_dtype(t: Path) -> None:
+    dump = _dump(t)
+    _edit_manifest(dump, lambda m: m["sites"]["a"].update(dtype="bfloat16"))
+    _analyze(dump)
+
+
+def case_manifest_version(t: Path) -> None:
+    dump = _dump(t)
+    _edit_manifest(dump, lambda m: m.update(version=2))
+    _analyze(dump)
+
+
+def case_all_skipped(t: Path) -> None:
+    rank1fast.analyze(_dump(t), skip_positions=100, progress=False)
+
+
+def case_bad_argument(t: Path) -> None:
+    rank1fast.analyze(_dump(t), folds=2.5, progress=False)
+
+
+def case_no_sites(t: Path) -> None:
+    x = np.zeros((2, 3, 4, 5), np.float32)
+    write_safetensors(t / "w.safetensors", {"x": ("float32", x.shape, x.tobytes())})
+    _analyze(t / "w.safetensors")
+
+
+def case_save_into_directory(t: Path) -> None:
+    report = rank1fast.analyze(_dump(t), progress=False)
+    (t / "out").mkdir()
+    report.save(t / "out")
+
+
 def case_all_nan(t: Path) -> None:
     np.save(t / "nan.npy", np.full((50, 4), np.nan, np.float32))
     _analyze(t / "nan.npy")
@@ -638,7 +676,14 @@ CASES: list[tuple[str, str, Callable[[Path], str | None]]] = [
     ("analyze", "a manifest shard path that is absolute", case_manifest_absolute),
     ("analyze", "a manifest that is not JSON", case_manifest_json),
     ("analyze", "a manifest listing a shard that is gone", case_manifest_missing_shard),
+    ("analyze", "a manifest listing a shard twice", case_manifest_twice),
+    ("analyze", "a manifest whose dtype is not the shards'", case_manifest_dtype),
+    ("analyze", "a manifest of another version", case_manifest_version),
+    ("analyze", "a file with no 2-D or 3-D float tensor", case_no_sites),
     ("analyze", "a site whose rows are all NaN", case_all_nan),
+    ("analyze", "`skip_positions` beyond every token", case_all_skipped),
+    ("analyze", "`folds=2.5`", case_bad_argument),
+    ("analyze", "`Report.save` into a directory", case_save_into_directory),
     ("analyze", "a few NaN/Inf rows", case_some_nan),
     ("analyze", "a constant column (singular second moments)", case_constant_column),
     ("analyze", "a [0, d] tensor (a site with no rows)", case_zero_rows),

@@ -382,6 +382,15 @@ def test_dims_that_disagree_between_files(tmp_path: Path) -> None:
         rank1fast.analyze(tmp_path, progress=False)
 
 
+def test_a_file_without_sites_names_what_it_passed_over(tmp_path: Path) -> None:
+    data, _ = encode(activations(120, 1), "float32")
+    write_safetensors(tmp_path / "w.safetensors", {"x": ("float32", (2, 3, 4, 5), data)})
+    with pytest.raises(
+        rank1fast.DumpError, match=r"float tensor found \(passed over: x \[2, 3, 4, 5\]\)"
+    ):
+        rank1fast.analyze(tmp_path / "w.safetensors", progress=False)
+
+
 def test_manifest_cannot_leave_the_dump(tmp_path: Path) -> None:
     write_dump(tmp_path / "dump", {"a": 8}, [30, 40], "float32")
     m = json.loads((tmp_path / "dump/manifest.json").read_text())

@@ -152,11 +152,11 @@ def test_many_layers_on_chat(smollm, formal, held, tmp_path, nats, target):
     assert ls.top1_agreement > row.base_top1_agreement
 
 
-def test_convert_refuses_before_the_fit(smollm, tmp_path):
+def test_convert_refuses_before_the_fit(smollm, tmp_path, monkeypatch):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file.txt").write_text("x")
     v = {"resid_post.3": np.ones(576)}
-    with pytest.raises(AdapterError, match="already exists"):
+    with pytest.raises(AdapterError, match="taken is a non-empty directory that is not an adapter"):
         rank1fast.convert(smollm, v, tmp_path / "taken", log=None, progress=False)
     with pytest.raises(InvalidArgumentError, match="576"):
         rank1fast.convert(smollm, {"resid_post.3": np.ones(5)}, tmp_path / "x", log=None)
@@ -180,6 +180,18 @@ def test_convert_refuses_before_the_fit(smollm, tmp_path):
         rank1fast.convert(smollm, {"resid_post.3": np.zeros(576)}, tmp_path / "z", log=None)
     with pytest.raises(InvalidArgumentError, match="got list"):
         rank1fast.convert(smollm, [np.ones(576)], tmp_path / "z", log=None)
+    with pytest.raises(InvalidArgumentError, match="resid_post.3: the vector is not numbers"):
+        rank1fast.convert(smollm, {"resid_post.3": "abc"}, tmp_path / "z", log=None)
+    # A folder it cannot write in (a read-only file system; root passes chmod): before the fit.
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: str(p) != str(tmp_path) and real_access(p, mode)
+    )
+    with pytest.raises(AdapterError, match=f"cannot write in {tmp_path}"):
+        rank1fast.convert(smollm, v, tmp_path / "ro", log=None)
+    monkeypatch.undo()
+    with pytest.raises(AdapterError, match="afile exists and is not a directory; refusing"):
+        rank1fast.convert(smollm, v, tmp_path / "afile", log=None)
     with pytest.raises(InvalidArgumentError, match="loaded model"):
         with rank1fast.steering(None, v):
             pass

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 from rank1fast import vectors
-from rank1fast.errors import DumpError, InvalidArgumentError, PathNotFoundError
+from rank1fast.errors import DumpError, InvalidArgumentError, PathNotFoundError, Rank1IOError
 
 torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf")
@@ -84,6 +84,20 @@ def test_bad_files(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{oops")
     with pytest.raises(DumpError, match="junk.safetensors"):
         vectors.load(tmp_path / "junk.safetensors")
+    (tmp_path / "adir.safetensors").mkdir()
+    with pytest.raises(InvalidArgumentError, match="adir.safetensors: is a directory"):
+        vectors.load(tmp_path / "adir.safetensors")
+
+
+def test_save_refusals_are_typed_and_leave_nothing(tmp_path):
+    with pytest.raises(Rank1IOError, match="nodir/v.safetensors: cannot write the vectors"):
+        vectors.save({"resid_post.3": np.ones(4)}, tmp_path / "nodir" / "v.safetensors")
+    with pytest.raises(InvalidArgumentError, match="resid_post.3: not numbers"):
+        vectors.save({"resid_post.3": "abc"}, tmp_path / "v.safetensors")
+    (tmp_path / "d.safetensors").mkdir()
+    with pytest.raises(Rank1IOError, match="d.safetensors: cannot write the vectors"):
+        vectors.save({"resid_post.3": np.ones(4)}, tmp_path / "d.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.safetensors"]
 
 
 # --------------------------------------------------------------------------- GGUF

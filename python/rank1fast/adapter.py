@@ -1,9 +1,9 @@
 """``rank1fast.write_adapter``: steering vectors as rank-1 PEFT LoRA adapters.
 
 For a site whose module reads ``x`` and a steering vector ``v`` added to that module's
-output, the adapter is ``lora_A = bᵀ`` and ``lora_B = scale·v`` with ``b`` the site's constant
-direction from the analysis report (``b·x ≈ 1`` for every token), so the LoRA adds
-``scale·v·(b·x) ≈ scale·v``. The tensors are built and written by the Rust core
+output, the adapter is ``lora_A = c·bᵀ`` and ``lora_B = scale·v / c`` with ``b`` the site's
+constant direction from the analysis report (``b·x ≈ 1`` for every token) and ``c`` balancing
+the two norms, so the LoRA adds ``scale·v·(b·x) ≈ scale·v``. The tensors are built and written by the Rust core
 (``rust/rank1fast-core/src/adapter.rs``); this module resolves sites, checks sizes and
 writes the directory atomically.
 
@@ -126,7 +126,8 @@ def write_adapter(
         vectors: ``{site: vector}``, each vector in the site's output space (``d_out``
             values); several sites make one adapter.
         out: the adapter directory to create.
-        scale: multiplies every vector (``lora_B = scale·v``).
+        scale: multiplies every vector (``lora_B lora_A = scale·v bᵀ``; the factors are
+            balanced, ``c = sqrt(‖scale·v‖ / ‖b‖)`` moved from B to A).
         rank: the LoRA rank; ranks beyond 1 are zero (for servers that accept only some
             ranks). ``lora_alpha = rank`` keeps PEFT's scaling at 1. ``target`` may pad it.
         method: ``"least-squares"`` (the cross-validated constant direction) or
@@ -902,14 +903,15 @@ def _task_type(manifest: dict[str, Any], recorded: str | None = None) -> str:
 def _check_out(out: Path, overwrite: bool) -> None:
     if not out.exists() and not out.is_symlink():
         return
-    if not overwrite:
-        raise AdapterError(f"{out} already exists; pass overwrite=True to replace it")
+    # What is never replaced is said first: offering overwrite there would only refuse again.
     if not out.is_dir() or out.is_symlink():
         raise AdapterError(f"{out} exists and is not a directory; refusing to replace it")
     if any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
         raise AdapterError(
             f"{out} is a non-empty directory that is not an adapter; refusing to replace it"
         )
+    if not overwrite:
+        raise AdapterError(f"{out} already exists; pass overwrite=True to replace it")
 
 
 def _replace_dir(tmp: Path, out: Path, overwrite: bool, sync: bool = True) -> None:

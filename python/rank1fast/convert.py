@@ -143,7 +143,8 @@ def convert(
         eval_texts: the held-out texts verify runs on: None for the ``"eval"`` split of the
             served corpus when ``texts`` is None, else every 8th of ``texts`` (left out of
             the fit).
-        scale: the hook steering adds ``scale·v``; ``lora_B = scale·v``.
+        scale: the hook steering adds ``scale·v``; ``lora_B lora_A = scale·v bᵀ`` (the
+            factors' norms balanced: see :func:`rank1fast.write_adapter`).
         tokens: fit tokens (the online statistics stop there); None: every fit text.
         target: the server profile (:data:`rank1fast.serving.PROFILES`: ``peft``, ``vllm``,
             ``fireworks``, ``together``, ``cloudflare``); the rank is padded for it.
@@ -241,10 +242,12 @@ def convert(
         raise InvalidArgumentError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     get_profile(target)  # an unknown target fails now, not after the fit
     check_destination(out, overwrite)
-    for parent in out.parents:  # the first existing ancestor must be a directory
+    for parent in out.parents:  # the first existing ancestor must be a writable directory
         if parent.exists():
             if not parent.is_dir():
                 raise AdapterError(f"{out}: {parent} is not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):  # also a read-only file system
+                raise AdapterError(f"{out}: cannot write in {parent}")
             break
     vecs = steered_vectors(vectors)
     for site, v in vecs.items():
@@ -322,10 +325,14 @@ def convert(
     )
     fit_seconds = time.perf_counter() - t0
     created = [p for p in reversed(out.parents) if not p.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.convert-", dir=out.parent))
+    work: Path | None = None
     done = False
     try:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            work = Path(tempfile.mkdtemp(prefix=f".{out.name}.convert-", dir=out.parent))
+        except OSError as e:
+            raise AdapterError(f"{out}: cannot write the adapter: {e.strerror or e}") from e
         adapter = write_adapter(
             report,
             vecs,
@@ -402,7 +409,8 @@ def convert(
         move_adapter(adapter, out, overwrite)
         done = True
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
         if not done:  # leave no folders behind that this call made
             for p in reversed(created):
                 with contextlib.suppress(OSError):

@@ -67,8 +67,8 @@ def steered_vectors(
         ``{site: float64 [d] array}``.
 
     Raises:
-        InvalidArgumentError: no vectors, a vector that is not 1-D or not finite, or a scale
-            that is not finite.
+        InvalidArgumentError: no vectors, a vector that is not numbers, not 1-D or not finite,
+            or a scale that is not finite.
     """
     if isinstance(vectors, (str, os.PathLike)):
         from .vectors import load
@@ -84,7 +84,10 @@ def steered_vectors(
     for site, v in vectors.items():
         if hasattr(v, "detach"):
             v = v.detach().float().cpu().numpy()
-        arr = np.asarray(v, dtype=np.float64)
+        try:
+            arr = np.asarray(v, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise InvalidArgumentError(f"site {site}: the vector is not numbers ({e})") from None
         s = float(scale.get(site, 1.0)) if isinstance(scale, Mapping) else float(scale)
         if arr.ndim != 1 or arr.size == 0:
             raise InvalidArgumentError(f"site {site}: the vector must be 1-D, got {arr.shape}")

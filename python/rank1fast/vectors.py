@@ -45,7 +45,14 @@ from typing import Any
 import numpy as np
 
 from . import _files
-from .errors import DumpError, InvalidArgumentError, PathNotFoundError, Rank1Error, SiteError
+from .errors import (
+    DumpError,
+    InvalidArgumentError,
+    PathNotFoundError,
+    Rank1Error,
+    Rank1IOError,
+    SiteError,
+)
 
 __all__ = ["contrastive", "load", "save", "from_sae", "site_from_hook", "Vectors"]
 
@@ -226,6 +233,7 @@ def load(
 
     Raises:
         PathNotFoundError: the file does not exist.
+        InvalidArgumentError: the path is a directory.
         DumpError: an unsupported extension, a file that is another format than its name says,
             a malformed file (every safetensors rule of the reference reader), a tensor that is
             not a vector, or a GGUF that is not a llama.cpp control vector. No other exception
@@ -237,6 +245,8 @@ def load(
         ['resid_post.1', 'resid_post.10']
     """
     path = Path(path)
+    if path.is_dir():
+        raise InvalidArgumentError(f"{path}: is a directory, expected a vector file")
     if not path.is_file():
         raise PathNotFoundError(f"{path}: no such file")
     if "{layer}" not in layer_site:
@@ -393,6 +403,8 @@ def save(vectors: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     Raises:
         InvalidArgumentError: no vectors, a vector that is not 1-D and finite, or another
             extension.
+        Rank1IOError: the file cannot be written (no such folder, no space, read-only);
+            nothing is left behind.
 
     Example:
         >>> rank1fast.vectors.save({"resid_mid.15": v}, "happy.safetensors")  # doctest: +SKIP
@@ -406,13 +418,22 @@ def save(vectors: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
         raise InvalidArgumentError("no vectors to save")
     arrays = {}
     for site, v in vectors.items():
-        arr = np.asarray(v, dtype=np.float64)
+        try:
+            arr = np.asarray(v, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise InvalidArgumentError(f"vector for {site}: not numbers ({e})") from None
         if arr.ndim != 1 or not np.isfinite(arr).all():
             raise InvalidArgumentError(f"vector for {site}: must be 1-D and finite")
         arrays[str(site)] = arr.astype(np.float32)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(arrays, str(tmp), metadata={"format": "rank1fast.vectors"})
-    os.replace(tmp, path)
+    try:
+        save_file(arrays, str(tmp), metadata={"format": "rank1fast.vectors"})
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, Exception):  # OSError, or safetensors' own SafetensorError
+            raise Rank1IOError(f"{path}: cannot write the vectors: {e}") from e
+        raise
     return path
 
 

@@ -198,6 +198,9 @@ pub struct Sources {
     pub sites: Vec<(String, Vec<SiteSource>)>,
     /// The dump manifest when the path is a dump directory.
     pub manifest: Option<Value>,
+    /// Tensors of bare files passed over for their shape (`name [shape]`), for the error
+    /// when no site is found.
+    skipped: Vec<String>,
 }
 
 impl Sources {
@@ -274,10 +277,19 @@ pub fn open(path: &Path) -> Result<Sources> {
         open_file(path, &mut sources)?;
     }
     if sources.sites.is_empty() {
+        let skipped = match sources.skipped.as_slice() {
+            [] => String::new(),
+            s if s.len() <= 5 => format!(" (passed over: {})", s.join(", ")),
+            s => format!(
+                " (passed over: {} and {} more)",
+                s[..5].join(", "),
+                s.len() - 5
+            ),
+        };
         return Err(Error::dump(
             path,
             None,
-            "no 2-D [tokens, dim] or 3-D [batch, seq, dim] float tensor found",
+            format!("no 2-D [tokens, dim] or 3-D [batch, seq, dim] float tensor found{skipped}"),
         ));
     }
     sources.drop_empty()?;
@@ -354,7 +366,10 @@ fn add_safetensors_sites(
         }
         match only {
             Some(sites) if !sites.contains_key(&t.name) => continue,
-            None if !(t.shape.len() == 2 || t.shape.len() == 3) => continue,
+            None if !(t.shape.len() == 2 || t.shape.len() == 3) => {
+                sources.skipped.push(format!("{} {:?}", t.name, t.shape));
+                continue;
+            }
             _ => {}
         }
         let src = site_source(
