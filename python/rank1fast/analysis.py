@@ -83,11 +83,11 @@ def analyze(
 
     Raises:
         PathNotFoundError: ``path`` does not exist.
-        DumpError: a file is malformed, truncated or of an unsupported dtype.
+        DumpError: a file is malformed, truncated or of an unsupported dtype, or a site has
+            no row left (every row holds a NaN or an infinity, or lies at a position below
+            ``skip_positions``).
         InsufficientMemoryError: the fold matrices would not fit in the memory available
             (or ``memory_limit``); the message names the folds that would.
-        DumpError: also when a site has no row left: every row holds a NaN or an infinity,
-            or lies at a position below ``skip_positions``.
         InvalidArgumentError: an unknown site, an unknown solver, or an argument that is not
             an integer in range (skip_positions < 0, folds < 1, threads < 1, moment_rows < 1,
             memory_limit < 1); with ``cluster``, Ray missing, the cluster unreachable, or
