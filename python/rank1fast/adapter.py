@@ -3,9 +3,9 @@
 For a site whose module reads ``x`` and a steering vector ``v`` added to that module's
 output, the adapter is ``lora_A = c·bᵀ`` and ``lora_B = scale·v / c`` with ``b`` the site's
 constant direction from the analysis report (``b·x ≈ 1`` for every token) and ``c`` balancing
-the two norms, so the LoRA adds ``scale·v·(b·x) ≈ scale·v``. The tensors are built and written by the Rust core
-(``rust/rank1fast-core/src/adapter.rs``); this module resolves sites, checks sizes and
-writes the directory atomically.
+the two norms, so the LoRA adds ``scale·v·(b·x) ≈ scale·v``. The tensors are built and
+written by the Rust core (``rust/rank1fast-core/src/adapter.rs``); this module resolves
+sites, checks sizes and writes the directory atomically.
 
 The attention sink. The analysis leaves out the first positions (``skip_positions``): their
 massive activations would distort ``b``. But the adapter still acts there, and every later token
