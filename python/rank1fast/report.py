@@ -217,7 +217,7 @@ class SiteReport:
             warnings.warn(
                 f"site {self.name}: {problem}; the ridge keeps the direction defined",
                 RankDeficientWarning,
-                stacklevel=2,
+                stacklevel=3,  # past cached_property's __get__, at the caller
             )
         return self.solve_direction(solver=self.solver)
 
