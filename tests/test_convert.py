@@ -152,7 +152,7 @@ def test_many_layers_on_chat(smollm, formal, held, tmp_path, nats, target):
     assert ls.top1_agreement > row.base_top1_agreement
 
 
-def test_convert_refuses_before_the_fit(smollm, tmp_path, monkeypatch):
+def test_convert_refuses_before_the_fit(smollm, tmp_path, monkeypatch, capsys):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file.txt").write_text("x")
     v = {"resid_post.3": np.ones(576)}
@@ -196,6 +196,12 @@ def test_convert_refuses_before_the_fit(smollm, tmp_path, monkeypatch):
         with rank1fast.steering(None, v):
             pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "taken"]
+    from rank1fast.cli import main
+
+    rank1fast.vectors.save(v, tmp_path / "v.safetensors")
+    args = ["convert", str(tmp_path / "v.safetensors"), "-o", str(tmp_path / "c"), "--no-verify"]
+    assert main([*args, "--generate", "5"]) == 1  # refused before the model loads
+    assert "--no-verify skips" in capsys.readouterr().err
 
 
 def test_convert_names_sites_canonically_and_the_default_model_by_its_hub_id(smollm, tmp_path):

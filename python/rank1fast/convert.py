@@ -544,7 +544,7 @@ def add_cli(sub: Any) -> None:
     p.add_argument(
         "--generate",
         type=nonnegative_int,
-        default=DEFAULT_GENERATE_TOKENS,
+        default=None,
         metavar="N",
         help=f"tokens per prompt of verify's generation check (default "
         f"{DEFAULT_GENERATE_TOKENS}; 0: none)",
@@ -570,6 +570,10 @@ def _run_convert(args: Any) -> int:
     from .adapter import check_destination
     from .vectors import load
 
+    if args.no_verify and args.generate is not None:
+        raise InvalidArgumentError(
+            "--generate is part of the verification, which --no-verify skips"
+        )
     try:
         check_destination(args.out, args.overwrite)
     except AdapterError as e:
@@ -599,7 +603,7 @@ def _run_convert(args: Any) -> int:
         correction_rank=args.correction_rank,
         correction_tokens=args.correction_tokens,
         verify=not args.no_verify,
-        generate=args.generate,
+        generate=DEFAULT_GENERATE_TOKENS if args.generate is None else args.generate,
         max_length=args.max_length,
         batch_size=args.batch_size,
         device=args.device,
