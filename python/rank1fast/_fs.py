@@ -1,15 +1,19 @@
 """Writing files so that a crash leaves the old file or the new one, never half of one.
 
 Shared by :mod:`rank1fast.adapter` (adapter directories, written in a temporary directory and
-renamed), :mod:`rank1fast.collect` and :mod:`rank1fast.distributed` (dump manifests).
+renamed), :mod:`rank1fast.collect` and :mod:`rank1fast.distributed` (dump manifests),
+:mod:`rank1fast.report` and :mod:`rank1fast.vectors` (``.npz`` reports, vector files).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .errors import Rank1IOError
 
 
 def write_json(path: Path, doc: dict[str, Any]) -> None:
@@ -35,6 +39,26 @@ def write_json_atomic(file: Path, data: dict[str, Any]) -> None:
         os.replace(tmp, file)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: Path, write: Callable[[Path], None], what: str) -> None:
+    """Write ``path`` by ``write(tmp)`` on a temporary name beside it, then rename it over
+    ``path``; on any failure the temporary file is removed.
+
+    Raises:
+        Rank1IOError: ``write`` or the rename failed (an OSError, or a library's own error such
+            as safetensors' ``SafetensorError``), naming ``path`` and ``what`` was written.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, Exception) and not isinstance(e, Rank1IOError):
+            why = e.strerror if isinstance(e, OSError) and e.strerror else e
+            raise Rank1IOError(f"{path}: cannot write the {what}: {why}") from e
         raise
 
 

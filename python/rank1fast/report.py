@@ -14,11 +14,11 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _core
+from ._fs import write_atomic
 from .errors import (
     DumpError,
     InvalidArgumentError,
     PathNotFoundError,
-    Rank1IOError,
     RankDeficientWarning,
 )
 
@@ -462,16 +462,12 @@ class Report:
             if moment is not None:
                 arrays[f"{i}.fold_moment"] = moment
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
+
+        def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException as e:
-            tmp.unlink(missing_ok=True)
-            if isinstance(e, OSError):
-                raise Rank1IOError(f"{path}: cannot write the report: {e.strerror or e}") from e
-            raise
+
+        write_atomic(path, write, "report")
         return path
 
     @classmethod

@@ -45,12 +45,12 @@ from typing import Any
 import numpy as np
 
 from . import _files
+from ._fs import write_atomic
 from .errors import (
     DumpError,
     InvalidArgumentError,
     PathNotFoundError,
     Rank1Error,
-    Rank1IOError,
     SiteError,
 )
 
@@ -425,15 +425,11 @@ def save(vectors: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
         if arr.ndim != 1 or not np.isfinite(arr).all():
             raise InvalidArgumentError(f"vector for {site}: must be 1-D and finite")
         arrays[str(site)] = arr.astype(np.float32)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(arrays, str(tmp), metadata={"format": "rank1fast.vectors"})
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, Exception):  # OSError, or safetensors' own SafetensorError
-            raise Rank1IOError(f"{path}: cannot write the vectors: {e}") from e
-        raise
+    write_atomic(
+        path,
+        lambda tmp: save_file(arrays, str(tmp), metadata={"format": "rank1fast.vectors"}),
+        "vectors",
+    )
     return path
 
 
